@@ -1,0 +1,980 @@
+"""CPython regression-suite conformance runner for tracesock.
+
+``python -m tracesock.conformance`` runs a set of CPython's own socket-related
+regression suites (``python -m test``) twice for every selected interpreter:
+
+* **baseline** -- unpatched, the plain standard library;
+* **instrumented** -- with ``tracesock.instrument(detail="syscalls")`` active in
+  the regrtest main process and in every ``-j`` worker process, activated by
+  the ``sitecustomize.py`` next to this file (copied onto ``PYTHONPATH``).
+
+Per-suite counts come from regrtest's ``--junit-xml`` output; per-suite
+outcomes (passed / failed / env changed / timeout / crashed ...) from its
+progress lines.  The two runs are compared and the process exits non-zero
+when the instrumented run is worse (see :func:`compare`).
+
+Only the standard library and the interpreters' own ``test`` packages are
+used here; OpenTelemetry is installed into per-version venvs under
+``<project>/.conformance/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_SUITES",
+    "EXCLUDED_TESTS",
+    "SuiteResult",
+    "RunResult",
+    "compare",
+    "find_interpreters",
+    "main",
+    "parse_junit",
+    "parse_regrtest_output",
+]
+
+# Order matters for wall time with -j2: the long suites go first.
+DEFAULT_SUITES = (
+    "test_socket",
+    "test_ssl",
+    "test_signal",
+    "test_selectors",
+    "test_socketserver",
+    "test_httplib",
+    "test_urllib2_localnet",
+    "test_asyncio.test_sock_lowlevel",
+    "test_asyncio.test_sslproto",
+    "test_asyncio.test_streams",
+    "test_epoll",
+    "test_poll",
+)
+
+ALL_VERSIONS = ("3.10", "3.11", "3.12", "3.13")
+
+# regrtest ``-i`` patterns applied to BOTH runs, with the reason (also listed
+# in docs/conformance.md).
+EXCLUDED_TESTS = {
+    "ThreadedVSOCKSocketStreamTest": (
+        "hangs on this kind of machine (AF_VSOCK is advertised but no vsock "
+        "transport answers), in the baseline and the instrumented run alike"
+    ),
+}
+
+RESOURCES = "all,-largefile,-gui,-audio,-curses"
+FATAL_EXIT_CODE = 97  # keep in sync with sitecustomize.py
+
+MODES = ("baseline", "instrumented")
+
+_PROGRESS_RE = re.compile(
+    r"^(?:\d+:\d\d:\d\d\s+)?(?:load avg: [\d.]+\s+)?"
+    r"\[\s*\d+/\d+(?:/\d+)?\]\s+(?P<name>test[\w.]*)\s*(?P<rest>.*)$"
+)
+
+
+# --------------------------------------------------------------------------
+# data model
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Failure:
+    test_id: str
+    kind: str  # "failure" | "error" | "unexpected-success"
+    exc_type: str = ""
+    message: str = ""
+    traceback: str = ""
+
+    def key_lines(self, limit: int = 6) -> list[str]:
+        """The most telling traceback lines: last frames + the exception."""
+        lines = [ln for ln in self.traceback.splitlines() if ln.strip()]
+        if not lines:
+            return [f"{self.exc_type}: {self.message}".strip()]
+        frames = [i for i, ln in enumerate(lines) if ln.lstrip().startswith("File ")]
+        start = frames[-2] if len(frames) >= 2 else 0
+        tail = lines[start:]
+        return tail[-limit:] if len(tail) > limit else tail
+
+
+@dataclasses.dataclass
+class SuiteResult:
+    name: str
+    status: str = "not run"  # regrtest outcome word(s) from the progress line
+    ran: int = 0
+    passed: int = 0
+    failed: int = 0  # failures + errors (unittest's counting, subtests included)
+    skipped: int = 0
+    failures: list = dataclasses.field(default_factory=list)  # list[Failure]
+    skipped_ids: set = dataclasses.field(default_factory=set)
+    in_xml: bool = False
+    in_events: bool = False
+    xml_ran: int | None = None  # JUnit XML's count, for cross-checking
+    last_started: str | None = None  # last test started in a crashed/timed-out run
+
+    @property
+    def failed_ids(self) -> set:
+        return {f.test_id for f in self.failures}
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "ran": self.ran,
+            "passed": self.passed,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "in_xml": self.in_xml,
+            "in_events": self.in_events,
+            "xml_ran": self.xml_ran,
+            "last_started": self.last_started,
+            "failures": [dataclasses.asdict(f) for f in self.failures],
+            "skipped_ids": sorted(self.skipped_ids),
+        }
+
+
+@dataclasses.dataclass
+class MarkerReport:
+    main_processes: int = 0
+    workers: int = 0
+    workers_instrumented: int = 0
+    workers_instrumented_at_exit: int = 0
+    other_processes: int = 0
+    fatal: list = dataclasses.field(default_factory=list)
+    suites_seen: set = dataclasses.field(default_factory=set)
+    suites_with_spans: set = dataclasses.field(default_factory=set)
+    spans: int = 0
+    metric_points: int = 0
+    problems: list = dataclasses.field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["suites_seen"] = sorted(self.suites_seen)
+        d["suites_with_spans"] = sorted(self.suites_with_spans)
+        return d
+
+
+@dataclasses.dataclass
+class RunResult:
+    version: str
+    mode: str
+    returncode: int | None
+    duration: float
+    log_path: str
+    xml_path: str
+    suites: dict  # name -> SuiteResult
+    markers: MarkerReport
+    timed_out: bool = False
+    summary: str = ""
+    totals: dict | None = None  # regrtest's own "Total tests: run=N skipped=M"
+
+    def count_mismatch(self) -> str | None:
+        """Cross-check our per-suite sums against regrtest's own totals."""
+        if not self.totals:
+            return None
+        ran = sum(r.ran for r in self.suites.values())
+        skipped = sum(r.skipped for r in self.suites.values())
+        if ran != self.totals.get("run", ran) or skipped != self.totals.get("skipped", skipped):
+            return (f"event log counts run={ran} skipped={skipped}, regrtest says "
+                    f"run={self.totals.get('run')} skipped={self.totals.get('skipped')}")
+        return None
+
+    def as_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "mode": self.mode,
+            "returncode": self.returncode,
+            "duration": round(self.duration, 1),
+            "timed_out": self.timed_out,
+            "log": self.log_path,
+            "junit_xml": self.xml_path,
+            "summary": self.summary,
+            "regrtest_totals": self.totals,
+            "suites": {k: v.as_dict() for k, v in self.suites.items()},
+            "markers": self.markers.as_dict(),
+        }
+
+
+# --------------------------------------------------------------------------
+# interpreters and venvs
+# --------------------------------------------------------------------------
+
+
+def _version_key(path: str) -> tuple:
+    m = re.search(r"(\d+)\.(\d+)\.(\d+)", path)
+    return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
+
+
+def find_interpreters(versions) -> dict:
+    """Map ``"3.X"`` -> path of an installed CPython with its ``test`` package.
+
+    Looks in ``$PYENV_ROOT/versions/3.X.*`` (newest patch release first), then
+    for ``python3.X`` on PATH.  Versions without a usable interpreter are left
+    out.
+    """
+    found = {}
+    pyenv_root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    for ver in versions:
+        candidates = sorted(
+            glob.glob(os.path.join(pyenv_root, "versions", ver + ".*", "bin", "python" + ver)),
+            key=_version_key,
+            reverse=True,
+        )
+        on_path = shutil.which("python" + ver)
+        if on_path:
+            candidates.append(on_path)
+        for cand in candidates:
+            if _has_regrtest(cand):
+                found[ver] = os.path.realpath(cand) if not os.path.islink(cand) else cand
+                break
+    return found
+
+
+def _has_regrtest(python: str) -> bool:
+    try:
+        out = subprocess.run(
+            [python, "-I", "-c", "import test.libregrtest, sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0
+
+
+def project_root() -> Path:
+    """The tracesock checkout this runner belongs to (has pyproject.toml)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").is_file() and (parent / "src" / "tracesock").is_dir():
+            return parent
+    return Path.cwd()
+
+
+def runtime_requirements(root: Path) -> list:
+    """``[project].dependencies`` from pyproject.toml (fallback: the two OTel packages)."""
+    text = ""
+    try:
+        text = (root / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        pass
+    deps = None
+    if text:
+        try:
+            import tomllib  # 3.11+
+
+            deps = list(tomllib.loads(text).get("project", {}).get("dependencies", []))
+        except ImportError:
+            m = re.search(r"^dependencies\s*=\s*\[(.*?)\]", text, re.M | re.S)
+            if m:
+                deps = re.findall(r"[\"']([^\"']+)[\"']", m.group(1))
+    return deps or ["opentelemetry-api", "opentelemetry-sdk"]
+
+
+def ensure_venv(ver: str, base_python: str, cache: Path, requirements: list, log=print) -> str:
+    """Create/refresh ``cache/venv-<ver>`` with the runtime requirements.
+
+    tracesock itself is *not* installed: ``<project>/src`` goes on PYTHONPATH,
+    so the runs always test the working tree as it is, even a half-written one.
+    A stamp file records the base interpreter and the requirement list; the
+    venv is rebuilt when either changes or when OpenTelemetry stops importing.
+    """
+    venv = cache / f"venv-{ver}"
+    py = venv / "bin" / "python"
+    stamp = venv / ".tracesock-conformance.json"
+    want = {"base_python": base_python, "requirements": sorted(requirements)}
+    ok = False
+    if py.exists() and stamp.exists():
+        try:
+            ok = json.loads(stamp.read_text()) == want
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            chk = subprocess.run(
+                [str(py), "-c", "import opentelemetry.sdk.trace, opentelemetry.sdk.metrics, test.libregrtest"],
+                capture_output=True,
+            )
+            ok = chk.returncode == 0
+    if ok:
+        return str(py)
+    log(f"[{ver}] creating venv {venv} from {base_python}")
+    if venv.exists():
+        shutil.rmtree(venv)
+    subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
+    res = subprocess.run(
+        [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", *requirements],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"pip install failed for {ver}:\n{res.stdout}\n{res.stderr}")
+    stamp.write_text(json.dumps(want))
+    return str(py)
+
+
+# --------------------------------------------------------------------------
+# running regrtest
+# --------------------------------------------------------------------------
+
+
+def _default_signals():  # preexec_fn: runs in the child between fork and exec
+    for name in ("SIGINT", "SIGQUIT"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def build_command(python: str, suites, jobs: int, timeout: int, xml_path: str, excludes) -> list:
+    cmd = [python, "-m", "test", "-u", RESOURCES, "--timeout", str(timeout), "--junit-xml", xml_path]
+    if jobs and jobs > 0:
+        cmd += ["-j", str(jobs)]
+    for pat in excludes:
+        cmd += ["-i", pat]
+    cmd += list(suites)
+    return cmd
+
+
+def build_env(mode: str, site_dir: str, src_dir: str, marker_dir: str, detail: str, extra_path=()) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+    env.pop("TRACESOCK_CONFORMANCE_MODE", None)
+    env["PYTHONPATH"] = os.pathsep.join([site_dir, *extra_path, src_dir])
+    env["TRACESOCK_CONFORMANCE_MODE"] = mode
+    env["TRACESOCK_CONFORMANCE_MARKERS"] = marker_dir
+    env["TRACESOCK_CONFORMANCE_DETAIL"] = detail
+    return env
+
+
+def _kill_pids(pids) -> None:
+    for pid in pids:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.2)
+
+
+def run_regrtest(
+    *,
+    version: str,
+    mode: str,
+    python: str,
+    suites,
+    jobs: int,
+    timeout: int,
+    hard_timeout: float,
+    out_dir: Path,
+    site_dir: str,
+    src_dir: str,
+    detail: str,
+    excludes,
+    extra_path=(),
+    log=print,
+) -> RunResult:
+    run_dir = out_dir / f"{version}-{mode}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    marker_dir = run_dir / "markers"
+    work_dir = run_dir / "cwd"
+    marker_dir.mkdir(parents=True)
+    work_dir.mkdir()
+    log_path = run_dir / "regrtest.log"
+    xml_path = run_dir / "junit.xml"
+    cmd = build_command(python, suites, jobs, timeout, str(xml_path), excludes)
+    env = build_env(mode, site_dir, src_dir, str(marker_dir), detail, extra_path)
+    log(f"[{version}] {mode}: {' '.join(cmd[1:3])} ... ({len(suites)} suites, -j{jobs}), log {log_path}")
+    start = time.monotonic()
+    timed_out = False
+    with open(log_path, "w", encoding="utf-8", errors="replace") as logf:
+        logf.write("# " + " ".join(cmd) + "\n")
+        logf.write(f"# PYTHONPATH={env['PYTHONPATH']} TRACESOCK_CONFORMANCE_MODE={mode}\n")
+        logf.flush()
+        proc = subprocess.Popen(
+            cmd,
+            cwd=str(work_dir),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_default_signals,
+            start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=hard_timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            log(f"[{version}] {mode}: hard timeout after {hard_timeout:.0f}s, killing regrtest")
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            rc = proc.wait()
+    duration = time.monotonic() - start
+    # regrtest workers run in sessions of their own: end any that outlived it
+    # (only processes this run started: their pids come from our marker files).
+    leftovers = [m.get("pid") for m in _load_markers(marker_dir) if m.get("pid") and _alive(m["pid"])]
+    if leftovers:
+        _kill_pids(leftovers)
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    suite_results, last_started = parse_events(marker_dir, suites)
+    xml_results = parse_junit(xml_path, suites) if xml_path.exists() else {}
+    for name, res in suite_results.items():
+        xr = xml_results.get(name)
+        res.xml_ran = xr.ran if xr is not None and xr.in_xml else None
+        if not res.in_events and xr is not None and xr.in_xml:
+            # no event log (should not happen): fall back on the JUnit XML
+            xr.xml_ran = xr.ran
+            suite_results[name] = res = xr
+    statuses = parse_regrtest_output(text, suites)
+    for name, status in statuses.items():
+        suite_results[name].status = status
+    for name, test_id in last_started.items():
+        res = suite_results[name]
+        if _bad_status(res.status) and "passed" not in res.status:
+            res.last_started = test_id
+    totals = regrtest_totals(text)
+    markers = check_markers(marker_dir, mode, suites)
+    m = re.search(r"^Result: (.+)$", text, re.M)
+    summary = m.group(1).strip() if m else ("TIMEOUT (runner)" if timed_out else f"no result line (rc={rc})")
+    return RunResult(
+        version=version,
+        mode=mode,
+        returncode=rc,
+        duration=duration,
+        log_path=str(log_path),
+        xml_path=str(xml_path),
+        suites=suite_results,
+        markers=markers,
+        timed_out=timed_out,
+        summary=summary,
+        totals=totals,
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    # a zombie is not a leftover we can do anything about
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+# --------------------------------------------------------------------------
+# parsing
+# --------------------------------------------------------------------------
+
+
+def suite_of(test_id: str, suites) -> str | None:
+    """Map ``test.test_asyncio.test_streams.X.test_y`` to its suite name."""
+    tid = test_id[5:] if test_id.startswith("test.") else test_id
+    best = None
+    for s in suites:
+        if tid == s or tid.startswith(s + "."):
+            if best is None or len(s) > len(best):
+                best = s
+    return best
+
+
+def _failure_from(elem, test_id: str, kind: str) -> Failure:
+    return Failure(
+        test_id=test_id,
+        kind=kind,
+        exc_type=elem.get("type", ""),
+        message=(elem.get("message") or "").strip(),
+        traceback=(elem.text or "").strip(),
+    )
+
+
+def parse_junit(xml_path, suites) -> dict:
+    """Per-suite counts from regrtest's ``--junit-xml`` file.
+
+    regrtest writes one ``<testsuite>`` per unittest run (with ``tests``,
+    ``errors`` and ``failures`` attributes = unittest's counters, so subtest
+    failures are included) and one ``<testcase name=test.id()>`` per test, with
+    a ``<skipped>``/``<failure>``/``<error>`` child where relevant.  A
+    ``<testsuite>`` element is attributed to the suite most of its test cases
+    belong to.
+
+    * ran     = sum of ``tests`` (unittest's testsRun; includes skipped tests)
+    * failed  = sum of ``failures`` + ``errors``
+    * skipped = number of ``<testcase>`` with a ``<skipped>`` child
+    * passed  = test cases that completed with no skip/failure/error child
+    """
+    results = {s: SuiteResult(s) for s in suites}
+    try:
+        root = ET.parse(str(xml_path)).getroot()
+    except (ET.ParseError, OSError):
+        return results
+    testsuites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    for ts in testsuites:
+        cases = list(ts.iter("testcase"))
+        votes: dict = {}
+        for c in cases:
+            s = suite_of(c.get("name", ""), suites)
+            if s:
+                votes[s] = votes.get(s, 0) + 1
+        if not votes:
+            continue
+        owner = max(votes, key=votes.get)
+        res = results[owner]
+        res.in_xml = True
+        res.ran += int(ts.get("tests", 0) or 0)
+        res.failed += int(ts.get("errors", 0) or 0) + int(ts.get("failures", 0) or 0)
+        for c in cases:
+            name = c.get("name")
+            if name is None:
+                # startTest() ran but no add*() result was recorded: this is
+                # what regrtest's XML looks like for a test whose subtests
+                # failed (unittest reports those through addSubTest()).
+                continue
+            skip = c.find("skipped")
+            fail = c.find("failure")
+            err = c.find("error")
+            outcome = c.find("outcome")
+            if skip is not None:
+                res.skipped += 1
+                res.skipped_ids.add(name)
+            elif fail is not None:
+                res.failures.append(_failure_from(fail, name, "failure"))
+            elif err is not None:
+                res.failures.append(_failure_from(err, name, "error"))
+            elif outcome is not None and (outcome.text or "").strip() == "UNEXPECTED_SUCCESS":
+                res.failures.append(Failure(name, "unexpected-success"))
+            else:
+                res.passed += 1
+    return results
+
+
+_ID_RE = re.compile(r"\b(test\.[\w.]+)")
+
+
+def _suite_of_event_id(test_id: str, suites) -> str | None:
+    """``test.test_x.C.m``, ``test.test_x.C.m (sub=1)``, ``setUpClass (test.test_x.C)``."""
+    m = _ID_RE.search(test_id)
+    return suite_of(m.group(1), suites) if m else None
+
+
+def _exc_line(tb: str) -> str:
+    lines = [ln for ln in (tb or "").splitlines() if ln.strip() and not ln.startswith(" ")]
+    return lines[-1].strip() if lines else ""
+
+
+def parse_events(marker_dir, suites):
+    """Per-suite counts from the ``<pid>.events.jsonl`` files that the
+    sitecustomize's result recorder writes in regrtest's processes.
+
+    * ran     = startTest calls (unittest's ``testsRun``)
+    * passed  = addSuccess + addExpectedFailure
+    * failed  = addFailure + addError + addUnexpectedSuccess + failed subtests
+      (unittest's ``len(failures) + len(errors)``, plus unexpected successes)
+    * skipped = addSkip calls (``len(result.skipped)``; regrtest's own count)
+
+    Also returns, per suite, the last test that was started and never got an
+    outcome (what a hung or crashed worker was doing).
+    """
+    results = {s: SuiteResult(s) for s in suites}
+    last_started = {}
+    for p in sorted(Path(marker_dir).glob("*.events.jsonl")):
+        pending = {}
+        try:
+            lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            tid = ev.get("id", "")
+            name = _suite_of_event_id(tid, suites)
+            if name is None:
+                continue
+            res = results[name]
+            res.in_events = True
+            kind = ev.get("ev")
+            if kind == "start":
+                res.ran += 1
+                pending[name] = tid
+                continue
+            if pending.get(name) == tid and kind != "subtest":
+                pending.pop(name, None)
+            if kind in ("pass", "xfail"):
+                res.passed += 1
+            elif kind == "skip":
+                res.skipped += 1
+                res.skipped_ids.add(tid)
+            elif kind in ("failure", "error"):
+                res.failed += 1
+                tb = ev.get("tb", "")
+                exc = _exc_line(tb)
+                res.failures.append(Failure(tid, kind, exc.split(":", 1)[0], exc, tb))
+            elif kind == "xpass":
+                res.failed += 1
+                res.failures.append(Failure(tid, "unexpected-success"))
+            elif kind == "subtest" and ev.get("sub") in ("failure", "error"):
+                res.failed += 1
+                tb = ev.get("tb", "")
+                exc = _exc_line(tb)
+                res.failures.append(Failure(ev.get("sid") or tid, ev["sub"], exc.split(":", 1)[0], exc, tb))
+        for name, tid in pending.items():
+            last_started[name] = tid
+    return results, last_started
+
+
+def regrtest_totals(text: str) -> dict | None:
+    """``Total tests: run=1,247 (filtered) skipped=188`` (3.11.6+/3.12+)."""
+    m = re.search(r"^Total tests: run=([\d,]+)(?: \(filtered\))?(?: failures=([\d,]+))?(?: skipped=([\d,]+))?", text, re.M)
+    if not m:
+        return None
+    num = lambda g: int(g.replace(",", "")) if g else 0  # noqa: E731
+    return {"run": num(m.group(1)), "failures": num(m.group(2)), "skipped": num(m.group(3))}
+
+
+def parse_regrtest_output(text: str, suites) -> dict:
+    """Per-suite outcome from regrtest's progress lines.
+
+    e.g. ``0:00:32 load avg: 0.09 [ 1/12] test_socket passed (32.4 sec)`` or
+    ``[ 3/12/1] test_ssl failed (2 failures)`` or ``[4/12] test_epoll skipped``.
+    A bare ``[n/N] test_x`` line (3.10 without a result word) means passed.
+    """
+    statuses = {}
+    wanted = set(suites)
+    for line in text.splitlines():
+        m = _PROGRESS_RE.match(line.strip())
+        if not m or m.group("name") not in wanted:
+            continue
+        rest = m.group("rest")
+        rest = rest.split(" -- ")[0]
+        rest = re.sub(r"\s*\((?:\d+(?:\.\d+)?\s*(?:sec|ms)|\d+ min \d+ sec)\)\s*$", "", rest).strip()
+        statuses[m.group("name")] = rest or "passed"
+    # regrtest's final summary is authoritative for crashes / timeouts
+    for name in wanted:
+        if re.search(rf"^{re.escape(name)} (?:timed out|crashed)|{re.escape(name)} process crashed", text, re.M):
+            statuses.setdefault(name, "crashed")
+    return statuses
+
+
+# --------------------------------------------------------------------------
+# markers
+# --------------------------------------------------------------------------
+
+
+def _load_markers(marker_dir) -> list:
+    out = []
+    for p in sorted(Path(marker_dir).glob("*.json")):
+        try:
+            out.append(json.loads(p.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _classify(argv) -> str:
+    joined = " ".join(argv)
+    if "test.libregrtest.worker" in joined or "--worker-args" in joined or "--worker-json" in joined:
+        return "worker"
+    if "-m" in argv:
+        i = argv.index("-m")
+        if i + 1 < len(argv) and argv[i + 1] in ("test", "test.regrtest", "test.__main__"):
+            return "main"
+    return "other"
+
+
+def check_markers(marker_dir, mode: str, suites) -> MarkerReport:
+    """Verify every regrtest process of the run loaded our sitecustomize
+    (and, for the instrumented run, really had tracesock active)."""
+    rep = MarkerReport()
+    for m in _load_markers(marker_dir):
+        if m.get("forked_from"):
+            continue
+        if m.get("phase") == "fatal":
+            rep.fatal.append(f"pid {m.get('pid')}: {m.get('error', '').strip().splitlines()[-1:]}")
+        kind = _classify(m.get("argv", []))
+        if kind == "main":
+            rep.main_processes += 1
+        elif kind == "worker":
+            rep.workers += 1
+            joined = " ".join(m.get("argv", []))
+            for s in suites:
+                if f'"{s}"' in joined or f"'{s}'" in joined:
+                    rep.suites_seen.add(s)
+                    if m.get("spans_ended", 0) > 0:
+                        rep.suites_with_spans.add(s)
+            if m.get("instrumented"):
+                rep.workers_instrumented += 1
+            if m.get("instrumented_at_exit"):
+                rep.workers_instrumented_at_exit += 1
+        else:
+            rep.other_processes += 1
+        rep.spans += int(m.get("spans_ended", 0) or 0)
+        rep.metric_points += int(m.get("metric_points", 0) or 0)
+    if rep.main_processes == 0:
+        rep.problems.append("no marker from the regrtest main process: sitecustomize was not loaded")
+    if rep.workers == 0:
+        rep.problems.append("no marker from any -j worker process")
+    if rep.fatal:
+        rep.problems.append(f"{len(rep.fatal)} process(es) failed to activate tracesock: {rep.fatal[:3]}")
+    if mode == "instrumented":
+        if rep.workers_instrumented != rep.workers:
+            rep.problems.append(
+                f"only {rep.workers_instrumented}/{rep.workers} workers had tracesock instrumented"
+            )
+        if rep.workers and rep.spans == 0:
+            rep.problems.append("instrumented, but no span was recorded in any process")
+    return rep
+
+
+# --------------------------------------------------------------------------
+# comparison and report
+# --------------------------------------------------------------------------
+
+
+def _bad_status(status: str) -> bool:
+    s = status.lower()
+    return any(w in s for w in ("failed", "crash", "timeout", "timed out", "env changed", "not run", "interrupted"))
+
+
+def compare(base: RunResult, inst: RunResult) -> list:
+    """Reasons why the instrumented run does not conform (empty = conforms)."""
+    problems = []
+    for p in inst.markers.problems:
+        problems.append(f"instrumentation check: {p}")
+    for p in base.markers.problems:
+        problems.append(f"baseline marker check: {p}")
+    if inst.timed_out:
+        problems.append("instrumented run hit the runner's hard timeout")
+    for name, b in base.suites.items():
+        i = inst.suites[name]
+        new_fail = sorted(i.failed_ids - b.failed_ids)
+        if i.failed > b.failed or new_fail:
+            detail = f": {', '.join(new_fail[:8])}{' ...' if len(new_fail) > 8 else ''}" if new_fail else ""
+            problems.append(f"{name}: {i.failed} failed/errors instrumented vs {b.failed} unpatched{detail}")
+        if i.ran != b.ran:
+            problems.append(f"{name}: ran {i.ran} instrumented vs {b.ran} unpatched")
+        if i.skipped != b.skipped:
+            only_i = sorted(i.skipped_ids - b.skipped_ids)
+            extra = f" (skipped only when instrumented: {', '.join(only_i[:5])})" if only_i else ""
+            problems.append(f"{name}: skipped {i.skipped} instrumented vs {b.skipped} unpatched{extra}")
+        if _bad_status(i.status) and not _bad_status(b.status):
+            problems.append(f"{name}: regrtest says '{i.status}' instrumented vs '{b.status}' unpatched")
+    return problems
+
+
+def _fmt_diff(a: int, b: int) -> str:
+    d = b - a
+    return "0" if d == 0 else f"{d:+d}"
+
+
+def format_table(base: RunResult, inst: RunResult, markdown: bool = False) -> str:
+    head = ["suite", "ran", "pass", "fail", "skip", "ran", "pass", "fail", "skip", "Δran", "Δpass", "Δfail", "Δskip", "status (unpatched / instrumented)"]
+    rows = []
+    tot = [0] * 8
+    for name in base.suites:
+        b, i = base.suites[name], inst.suites[name]
+        vals = [b.ran, b.passed, b.failed, b.skipped, i.ran, i.passed, i.failed, i.skipped]
+        tot = [x + y for x, y in zip(tot, vals)]
+        status = b.status if b.status == i.status else f"{b.status} / {i.status}"
+        rows.append([name, *map(str, vals), _fmt_diff(b.ran, i.ran), _fmt_diff(b.passed, i.passed),
+                     _fmt_diff(b.failed, i.failed), _fmt_diff(b.skipped, i.skipped), status])
+    rows.append(["TOTAL", *map(str, tot), _fmt_diff(tot[0], tot[4]), _fmt_diff(tot[1], tot[5]),
+                 _fmt_diff(tot[2], tot[6]), _fmt_diff(tot[3], tot[7]), ""])
+    if markdown:
+        out = ["| suite | unpatched ran | pass | fail | skip | instrumented ran | pass | fail | skip | Δran | Δpass | Δfail | Δskip | status |",
+               "|---|" + "---:|" * 12 + "---|"]
+        for r in rows:
+            cells = [f"**{c}**" if r[0] == "TOTAL" and c else c for c in r]
+            out.append("| " + " | ".join(cells) + " |")
+        return "\n".join(out)
+    widths = [max(len(str(r[k])) for r in [head] + rows) for k in range(len(head))]
+    def line(r):
+        return "  ".join(str(c).rjust(w) if 0 < k < len(head) - 1 else str(c).ljust(w) for k, (c, w) in enumerate(zip(r, widths)))
+    group = " " * widths[0] + "  " + "unpatched".center(sum(widths[1:5]) + 6) + "  " + "instrumented".center(sum(widths[5:9]) + 6) + "  " + "difference".center(sum(widths[9:13]) + 6)
+    sep = "-" * len(line(head))
+    return "\n".join([group, line(head), sep, *[line(r) for r in rows[:-1]], sep, line(rows[-1])])
+
+
+def format_markers(rep: MarkerReport, mode: str) -> str:
+    s = (f"{mode}: sitecustomize loaded in {rep.main_processes} main + {rep.workers} worker process(es)"
+         f" + {rep.other_processes} other")
+    if mode == "instrumented":
+        s += (f"; tracesock active in {rep.workers_instrumented}/{rep.workers} workers"
+              f" (still active at exit: {rep.workers_instrumented_at_exit}),"
+              f" {rep.spans} spans, {rep.metric_points} metric points"
+              f"; suites with spans: {len(rep.suites_with_spans)}/{len(rep.suites_seen)}")
+    return s
+
+
+def format_failures(inst: RunResult, base: RunResult | None = None, limit: int = 6) -> str:
+    out = []
+    for name, res in inst.suites.items():
+        base_ids = base.suites[name].failed_ids if base else set()
+        for f in res.failures:
+            tag = "" if f.test_id not in base_ids else " (also fails unpatched)"
+            out.append(f"  {f.kind.upper()}: {f.test_id}{tag}")
+            for ln in f.key_lines(limit):
+                out.append(f"      {ln}")
+        if res.failed and not res.failures:
+            out.append(f"  {name}: {res.failed} failure(s) without detail -- see {inst.log_path}")
+        if res.last_started:
+            out.append(f"  {name}: regrtest says '{res.status}'; last test started: {res.last_started}")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+
+def _parse_versions(spec: str) -> list:
+    spec = spec.strip()
+    if spec in ("all", ""):
+        return list(ALL_VERSIONS)
+    if spec == "default":
+        return ["%d.%d" % sys.version_info[:2]]
+    return [v.strip() for v in spec.split(",") if v.strip()]
+
+
+def _parse_suites(spec: str | None) -> list:
+    if not spec:
+        return list(DEFAULT_SUITES)
+    out = []
+    for part in re.split(r"[,\s]+", spec.strip()):
+        if part:
+            out.append(part if part.startswith("test_") else "test_" + part)
+    return out
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tracesock.conformance",
+        description="Run CPython's socket-related regression suites unpatched and with tracesock "
+        "instrumented in every regrtest process, and compare.",
+    )
+    p.add_argument("--versions", default="all",
+                   help="comma list like 3.10,3.12, or 'default' (this interpreter's version) or 'all' (default: all installed of %s)" % ",".join(ALL_VERSIONS))
+    p.add_argument("--suites", default=None,
+                   help="comma list of regrtest test names (default: %s)" % ",".join(DEFAULT_SUITES))
+    p.add_argument("-j", "--jobs", type=int, default=2, help="regrtest -j worker processes (default 2; must be >= 1 so workers are exercised)")
+    p.add_argument("--timeout", type=int, default=300, help="regrtest --timeout per test file, seconds (default 300)")
+    p.add_argument("--hard-timeout", type=float, default=900, help="kill a whole regrtest run after this many seconds (default 900)")
+    p.add_argument("--detail", default="syscalls", help="tracesock.instrument(detail=...) for the instrumented run (default syscalls)")
+    p.add_argument("--mode", choices=("both", "baseline", "instrumented"), default="both",
+                   help="which runs to do (default both; a single mode prints counts without comparison)")
+    p.add_argument("--cache-dir", default=None, help="venvs, logs and results (default <project>/.conformance)")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the tables as Markdown to FILE")
+    p.add_argument("--extra-path", action="append", default=[], help=argparse.SUPPRESS)  # runner self-tests
+    p.add_argument("--no-venv", action="store_true", help=argparse.SUPPRESS)  # use the interpreter as is
+    return p
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.jobs < 1:
+        print("-j must be >= 1: the point is to exercise regrtest worker processes", file=sys.stderr)
+        return 2
+    root = project_root()
+    cache = Path(args.cache_dir).resolve() if args.cache_dir else root / ".conformance"
+    cache.mkdir(parents=True, exist_ok=True)
+    logs = cache / "logs"
+    logs.mkdir(exist_ok=True)
+    site_dir = cache / "site"
+    site_dir.mkdir(exist_ok=True)
+    shutil.copyfile(Path(__file__).with_name("sitecustomize.py"), site_dir / "sitecustomize.py")
+    src_dir = str(root / "src")
+    suites = _parse_suites(args.suites)
+    versions = _parse_versions(args.versions)
+    modes = MODES if args.mode == "both" else (args.mode,)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    interpreters = find_interpreters(versions)
+    missing = [v for v in versions if v not in interpreters]
+    if missing:
+        log(f"no interpreter with a stdlib 'test' package for: {', '.join(missing)} (skipped)")
+    if not interpreters:
+        log("no interpreter to run")
+        return 2
+    reqs = runtime_requirements(root)
+    exit_code = 0
+    md_parts = []
+    summary = {}
+    for ver, base_python in interpreters.items():
+        try:
+            python = base_python if args.no_venv else ensure_venv(ver, base_python, cache, reqs, log)
+        except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+            log(f"[{ver}] cannot prepare venv: {exc}")
+            exit_code = 1
+            continue
+        runs = {}
+        for mode in modes:
+            runs[mode] = run_regrtest(
+                version=ver, mode=mode, python=python, suites=suites, jobs=args.jobs,
+                timeout=args.timeout, hard_timeout=args.hard_timeout, out_dir=logs,
+                site_dir=str(site_dir), src_dir=src_dir, detail=args.detail,
+                excludes=list(EXCLUDED_TESTS), extra_path=args.extra_path, log=log,
+            )
+            r = runs[mode]
+            log(f"[{ver}] {mode}: {r.summary} in {r.duration:.0f}s (rc={r.returncode})")
+            mismatch = r.count_mismatch()
+            if mismatch:
+                log(f"[{ver}] {mode}: WARNING: {mismatch}")
+        ver_full = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                                  capture_output=True, text=True).stdout.strip() or ver
+        print()
+        print(f"=== Python {ver_full} ({base_python}) ===")
+        entry = {"python": ver_full, "interpreter": base_python, "runs": {m: r.as_dict() for m, r in runs.items()}}
+        if len(runs) == 2:
+            base, inst = runs["baseline"], runs["instrumented"]
+            print(format_table(base, inst))
+            print(format_markers(base.markers, "baseline"))
+            print(format_markers(inst.markers, "instrumented"))
+            problems = compare(base, inst)
+            entry["problems"] = problems
+            fails = format_failures(inst, base)
+            if fails:
+                print("failures in the instrumented run:")
+                print(fails)
+            if problems:
+                exit_code = 1
+                print("NOT CONFORMING:")
+                for p in problems:
+                    print(f"  - {p}")
+            else:
+                print("CONFORMING: instrumented run matches the unpatched run")
+            md_parts.append(f"### Python {ver_full}\n\n{format_table(base, inst, markdown=True)}\n\n"
+                            f"{format_markers(inst.markers, 'instrumented')}\n")
+        else:
+            (mode, r), = runs.items()
+            print(format_table(r, r))
+            print(format_markers(r.markers, mode))
+            if r.markers.problems:
+                exit_code = 1
+                for p in r.markers.problems:
+                    print(f"  - {p}")
+        print()
+        summary[ver] = entry
+        (cache / f"results-{ver}.json").write_text(json.dumps(entry, indent=2, default=str))
+    (cache / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(md_parts))
+    print("exit status:", exit_code, "(non-zero: instrumented run differs from the unpatched run)" if exit_code else "")
+    return exit_code
