@@ -351,7 +351,7 @@ def build_env(mode: str, site_dir: str, src_dir: str, marker_dir: str, detail: s
               slow_threshold: str = "0") -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
     env.pop("TRACESOCK_CONFORMANCE_MODE", None)
-    env["PYTHONPATH"] = os.pathsep.join([site_dir, *extra_path, src_dir])
+    env["PYTHONPATH"] = os.pathsep.join([str(site_dir), *map(str, extra_path), str(src_dir)])
     env["TRACESOCK_CONFORMANCE_MODE"] = mode
     env["TRACESOCK_CONFORMANCE_MARKERS"] = marker_dir
     env["TRACESOCK_CONFORMANCE_DETAIL"] = detail
