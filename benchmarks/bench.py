@@ -1,0 +1,172 @@
+"""tracesock benchmark: ratios to plain sockets, measured side by side in one run.
+
+    python benchmarks/bench.py            # everything (about a minute)
+    python benchmarks/bench.py --quick    # fewer rounds
+
+Modes are interleaved round by round and the best round of each is kept, so
+a noisy neighbour slows every mode alike instead of one of them.  Targets (from
+issue 4): pingpong metrics <= 1.5x, calls (no active trace) <= 1.6x,
+syscalls-in-a-trace <= 1/4 of strace's slowdown, bulk sendall >= 0.95x
+throughput in every mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+import tracesock  # noqa: E402
+from opentelemetry import trace  # noqa: E402
+from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult  # noqa: E402
+
+PAYLOAD = b"x" * 64
+
+
+class _Discard(SpanExporter):
+    """Spans are made and ended for real, then dropped (measures tracing, not I/O)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def export(self, spans):
+        self.count += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+def pingpong(n):
+    a, b = socket.socketpair()
+    try:
+        send, recv = a.send, b.recv
+        start = time.perf_counter()
+        for _ in range(n):
+            send(PAYLOAD)
+            recv(64)
+        return (time.perf_counter() - start) / n
+    finally:
+        a.close()
+        b.close()
+
+
+def bulk(total, chunk):
+    """sendall ``total`` bytes in ``chunk``-sized calls to a reading thread; bytes/s."""
+    a, b = socket.socketpair()
+    data = b"\0" * chunk
+    received = [0]
+
+    def reader():
+        buf = bytearray(1 << 20)
+        while True:
+            n = b.recv_into(buf)
+            if not n:
+                break
+            received[0] += n
+
+    t = threading.Thread(target=reader)
+    t.start()
+    start = time.perf_counter()
+    for _ in range(total // chunk):
+        a.sendall(data)
+    a.shutdown(socket.SHUT_WR)
+    t.join()
+    elapsed = time.perf_counter() - start
+    a.close()
+    b.close()
+    assert received[0] == total, received[0]
+    return total / elapsed
+
+
+class Modes:
+    def __init__(self):
+        self.reader = InMemoryMetricReader()
+        self.meters = MeterProvider(metric_readers=[self.reader])
+        self.exporter = _Discard()
+        self.tracers = TracerProvider()
+        self.tracers.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = self.tracers.get_tracer("bench")
+
+    def run(self, mode, fn, *args):
+        if mode == "plain":
+            tracesock.uninstrument()
+            return fn(*args)
+        detail = {"metrics": "metrics", "calls": "calls", "syscalls-in-trace": "syscalls"}[mode]
+        tracesock.instrument(self.tracers, self.meters, detail=detail, slow_threshold=None)
+        try:
+            if mode == "syscalls-in-trace":
+                with self.tracer.start_as_current_span("bench"):
+                    return fn(*args)
+            return fn(*args)
+        finally:
+            tracesock.uninstrument()
+
+
+def strace_ratio(n):
+    """strace -f slowdown of the same pingpong loop, run in subprocesses."""
+    if not shutil.which("strace"):
+        return None
+    code = (
+        "import socket,time\n"
+        f"a,b=socket.socketpair();d=b'x'*64;n={n}\n"
+        "t=time.perf_counter()\n"
+        "for _ in range(n): a.send(d); b.recv(64)\n"
+        "print((time.perf_counter()-t)/n)\n"
+    )
+    plain = float(subprocess.check_output([sys.executable, "-c", code]))
+    traced = subprocess.run(["strace", "-f", "-o", "/dev/null", sys.executable, "-c", code],
+                            capture_output=True, text=True)
+    if traced.returncode != 0:
+        return None
+    return float(traced.stdout) / plain
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    opts = ap.parse_args(argv)
+    rounds = 3 if opts.quick else 7
+    n = 30_000 if opts.quick else 100_000
+    modes = Modes()
+    names = ["plain", "metrics", "calls", "syscalls-in-trace"]
+
+    best = {m: float("inf") for m in names}
+    for _ in range(rounds):
+        for m in names:
+            best[m] = min(best[m], modes.run(m, pingpong, n))
+    print(f"64 B send+recv pingpong on a socketpair, {n} iterations x {rounds} rounds (best round)")
+    print(f"  {'mode':20s} {'us/iter':>9s} {'ratio':>7s}  target")
+    targets = {"metrics": "<= 1.5x", "calls": "<= 1.6x (no active trace)", "syscalls-in-trace": "<= strace/4"}
+    for m in names:
+        print(f"  {m:20s} {best[m] * 1e6:9.2f} {best[m] / best['plain']:6.2f}x  {targets.get(m, '')}")
+    st = strace_ratio(n // 5)
+    if st is not None:
+        ratio = best["syscalls-in-trace"] / best["plain"]
+        print(f"  {'strace -f':20s} {'':9s} {st:6.1f}x  (tracesock syscalls-in-trace is {ratio / st:.3f} of it;"
+              f" target <= 0.25)")
+    else:
+        print("  strace -f: not available")
+
+    total, chunk = (64 << 20, 16 << 20) if opts.quick else (256 << 20, 16 << 20)
+    bulk_names = ["plain", "metrics", "calls", "syscalls-in-trace"]
+    rate = {m: 0.0 for m in bulk_names}
+    for _ in range(max(2, rounds // 2)):
+        for m in bulk_names:
+            rate[m] = max(rate[m], modes.run(m, bulk, total, chunk))
+    print(f"bulk sendall of {total >> 20} MiB in {chunk >> 20} MiB chunks to a reading thread (best round)")
+    print(f"  {'mode':20s} {'MiB/s':>9s} {'ratio':>7s}  target >= 0.95x")
+    for m in bulk_names:
+        print(f"  {m:20s} {rate[m] / (1 << 20):9.0f} {rate[m] / rate['plain']:6.2f}x")
+    print(f"spans made: {modes.exporter.count}")
+
+
+if __name__ == "__main__":
+    main()

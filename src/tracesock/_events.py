@@ -1,0 +1,382 @@
+"""What happened: plain records of socket calls, syscalls and waits.
+
+Nothing here does I/O or knows about OpenTelemetry.  Two kinds of data live
+here:
+
+* :class:`Call` -- one traced API call (``sock.sendall(...)``) with its
+  counters and, while it is being traced in detail, the list of its
+  :class:`Step` s (each syscall and each readiness wait).  A ``Call`` is only
+  built on the slow path (a call that waited, retried or made more than one
+  syscall) or when a span is going to be made.
+
+* :class:`Stats` / :class:`Hist` -- the cheap, exact, per-thread aggregates
+  that the hot path updates for *every* call.  They are handed to
+  OpenTelemetry at collection time (see ``_otel``), because recording into an
+  SDK instrument costs more than the syscall it would describe.
+
+Every aggregate is owned by one thread and only that thread writes it, so
+increments are never lost without taking a lock; the collector only reads.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+
+__all__ = [
+    "BOUNDS_S",
+    "Call",
+    "Hist",
+    "Stats",
+    "Step",
+    "thread_stats",
+    "snapshot",
+    "transport_of",
+]
+
+# Histogram bucket boundaries, in seconds: 1-2-5 steps from 1 us to 10 s.
+# Socket work lives between microseconds (a syscall) and seconds (a stalled
+# peer); the OpenTelemetry SDK default buckets are milliseconds-scale and
+# would put every syscall into the first bucket.
+BOUNDS_S = tuple(
+    m * 10.0 ** e for e in range(-6, 1) for m in (1, 2, 5)
+) + (10.0,)
+_BOUNDS_NS = tuple(round(b * 1e9) for b in BOUNDS_S)
+_NONE_MIN = 1 << 62  # 'no sample yet' for min, as an int so the hot path compares ints
+
+# How many steps a single call keeps for its span.  A sendall under a signal
+# storm can make tens of thousands of syscalls; the counters stay exact, the
+# per-step detail beyond this is counted as dropped.
+MAX_STEPS = 512
+
+READY = "ready"
+TIMEOUT = "timeout"
+INTERRUPTED = "interrupted"
+
+
+class Hist:
+    """An exact histogram over ``BOUNDS_S`` (values recorded in ns)."""
+
+    __slots__ = ("counts", "total", "min", "max")
+
+    def __init__(self):
+        self.counts = [0] * (len(_BOUNDS_NS) + 1)
+        self.total = 0
+        self.min = _NONE_MIN
+        self.max = -1
+
+    def add(self, ns):
+        self.counts[bisect_left(_BOUNDS_NS, ns)] += 1
+        self.total += ns
+        if ns < self.min:
+            self.min = ns
+        if ns > self.max:
+            self.max = ns
+
+    def reset_min_max(self):
+        self.min = _NONE_MIN
+        self.max = -1
+
+    def merge(self, other):
+        for i, c in enumerate(other.counts):
+            self.counts[i] += c
+        self.total += other.total
+        if other.min < self.min:
+            self.min = other.min
+        if other.max > self.max:
+            self.max = other.max
+
+    @property
+    def count(self):
+        return sum(self.counts)
+
+
+class Stats:
+    """Cumulative counters and histograms of one thread for one transport.
+
+    ``fast`` holds calls that completed in exactly one syscall without
+    waiting: one sample there is both a call duration (for the method) and a
+    syscall duration (for its syscall), so the hot path records it once.
+    """
+
+    __slots__ = (
+        "transport",
+        "tx",
+        "rx",
+        "partial_sends",
+        "eintr_retries",
+        "timeouts",
+        "resizes",
+        "eagain",
+        "fast",
+        "calls",
+        "syscalls",
+        "waits",
+    )
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.tx = 0
+        self.rx = 0
+        self.partial_sends = 0
+        self.eintr_retries = 0
+        self.timeouts = 0
+        self.resizes = 0
+        self.eagain = 0
+        self.fast = {}  # method -> Hist
+        self.calls = {}  # (method, error.type or None) -> Hist
+        self.syscalls = {}  # syscall name -> Hist
+        self.waits = {}  # outcome -> Hist
+
+    def hist(self, table, key):
+        h = table.get(key)
+        if h is None:
+            h = table[key] = Hist()
+        return h
+
+
+class Step:
+    """One syscall (``kind='syscall'``) or readiness wait (``kind='wait'``)."""
+
+    __slots__ = ("kind", "name", "start", "end", "result", "errno", "outcome")
+
+    def __init__(self, kind, name, start, end, result=None, errno=None, outcome=None):
+        self.kind = kind
+        self.name = name
+        self.start = start
+        self.end = end
+        self.result = result
+        self.errno = errno
+        self.outcome = outcome
+
+    def __repr__(self):
+        return (
+            f"Step({self.kind} {self.name} {self.end - self.start}ns "
+            f"result={self.result} errno={self.errno} outcome={self.outcome})"
+        )
+
+
+class Call:
+    """One traced API call, as the slow path saw it.
+
+    Times are ``time.perf_counter_ns()`` values.  ``steps`` is ``None`` when
+    nobody will look at them (detail ``"metrics"``).
+    """
+
+    __slots__ = (
+        "method",
+        "stats",
+        "start",
+        "end",
+        "requested",
+        "transferred",
+        "syscalls",
+        "partial_sends",
+        "eintr_retries",
+        "eagain",
+        "waits",
+        "wait_ns",
+        "recv_buffer",
+        "resized",
+        "error",
+        "timed_out",
+        "address",
+        "steps",
+        "dropped_steps",
+    )
+
+    def __init__(self, method, stats, start, keep_steps):
+        self.method = method
+        self.stats = stats
+        self.start = start
+        self.end = start
+        self.requested = None
+        self.transferred = 0
+        self.syscalls = 0
+        self.partial_sends = 0
+        self.eintr_retries = 0
+        self.eagain = 0
+        self.waits = 0
+        self.wait_ns = 0
+        self.recv_buffer = None
+        self.resized = False
+        self.error = None
+        self.timed_out = False
+        self.address = None
+        self.steps = [] if keep_steps else None
+        self.dropped_steps = 0
+
+    def _keep(self, step):
+        if self.steps is not None:
+            if len(self.steps) < MAX_STEPS:
+                self.steps.append(step)
+            else:
+                self.dropped_steps += 1
+
+    def syscall(self, name, start, end, result, err=None):
+        """Record one syscall: ``result`` is bytes moved (or -1), ``err`` an errno name."""
+        self.syscalls += 1
+        self.stats.hist(self.stats.syscalls, name).add(end - start)
+        if err == "EAGAIN":
+            self.eagain += 1
+            self.stats.eagain += 1
+        self._keep(Step("syscall", name, start, end, result, err))
+
+    def wait(self, start, end, outcome):
+        """Record one readiness wait and its outcome."""
+        self.waits += 1
+        self.wait_ns += end - start
+        self.stats.hist(self.stats.waits, outcome).add(end - start)
+        if outcome == INTERRUPTED:
+            self.eintr_retries += 1
+            self.stats.eintr_retries += 1
+        self._keep(
+            Step("wait", "poll", start, end, -1 if outcome == INTERRUPTED else 0,
+                 "EINTR" if outcome == INTERRUPTED else None, outcome)
+        )
+
+    def partial(self):
+        self.partial_sends += 1
+        self.stats.partial_sends += 1
+
+    @property
+    def duration_ns(self):
+        return self.end - self.start
+
+
+# --- per-thread aggregates -------------------------------------------------
+
+class FastHist(Hist):
+    """Hot-path aggregate of one (method, family, type) in one thread.
+
+    ``odd`` counts partial sends (send methods) or resized buffers (recv
+    methods): whichever is the interesting irregularity of that method.
+    """
+
+    __slots__ = ("nbytes", "odd")
+
+    def __init__(self):
+        Hist.__init__(self)
+        self.nbytes = 0
+        self.odd = 0
+
+
+WRITING = frozenset({"send", "sendto", "sendmsg", "sendall"})
+
+_local = threading.local()
+_registry_lock = threading.Lock()
+# id(stats table) -> (thread, stats table, fast table); read by collectors.
+# Keyed by the table, not the thread ident: idents are reused.
+_registry = {}
+# Aggregates of threads that have exited, folded together so nothing is lost.
+_retired = {}
+
+
+def transport_of(family, type_):
+    """The ``network.transport`` value for a socket family and type."""
+    if family == _AF_UNIX:
+        return "unix"
+    base = type_ & 0xF  # strip SOCK_NONBLOCK / SOCK_CLOEXEC
+    if base == _SOCK_STREAM:
+        return "tcp"
+    if base == _SOCK_DGRAM:
+        return "udp"
+    return "other"
+
+
+import socket as _socket_mod  # noqa: E402  (constants only)
+
+_AF_UNIX = getattr(_socket_mod, "AF_UNIX", -1)
+_SOCK_STREAM = int(_socket_mod.SOCK_STREAM)
+_SOCK_DGRAM = int(_socket_mod.SOCK_DGRAM)
+
+
+def _register():
+    stats, fast = {}, {}
+    _local.stats = stats
+    _local.fast = fast
+    with _registry_lock:
+        _registry[id(stats)] = (threading.current_thread(), stats, fast)
+    return stats, fast
+
+
+def thread_stats():
+    """This thread's ``{(family, type): Stats}`` map, created on first use."""
+    try:
+        return _local.stats
+    except AttributeError:
+        return _register()[0]
+
+
+def thread_fast():
+    """This thread's ``{(method, family, type): FastHist}`` map (the hot path's)."""
+    try:
+        return _local.fast
+    except AttributeError:
+        return _register()[1]
+
+
+def stats_for(table, family, type_):
+    key = (family, type_)
+    s = table.get(key)
+    if s is None:
+        s = table[key] = Stats(transport_of(family, type_))
+    return s
+
+
+def fast_hist(method, family, type_):
+    table = thread_fast()
+    key = (method, family, type_)
+    h = table.get(key)
+    if h is None:
+        h = table[key] = FastHist()
+    return h
+
+
+def _fold(into, stats, fast, reset_min_max):
+    """Merge one thread's stats and fast tables into ``into`` ({(family, type): Stats})."""
+    for key, s in list(stats.items()):
+        merge_stats(stats_for(into, *key), s)
+        if reset_min_max:
+            for table in (s.calls, s.syscalls, s.waits):
+                for h in list(table.values()):
+                    h.reset_min_max()
+    for (method, family, type_), h in list(fast.items()):
+        s = stats_for(into, family, type_)
+        s.hist(s.fast, method).merge(h)
+        if method in WRITING:
+            s.tx += h.nbytes
+            s.partial_sends += h.odd
+        else:
+            s.rx += h.nbytes
+            s.resizes += h.odd
+        if reset_min_max:
+            h.reset_min_max()
+
+
+def snapshot(reset_min_max=False):
+    """Cumulative aggregates of the whole process: ``{(family, type): Stats}``.
+
+    Threads that have ended are folded into the retired totals here, so the
+    registry does not grow with thread churn.  ``reset_min_max`` starts a new
+    min/max interval (histogram points report min/max per collection).
+    """
+    out = {}
+    with _registry_lock:
+        for key, (thread, stats, fast) in list(_registry.items()):
+            if not thread.is_alive():
+                del _registry[key]
+                _fold(_retired, stats, fast, False)
+            else:
+                _fold(out, stats, fast, reset_min_max)
+        _fold(out, _retired, {}, False)
+    return out
+
+
+def merge_stats(into, s):
+    for name in ("tx", "rx", "partial_sends", "eintr_retries", "timeouts", "resizes", "eagain"):
+        setattr(into, name, getattr(into, name) + getattr(s, name))
+    for table in ("fast", "calls", "syscalls", "waits"):
+        dst = getattr(into, table)
+        for key, h in list(getattr(s, table).items()):
+            into.hist(dst, key).merge(h)

@@ -1,0 +1,462 @@
+"""Turns events into OpenTelemetry spans and metrics.  Never raises.
+
+Spans
+-----
+``Recorder.emit`` is called after a call finished, and only when the hot path
+already decided that somebody may want a span (detail is not ``"metrics"``).
+It makes the call span ``socket.<method>`` with exact start/end timestamps and,
+when asked for, one child span per step (``syscall.<name>``, ``syscall.poll``).
+It runs with OpenTelemetry's suppress-instrumentation key set, so a span
+processor that exports synchronously over a socket is not traced (no feedback
+loop).
+
+Metrics
+-------
+Recording into an SDK instrument costs more than the syscall it describes, so
+the hot path aggregates into plain per-thread structures (``_events.Stats``)
+and :class:`MetricsBridge` hands the totals over at collection time:
+
+* counters are observable counters whose callbacks sum the aggregates;
+* histograms (there is no observable histogram in the API) are real SDK
+  histograms, flushed from the first callback of each collection.  With the
+  OpenTelemetry SDK the flushed bucket counts, sum, min and max are merged
+  straight into the SDK's explicit-bucket aggregation (one real ``record``
+  creates it; the rest is added in one step, exact).  With any other SDK, or a
+  view that changes the aggregation, samples are replayed through
+  ``record()`` at their bucket's midpoint: counts stay exact, sums become
+  approximate; that fallback is capped per collection and what it cannot
+  replay is counted in ``tracesock.telemetry.dropped``.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_left
+import socket as _stdsocket
+import threading
+import time
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import __version__
+from ._events import BOUNDS_S, Hist, Stats, Step, merge_stats, snapshot
+from ._syscall import errno_name
+
+__all__ = ["Recorder", "MetricsBridge", "RECORDER", "configure", "parent_recording", "dropped"]
+
+_log = logging.getLogger("tracesock")
+
+DETAILS = {"metrics": 0, "calls": 1, "syscalls": 2}
+
+try:
+    from opentelemetry.trace.propagation import _SPAN_KEY
+except ImportError:  # pragma: no cover - very old API
+    _SPAN_KEY = "current-span"
+_SUPPRESS = getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", "suppress_instrumentation")
+
+_dropped = [0]
+
+
+def dropped(n=1):
+    """Count telemetry that was lost (an internal error, a span not made)."""
+    _dropped[0] += n
+
+
+def dropped_count():
+    return _dropped[0]
+
+
+def parent_recording(ctx):
+    span = ctx.get(_SPAN_KEY)
+    return span is not None and span.is_recording()
+
+
+def step_syscall(name, start, end, result, errno_code):
+    return Step("syscall", name, start, end, result, errno_name(errno_code) if isinstance(errno_code, int) else errno_code)
+
+
+_SYSCALL_OF = {
+    "recv": "recv",
+    "recv_into": "recv",
+    "recvfrom": "recvfrom",
+    "recvfrom_into": "recvfrom",
+    "recvmsg": "recvmsg",
+    "send": "send",
+    "sendto": "sendto",
+    "sendmsg": "sendmsg",
+    "sendall": "send",
+}
+
+
+# --- spans -----------------------------------------------------------------
+
+def _network_type(family):
+    if family == _stdsocket.AF_INET:
+        return "ipv4"
+    if family == getattr(_stdsocket, "AF_INET6", None):
+        return "ipv6"
+    return None
+
+
+def _split_address(addr):
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), addr[1] if isinstance(addr[1], int) else None
+    if isinstance(addr, (str, bytes)) and addr:
+        return addr if isinstance(addr, str) else addr.decode("utf-8", "backslashreplace"), None
+    return None, None
+
+
+def socket_attributes(sock, call):
+    """Connection attributes of a call span (syscalls only happen here, off the hot path)."""
+    attrs = {"network.transport": call.stats.transport}
+    family = _stdsocket.socket.__mro__[1].family.__get__(sock)
+    ntype = _network_type(family)
+    if ntype:
+        attrs["network.type"] = ntype
+    peer = call.address
+    if peer is None:
+        try:
+            peer = sock.getpeername()
+        except (OSError, ValueError):
+            peer = None
+    host, port = _split_address(peer)
+    if host is not None:
+        attrs["network.peer.address"] = host
+    if port is not None:
+        attrs["network.peer.port"] = port
+    try:
+        host, port = _split_address(sock.getsockname())
+    except (OSError, ValueError):
+        host = port = None
+    if host is not None:
+        attrs["network.local.address"] = host
+    if port is not None:
+        attrs["network.local.port"] = port
+    return attrs
+
+
+def call_attributes(sock, call):
+    attrs = socket_attributes(sock, call)
+    if call.requested is not None:
+        attrs["tracesock.bytes.requested"] = call.requested
+    attrs["tracesock.bytes.transferred"] = call.transferred
+    attrs["tracesock.syscalls"] = call.syscalls
+    attrs["tracesock.partial_sends"] = call.partial_sends
+    attrs["tracesock.eintr_retries"] = call.eintr_retries
+    attrs["tracesock.eagain"] = call.eagain
+    attrs["tracesock.waits"] = call.waits
+    attrs["tracesock.wait.duration"] = call.wait_ns / 1e9
+    try:
+        timeout = sock.gettimeout()
+    except Exception:
+        timeout = None
+    if timeout is not None:
+        attrs["tracesock.timeout"] = timeout
+    if call.recv_buffer is not None:
+        attrs["tracesock.recv.buffer_size"] = call.recv_buffer
+        attrs["tracesock.recv.resized"] = call.resized
+    if call.dropped_steps:
+        attrs["tracesock.steps.dropped"] = call.dropped_steps
+    if call.error is not None:
+        attrs["error.type"] = type(call.error).__name__
+    return attrs
+
+
+class Recorder:
+    """The active configuration: which spans to make and where they go."""
+
+    def __init__(self, tracer_provider=None, detail="calls", slow_threshold=0.1):
+        self.detail = DETAILS[detail]
+        self.detail_name = detail
+        self.slow_threshold = slow_threshold
+        # Decided after the call: a huge number disables "slow" spans.
+        self.slow_ns = int(slow_threshold * 1e9) if slow_threshold is not None else 1 << 62
+        self.tracer_provider = tracer_provider
+        self.tracer = otel_trace.get_tracer("tracesock", __version__, tracer_provider=tracer_provider)
+        self._offset_checked = 0
+        self._offset = time.time_ns() - time.perf_counter_ns()
+
+    def _epoch(self, ns):
+        return ns + self._offset
+
+    def emit(self, call, sock, ctx):
+        """Make the spans for a finished call, if it qualifies.  Never raises."""
+        try:
+            parent = ctx.get(_SPAN_KEY) if ctx else None
+            in_trace = parent is not None and parent.is_recording()
+            failed = call.error is not None and not isinstance(call.error, BlockingIOError)
+            slow = call.end - call.start >= self.slow_ns
+            if not (in_trace or slow or failed):
+                return
+            token = otel_context.attach(
+                otel_context.set_value(_SUPPRESS, True, ctx if in_trace else otel_context.Context())
+            )
+            try:
+                self._spans(call, sock, ctx if in_trace else otel_context.Context())
+            finally:
+                otel_context.detach(token)
+        except Exception:
+            dropped()
+            _log.debug("tracesock: span emission failed", exc_info=True)
+
+    def _spans(self, call, sock, parent_ctx):
+        self._offset = time.time_ns() - time.perf_counter_ns()
+        span = self.tracer.start_span(
+            "socket." + call.method,
+            context=parent_ctx,
+            kind=SpanKind.INTERNAL,
+            attributes=call_attributes(sock, call),
+            start_time=self._epoch(call.start),
+        )
+        if call.error is not None and not isinstance(call.error, BlockingIOError):
+            span.set_status(Status(StatusCode.ERROR, f"{type(call.error).__name__}: {call.error}"))
+        steps = call.steps
+        if steps and (self.detail >= 2 or call.syscalls > 1 or call.waits):
+            child_ctx = otel_trace.set_span_in_context(span, parent_ctx)
+            for step in steps:
+                self._step_span(step, child_ctx)
+        span.end(end_time=self._epoch(call.end))
+
+    def _step_span(self, step, ctx):
+        attrs = {"tracesock.syscall.result": step.result if step.result is not None else -1}
+        if step.errno:
+            attrs["tracesock.syscall.errno"] = step.errno
+        if step.kind == "wait":
+            attrs["tracesock.wait.outcome"] = step.outcome
+        child = self.tracer.start_span(
+            "syscall." + step.name, context=ctx, kind=SpanKind.INTERNAL,
+            attributes=attrs, start_time=self._epoch(step.start),
+        )
+        child.end(end_time=self._epoch(step.end))
+
+
+# --- metrics ---------------------------------------------------------------
+
+def _midpoint(i):
+    lo = BOUNDS_S[i - 1] if i > 0 else 0.0
+    hi = BOUNDS_S[i] if i < len(BOUNDS_S) else BOUNDS_S[-1] * 2
+    return (lo + hi) / 2
+
+
+class MetricsBridge:
+    """Hands the hot path's aggregates to one MeterProvider at collection time."""
+
+    REPLAY_CAP = 100_000  # samples replayed per collection when merging is impossible
+
+    def __init__(self, meter_provider=None):
+        meter = otel_metrics.get_meter("tracesock", __version__, meter_provider=meter_provider)
+        self._lock = threading.Lock()
+        self._flushed = {}  # (instrument name, attrs key) -> (counts, total)
+        self.merged_samples = 0
+        self.replayed_samples = 0
+        hist = dict(unit="s")
+        try:
+            self.call_duration = meter.create_histogram(
+                "tracesock.call.duration", description="Duration of traced socket API calls",
+                explicit_bucket_boundaries_advisory=list(BOUNDS_S), **hist)
+            self.syscall_duration = meter.create_histogram(
+                "tracesock.syscall.duration", description="Duration of each socket syscall",
+                explicit_bucket_boundaries_advisory=list(BOUNDS_S), **hist)
+            self.wait_duration = meter.create_histogram(
+                "tracesock.wait.duration", description="Duration of readiness waits (poll)",
+                explicit_bucket_boundaries_advisory=list(BOUNDS_S), **hist)
+        except TypeError:  # API older than explicit_bucket_boundaries_advisory
+            self.call_duration = meter.create_histogram("tracesock.call.duration", **hist)
+            self.syscall_duration = meter.create_histogram("tracesock.syscall.duration", **hist)
+            self.wait_duration = meter.create_histogram("tracesock.wait.duration", **hist)
+        counter = meter.create_observable_counter
+        counter("tracesock.io", callbacks=[self._io], unit="By",
+                description="Bytes moved by traced socket calls")
+        counter("tracesock.partial_sends", callbacks=[self._field("partial_sends")],
+                unit="{send}", description="Send syscalls that queued less than asked")
+        counter("tracesock.eintr_retries", callbacks=[self._field("eintr_retries")],
+                unit="{retry}", description="Waits interrupted by a signal and retried")
+        counter("tracesock.timeouts", callbacks=[self._field("timeouts")],
+                unit="{timeout}", description="Calls that failed with TimeoutError")
+        counter("tracesock.recv.resizes", callbacks=[self._field("resizes")],
+                unit="{call}", description="recv calls whose preallocated buffer was shrunk")
+        counter("tracesock.eagain", callbacks=[self._field("eagain")],
+                unit="{syscall}", description="Syscalls that found the socket not ready (EAGAIN)")
+        counter("tracesock.telemetry.dropped", callbacks=[self._dropped],
+                unit="{item}", description="Telemetry lost inside tracesock (never raised)")
+
+    # observable callbacks: each returns a list and never raises
+
+    def _totals(self):
+        totals = {}
+        for s in snapshot().values():
+            t = totals.get(s.transport)
+            if t is None:
+                t = totals[s.transport] = Stats(s.transport)
+            merge_stats(t, s)
+        return totals
+
+    def _io(self, options=None):
+        try:
+            self.flush()
+            out = []
+            for transport, s in self._totals().items():
+                out.append(otel_metrics.Observation(
+                    s.tx, {"network.io.direction": "transmit", "network.transport": transport}))
+                out.append(otel_metrics.Observation(
+                    s.rx, {"network.io.direction": "receive", "network.transport": transport}))
+            return out
+        except Exception:
+            dropped()
+            return []
+
+    def _field(self, name):
+        def callback(options=None):
+            try:
+                return [otel_metrics.Observation(getattr(s, name), {"network.transport": t})
+                        for t, s in self._totals().items()]
+            except Exception:
+                dropped()
+                return []
+        return callback
+
+    def _dropped(self, options=None):
+        return [otel_metrics.Observation(dropped_count())]
+
+    # histograms
+
+    def _series(self):
+        """Cumulative histograms per (instrument, attributes), merged over threads."""
+        out = {}
+
+        def add(instrument, attrs, h):
+            key = (instrument, tuple(sorted(attrs.items())))
+            acc = out.get(key)
+            if acc is None:
+                acc = out[key] = (attrs, Hist())
+            acc[1].merge(h)
+
+        for s in snapshot(reset_min_max=True).values():
+            t = {"network.transport": s.transport}
+            for method, h in s.fast.items():
+                add("call", {"tracesock.call": method, **t}, h)
+                add("syscall", {"tracesock.syscall": _SYSCALL_OF.get(method, method), **t}, h)
+            for (method, err), h in s.calls.items():
+                attrs = {"tracesock.call": method, **t}
+                if err:
+                    attrs["error.type"] = err
+                add("call", attrs, h)
+            for name, h in s.syscalls.items():
+                add("syscall", {"tracesock.syscall": name, **t}, h)
+            for outcome, h in s.waits.items():
+                add("wait", {"tracesock.wait.outcome": outcome, **t}, h)
+        return out
+
+    def flush(self):
+        """Push what was aggregated since the last flush into the SDK histograms."""
+        with self._lock:
+            instruments = {"call": self.call_duration, "syscall": self.syscall_duration,
+                           "wait": self.wait_duration}
+            for key, (attrs, h) in self._series().items():
+                prev_counts, prev_total = self._flushed.get(key, (None, 0))
+                counts = list(h.counts)
+                delta = counts if prev_counts is None else [a - b for a, b in zip(counts, prev_counts)]
+                n = sum(delta)
+                if n <= 0:
+                    continue
+                self._flushed[key] = (counts, h.total)
+                total_s = (h.total - prev_total) / 1e9
+                lo = (h.min if h.max >= 0 else 0) / 1e9
+                hi = (h.max if h.max >= 0 else 0) / 1e9
+                self._push(instruments[key[0]], attrs, delta, n, total_s, lo, hi)
+
+    def _push(self, instrument, attrs, delta, n, total_s, lo, hi):
+        # One real record creates the SDK's aggregation for these attributes...
+        first = total_s if n == 1 else lo
+        instrument.record(first, attrs)
+        if n == 1:
+            self.merged_samples += 1
+            return
+        rest = list(delta)
+        i = bisect_left(BOUNDS_S, first)
+        if not rest[i]:  # min raced with a writer: take the sample from the lowest bucket
+            i = next(j for j, c in enumerate(rest) if c)
+        rest[i] -= 1
+        # ...and the rest is merged into it in one step.
+        if _merge_into_sdk(instrument, attrs, rest, total_s - first, lo, hi):
+            self.merged_samples += n
+            return
+        self._replay(instrument, attrs, rest)
+
+    def _replay(self, instrument, attrs, counts):
+        budget = self.REPLAY_CAP
+        for i, c in enumerate(counts):
+            take = min(c, budget)
+            value = _midpoint(i)
+            for _ in range(take):
+                instrument.record(value, attrs)
+            budget -= take
+            self.replayed_samples += take
+            if take < c:
+                dropped(c - take)
+
+
+def _merge_into_sdk(instrument, attrs, counts, total, lo, hi):
+    """Add a pre-aggregated histogram to the SDK's explicit-bucket aggregations.
+
+    Returns False (nothing changed) unless every aggregation this instrument
+    feeds is the SDK's explicit-bucket histogram with our boundaries.
+    """
+    real = getattr(instrument, "_real_instrument", None) or instrument
+    consumer = getattr(real, "_measurement_consumer", None)
+    storages = getattr(consumer, "_reader_storages", None)
+    if not storages:
+        return False
+    targets = []
+    for storage in list(storages.values()):
+        matches = getattr(storage, "_instrument_view_instrument_matches", {}).get(real)
+        if not matches:
+            return False
+        for match in matches:
+            agg = None
+            for candidate in list(getattr(match, "_attributes_aggregation", {}).values()):
+                if getattr(candidate, "_attributes", None) == attrs:
+                    agg = candidate
+                    break
+            if (agg is None or type(agg).__name__ != "_ExplicitBucketHistogramAggregation"
+                    or tuple(getattr(agg, "_boundaries", ())) != BOUNDS_S
+                    or not all(hasattr(agg, a) for a in ("_value", "_sum", "_min", "_max", "_lock"))):
+                return False
+            targets.append(agg)
+    for agg in targets:
+        with agg._lock:
+            if agg._value is None:
+                agg._value = [0] * (len(BOUNDS_S) + 1)
+            for i, c in enumerate(counts):
+                agg._value[i] += c
+            agg._sum += total
+            if getattr(agg, "_record_min_max", True):
+                agg._min = min(agg._min, lo)
+                agg._max = max(agg._max, hi)
+    return True
+
+
+# --- the active recorder -----------------------------------------------------
+
+RECORDER = Recorder()
+_bridges = {}  # id(meter provider or None) -> (provider, MetricsBridge)
+_bridges_lock = threading.Lock()
+
+
+def bridge_for(meter_provider):
+    """One bridge per meter provider, kept for the process's life (instruments can't be removed)."""
+    with _bridges_lock:
+        entry = _bridges.get(id(meter_provider))
+        if entry is None or entry[0] is not meter_provider:
+            entry = _bridges[id(meter_provider)] = (meter_provider, MetricsBridge(meter_provider))
+        return entry[1]
+
+
+def configure(tracer_provider=None, meter_provider=None, detail="calls", slow_threshold=0.1):
+    global RECORDER
+    bridge = bridge_for(meter_provider)
+    RECORDER = Recorder(tracer_provider, detail, slow_threshold)
+    return RECORDER, bridge

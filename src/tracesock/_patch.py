@@ -1,0 +1,97 @@
+"""instrument() / uninstrument(): patch ``socket.socket`` in place, reversibly.
+
+The class is patched, not the module attribute, so every socket -- created
+before or after, through ``socket.socket``, ``from socket import socket``,
+``socket.create_connection``, ``accept()``, ``dup()`` or as the base of
+``ssl.SSLSocket`` -- uses the traced methods, and ``type(sock)`` stays
+``socket.socket``.  The original entries of the class ``__dict__`` are saved
+and put back exactly (an inherited C method is restored by deleting our
+override).  Patching twice is a no-op apart from the new configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import socket
+import threading
+
+from . import _otel
+from ._socket import METHODS
+
+__all__ = ["instrument", "uninstrument", "instrumented", "is_instrumented"]
+
+_MISSING = object()
+_lock = threading.RLock()
+_saved = None  # name -> original entry in socket.socket.__dict__ (or _MISSING)
+
+
+def _check(detail, slow_threshold):
+    if detail not in _otel.DETAILS:
+        raise ValueError(
+            f"tracesock: detail must be one of {', '.join(map(repr, _otel.DETAILS))}, not {detail!r}")
+    if slow_threshold is not None:
+        if isinstance(slow_threshold, bool) or not isinstance(slow_threshold, numbers.Real):
+            raise TypeError(
+                f"tracesock: slow_threshold must be a number of seconds or None, not {slow_threshold!r}")
+        if not slow_threshold >= 0:  # also rejects NaN
+            raise ValueError(f"tracesock: slow_threshold must be >= 0 seconds, not {slow_threshold!r}")
+
+
+def instrument(tracer_provider=None, meter_provider=None, *, detail="calls", slow_threshold=0.1):
+    """Trace every socket of the process.
+
+    ``detail``: ``"metrics"`` (no spans), ``"calls"`` (a span per qualifying
+    call; syscall children when the call made more than one syscall or
+    waited) or ``"syscalls"`` (every syscall and wait as a child span).
+    Spans are made for calls inside a recording span, calls slower than
+    ``slow_threshold`` seconds (``None``: never for slowness) and failed
+    calls.  Idempotent: calling it again only changes the configuration.
+    """
+    _check(detail, slow_threshold)
+    global _saved
+    with _lock:
+        _otel.configure(tracer_provider, meter_provider, detail, slow_threshold)
+        if _saved is None:
+            saved = {}
+            for name, fn in METHODS.items():
+                saved[name] = socket.socket.__dict__.get(name, _MISSING)
+            for name, fn in METHODS.items():
+                setattr(socket.socket, name, fn)
+            _saved = saved
+
+
+def uninstrument():
+    """Put ``socket.socket`` back exactly as it was.  No-op when not instrumented."""
+    global _saved
+    with _lock:
+        if _saved is None:
+            return
+        for name, original in _saved.items():
+            if original is _MISSING:
+                if name in socket.socket.__dict__:
+                    delattr(socket.socket, name)
+            else:
+                setattr(socket.socket, name, original)
+        _saved = None
+
+
+def is_instrumented():
+    return _saved is not None
+
+
+@contextlib.contextmanager
+def instrumented(tracer_provider=None, meter_provider=None, *, detail="calls", slow_threshold=0.1):
+    """``with tracesock.instrumented(...):`` -- instrument for the block, then restore."""
+    with _lock:
+        was = is_instrumented()
+        previous = _otel.RECORDER
+        instrument(tracer_provider, meter_provider, detail=detail, slow_threshold=slow_threshold)
+    try:
+        yield
+    finally:
+        with _lock:
+            if was:
+                _otel.RECORDER = previous
+            else:
+                uninstrument()

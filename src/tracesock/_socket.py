@@ -1,0 +1,766 @@
+"""The traced socket methods: thin, on top of ``_syscall``.
+
+Each public method here replaces the method of the same name on
+``socket.socket`` while tracesock is instrumented (see ``_patch``), and is a
+method of :class:`TracedSocket` always.  They keep CPython's calling
+conventions exactly -- positional-only where the C method is, the same
+keyword names where it takes keywords -- by passing the caller's arguments
+through to CPython's own method, with one change: ``MSG_DONTWAIT`` is OR-ed
+into ``flags`` on blocking sockets so the call cannot block where we cannot
+see it.  Anything unusual (flags that are not ``int``, ``MSG_WAITALL``, a
+wrong number of arguments) goes to CPython's method unchanged, which raises
+exactly what it always raised.
+
+The hot path (a call that completes in one syscall without waiting) records
+into per-thread aggregates and returns; it builds no objects and makes no
+span unless one is wanted: a recording parent span, a slow call, a failure.
+Everything else goes through ``_syscall.sock_call`` -- the one retry/wait loop.
+"""
+
+from __future__ import annotations
+
+import _socket
+import socket as _stdsocket
+
+from opentelemetry import context as _otel_context
+
+from . import _otel
+from bisect import bisect_left
+
+from ._events import _BOUNDS_NS, INTERRUPTED, Call, _local, fast_hist, stats_for, thread_stats
+from ._syscall import now, sock_call, timed_out
+
+__all__ = ["TracedSocket", "METHODS"]
+
+_C = _socket.socket
+_DW = int(getattr(_stdsocket, "MSG_DONTWAIT", 0x40))
+_WAITALL = int(getattr(_stdsocket, "MSG_WAITALL", 0x100))
+_gettimeout = _C.gettimeout
+_C_recv = _C.recv
+_C_send = _C.send
+_family = _C.family.__get__
+_type = _C.type.__get__
+_STREAM = int(_stdsocket.SOCK_STREAM)
+
+try:  # the ContextVar behind opentelemetry.context.get_current(), read directly: ~5x cheaper
+    _current_context = _otel_context._RUNTIME_CONTEXT._current_context.get
+except AttributeError:  # another runtime context implementation
+    _current_context = _otel_context.get_current
+_SUPPRESS = getattr(_otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", "suppress_instrumentation")
+
+
+def _stats(sock):
+    try:
+        table = _local.stats
+    except AttributeError:
+        table = thread_stats()
+    return stats_for(table, _family(sock), _type(sock))
+
+
+def _nbytes(obj):
+    if type(obj) is bytes or type(obj) is bytearray:
+        return len(obj)
+    with memoryview(obj) as view:
+        return view.nbytes
+
+
+def _byte_view(obj):
+    view = memoryview(obj)
+    if view.format not in ("B", "b", "c") or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+# --- per-method descriptions ----------------------------------------------
+
+class _Method:
+    """What the shared code needs to know about one C socket method."""
+
+    __slots__ = ("name", "syscall", "fn", "writing", "flags_at", "fill", "keywords",
+                 "size_of", "requested", "address_of", "resizes", "payload", "with_payload")
+
+    def __init__(self, name, syscall, writing, flags_at, fill, keywords, size_of,
+                 requested, address_of=None, resizes=False):
+        self.name = name
+        self.syscall = syscall
+        self.fn = getattr(_C, name)
+        self.writing = writing
+        self.flags_at = flags_at  # index of ``flags`` among the positional arguments
+        self.fill = fill  # defaults of the optional arguments before ``flags``
+        self.keywords = keywords  # the C method accepts keyword arguments
+        self.size_of = size_of  # bytes moved, from the result
+        self.requested = requested  # bytes asked for, from (args, kwargs)
+        self.address_of = address_of  # peer address from (args, result), if the call names one
+        self.resizes = resizes  # result is a bytes object preallocated to the requested size
+        self.payload = None  # send methods: the one buffer to send, from args
+        self.with_payload = None  # send methods: args with the buffer replaced
+
+    def dontwait(self, args, kwargs):
+        """``(args, kwargs)`` with ``MSG_DONTWAIT`` in flags, or ``None`` if we must not touch them."""
+        at = self.flags_at
+        n = len(args)
+        if kwargs:
+            if not self.keywords or n > at:
+                return None
+            flags = kwargs.get("flags", 0)
+            if not isinstance(flags, int) or flags & _WAITALL:
+                return None
+            kw = dict(kwargs)
+            kw["flags"] = flags | _DW
+            return args, kw
+        if n > at:
+            flags = args[at]
+            if not isinstance(flags, int) or flags & _WAITALL:
+                return None
+            return args[:at] + (flags | _DW,) + args[at + 1:], kwargs
+        missing = at - n
+        if missing > len(self.fill) or n == 0:
+            return None  # too few arguments: let CPython say so
+        return args + self.fill[len(self.fill) - missing:] + (_DW,), kwargs
+
+
+def _len(result):
+    return len(result)
+
+
+def _int(result):
+    return result
+
+
+def _first_len(result):
+    return len(result[0])
+
+
+def _first(result):
+    return result[0]
+
+
+def _size_arg(args, kwargs):
+    return args[0] if args else None
+
+
+def _into_size(args, kwargs):
+    nbytes = args[1] if len(args) > 1 else (kwargs or {}).get("nbytes", 0)
+    buf = args[0] if args else (kwargs or {}).get("buffer")
+    try:
+        return nbytes or _nbytes(buf)
+    except TypeError:
+        return None
+
+
+def _data_size(args, kwargs):
+    return _nbytes(args[0])
+
+
+def _msg_size(args, kwargs):
+    return sum(_nbytes(b) for b in args[0])
+
+
+def _from_result(args, result):
+    return result[1]
+
+
+def _msg_address(args, result):
+    return result[3]
+
+
+def _sendto_address(args, result):
+    return args[-1]
+
+
+def _sendmsg_address(args, result):
+    return args[3] if len(args) > 3 else None
+
+
+RECV = _Method("recv", "recv", False, 1, (), False, _len, _size_arg, resizes=True)
+RECV_INTO = _Method("recv_into", "recv", False, 2, (0,), True, _int, _into_size)
+RECVFROM = _Method("recvfrom", "recvfrom", False, 1, (), False, _first_len, _size_arg,
+                   _from_result, resizes=True)
+RECVFROM_INTO = _Method("recvfrom_into", "recvfrom", False, 2, (0,), True, _first, _into_size,
+                        _from_result)
+RECVMSG = _Method("recvmsg", "recvmsg", False, 2, (0,), False, _first_len, _size_arg,
+                  _msg_address, resizes=True)
+SEND = _Method("send", "send", True, 1, (), False, _int, _data_size)
+SENDTO = _Method("sendto", "sendto", True, 1, (), False, _int, _data_size, _sendto_address)
+SENDMSG = _Method("sendmsg", "sendmsg", True, 2, ((),), False, _int, _msg_size, _sendmsg_address)
+SEND.payload = SENDTO.payload = lambda args: args[0]
+SEND.with_payload = SENDTO.with_payload = lambda args, buf: (buf,) + args[1:]
+# sendmsg continues only in its one-buffer form, without ancillary data (sent once).
+SENDMSG.payload = lambda args: args[0][0]
+SENDMSG.with_payload = lambda args, buf: ([buf], (), *args[2:])
+
+
+# --- recording helpers (never raise) ----------------------------------------
+
+def _account(st, m, call_or_none, n, requested):
+    if m.writing:
+        st.tx += n
+        if requested is not None and n < requested:
+            st.partial_sends += 1
+            if call_or_none is not None:
+                call_or_none.partial_sends += 1
+    else:
+        st.rx += n
+        if m.resizes and requested is not None and n != requested:
+            st.resizes += 1
+            if call_or_none is not None:
+                call_or_none.resized = True
+
+
+def _fast_done(sock, m, start, end, n, requested, args, kwargs, result, ctx):
+    """A call that took exactly one syscall and never waited: the hot path.
+
+    Every cycle here counts (the budget is a fraction of a microsecond), so it
+    touches one per-thread dict entry and a few integers, nothing else.
+    """
+    try:
+        d = end - start
+        try:
+            h = _local.fast[(m.name, _family(sock), _type(sock))]
+        except (AttributeError, KeyError):
+            h = fast_hist(m.name, _family(sock), _type(sock))
+        h.counts[bisect_left(_BOUNDS_NS, d)] += 1
+        h.total += d
+        if d < h.min:
+            h.min = d
+        if d > h.max:
+            h.max = d
+        h.nbytes += n
+        if requested is not None and n != requested:
+            h.odd += 1  # a partial send, or a recv buffer shrunk to what arrived
+        rec = _otel.RECORDER
+        if d >= rec.slow_ns or (ctx and _otel.parent_recording(ctx)):
+            if rec.detail:
+                rec.emit(_fast_call(_stats(sock), m, start, end, n, args, kwargs, result), sock, ctx)
+    except Exception:
+        _otel.dropped()
+
+
+def _fast_call(st, m, start, end, n, args, kwargs, result, exc=None):
+    call = Call(m.name, st, start, True)
+    call.end = end
+    call.syscalls = 1
+    call.transferred = n
+    call.requested = m.requested(args, kwargs)
+    if exc is None:
+        call.steps.append(_otel.step_syscall(m.syscall, start, end, n, None))
+        if m.resizes:
+            call.recv_buffer = call.requested
+            call.resized = n != call.requested
+        if m.writing and call.requested is not None and n < call.requested:
+            call.partial_sends = 1
+        if m.address_of is not None:
+            call.address = m.address_of(args, result)
+    else:
+        call.error = exc
+        errno = getattr(exc, "errno", None)
+        call.steps.append(_otel.step_syscall(m.syscall, start, end, -1, errno))
+        if isinstance(exc, BlockingIOError):
+            call.eagain = 1
+    return call
+
+
+def _fast_failed(sock, m, start, end, exc, args, kwargs, ctx):
+    try:
+        st = _stats(sock)
+        st.hist(st.calls, (m.name, type(exc).__name__)).add(end - start)
+        if isinstance(exc, OSError):
+            st.hist(st.syscalls, m.syscall).add(end - start)
+            if isinstance(exc, BlockingIOError):
+                st.eagain += 1
+        rec = _otel.RECORDER
+        if not rec.detail:
+            return
+        # EAGAIN on a non-blocking socket is an event loop's normal flow: no root span.
+        if isinstance(exc, BlockingIOError) and not (ctx and _otel.parent_recording(ctx)):
+            return
+        call = _fast_call(st, m, start, end, 0, args, kwargs, None, exc)
+        rec.emit(call, sock, ctx)
+    except Exception:
+        _otel.dropped()
+
+
+def _finish(call, sock, ctx):
+    try:
+        call.end = now()
+        st = call.stats
+        err = type(call.error).__name__ if call.error is not None else None
+        st.hist(st.calls, (call.method, err)).add(call.end - call.start)
+        if call.method in ("send", "sendto", "sendmsg", "sendall", "sendfile"):
+            st.tx += call.transferred
+        elif call.method not in ("accept", "connect", "connect_ex"):
+            st.rx += call.transferred
+        if call.resized:
+            st.resizes += 1
+        rec = _otel.RECORDER
+        if rec.detail:
+            rec.emit(call, sock, ctx)
+    except Exception:
+        _otel.dropped()
+
+
+def _new_call(sock, m_name, start):
+    return Call(m_name, _stats(sock), start, _otel.RECORDER.detail > 0)
+
+
+# --- the shared bodies -------------------------------------------------------
+
+def _io(sock, m, args, kwargs):
+    """One logical syscall: the general entry of every method but ``sendall``."""
+    ctx = _current_context()
+    if ctx and ctx.get(_SUPPRESS):
+        return m.fn(sock, *args, **kwargs)
+    timeout = _gettimeout(sock)
+    if timeout:  # a timeout: wait first, like CPython
+        return _slow(sock, m, args, kwargs, ctx, timeout, None)
+    if timeout is None:
+        prepared = m.dontwait(args, kwargs)
+        if prepared is None:
+            return _plain(sock, m, args, kwargs, ctx)
+        dargs, dkw = prepared
+    else:
+        dargs, dkw = args, kwargs
+    start = now()
+    try:
+        result = m.fn(sock, *dargs, **dkw)
+    except BaseException as exc:
+        if timeout is None and isinstance(exc, BlockingIOError):
+            first = (start, now(), -1)  # it would block: wait, outside this except block
+        else:
+            _fast_failed(sock, m, start, now(), exc, args, kwargs, ctx)
+            raise
+    else:
+        return _done(sock, m, start, now(), result, args, kwargs, ctx, timeout)
+    if m.writing:
+        return _send_blocking(sock, m, args, kwargs, ctx, first)
+    return _slow(sock, m, dargs, dkw, ctx, None, first)
+
+
+def _done(sock, m, start, end, result, args, kwargs, ctx, timeout):
+    """After one successful syscall: finish a blocking stream send, or record."""
+    try:
+        n = m.size_of(result)
+        requested = m.requested(args, kwargs) if (m.writing or m.resizes) else None
+    except Exception:
+        _otel.dropped()
+        return result
+    if m.writing and timeout is None and n < requested and _type(sock) & 0xF == _STREAM:
+        # A blocking stream send queues everything; keep going like the kernel.
+        return _send_blocking(sock, m, args, kwargs, ctx, (start, end, n))
+    _fast_done(sock, m, start, end, n, requested, args, kwargs, result, ctx)
+    return result
+
+
+def _slow(sock, m, args, kwargs, ctx, timeout, first):
+    """A call that waits: run it through ``sock_call`` with every step recorded."""
+    start = first[0] if first else now()
+    call = _new_call(sock, m.name, start)
+    call.requested = _safe(m.requested, args, kwargs)
+    if first:
+        call.syscall(m.syscall, first[0], first[1], -1, "EAGAIN")
+    deadline = None
+    if timeout:
+        deadline = start + int(timeout * 1e9)
+    try:
+        result = sock_call(call, sock, m.syscall, m.fn, (sock,) + args, m.writing,
+                           m.size_of, deadline, kwargs, wait_first=first is not None)
+    except BaseException as exc:
+        call.error = exc
+        _finish(call, sock, ctx)
+        raise
+    _after(call, m, args, result)
+    _finish(call, sock, ctx)
+    return result
+
+
+def _after(call, m, args, result):
+    try:
+        n = call.transferred = m.size_of(result)
+        if m.resizes:
+            call.recv_buffer = call.requested
+            call.resized = n != call.requested
+        if m.writing and call.requested is not None and n < call.requested:
+            call.partial()
+        if m.address_of is not None:
+            call.address = m.address_of(args, result)
+    except Exception:
+        _otel.dropped()
+
+
+def _safe(fn, *args):
+    try:
+        return fn(*args)
+    except Exception:
+        return None
+
+
+def _plain(sock, m, args, kwargs, ctx, name=None):
+    """CPython's method as is (unusual arguments, connect): one recorded syscall."""
+    call = _new_call(sock, name or m.name, now())
+    start = now()
+    try:
+        result = m.fn(sock, *args, **kwargs)
+    except BaseException as exc:
+        call.error = exc
+        if isinstance(exc, OSError):
+            call.syscall(m.syscall, start, now(), -1, _otel.errno_name(exc.errno))
+        _finish(call, sock, ctx)
+        raise
+    call.syscall(m.syscall, start, now(), _safe(m.size_of, result))
+    _after(call, m, args, result)
+    _finish(call, sock, ctx)
+    return result
+
+
+def _send_blocking(sock, m, args, kwargs, ctx, first):
+    """A send on a blocking socket that did not complete in its first try.
+
+    ``first`` is ``(start, end, result)`` of that try (result -1: EAGAIN).
+    The kernel's blocking send queues everything on a stream socket unless a
+    signal interrupts it after some progress (then it returns the count), and
+    a datagram whole; we wait with poll and continue until the same is true.
+    """
+    start, end, n = first
+    call = _new_call(sock, m.name, start)
+    total = call.requested = _safe(m.requested, args, kwargs)
+    call.syscall(m.syscall, start, end, n, "EAGAIN" if n < 0 else None)
+    sent = max(n, 0)
+    try:
+        if _type(sock) & 0xF != _STREAM or m.payload is None:
+            dargs, dkw = m.dontwait(args, kwargs)
+            sent = sock_call(call, sock, m.syscall, m.fn, (sock,) + dargs, True, _int,
+                             kwargs=dkw, wait_first=True)
+        else:
+            if 0 < sent < total:
+                call.partial()
+            with _byte_view(m.payload(args)) as view:
+                while sent < total:
+                    dargs, dkw = m.dontwait(m.with_payload(args, view[sent:]), kwargs)
+                    # The buffer was full a moment ago: wait before trying again.
+                    n = sock_call(call, sock, m.syscall, m.fn, (sock,) + dargs, True, _int,
+                                  kwargs=dkw, wait_first=True, stop_on_interrupt=sent > 0)
+                    if n is INTERRUPTED:
+                        break
+                    if n < total - sent:
+                        call.partial()
+                    sent += n
+    except BaseException as exc:
+        call.error = exc
+        call.transferred = sent
+        _finish(call, sock, ctx)
+        raise
+    call.transferred = sent
+    _finish(call, sock, ctx)
+    return sent
+
+
+# --- public methods --------------------------------------------------------
+
+def _hot(name, sock, d, n, odd):
+    """Record a one-syscall call of a blocking socket outside any trace.
+
+    Returns True when the call was slow enough to deserve a span.  Every
+    cycle here counts (the budget is a fraction of a microsecond): one
+    per-thread dict entry and a few integers.
+    """
+    try:
+        try:
+            h = _local.fast[(name, _family(sock), _type(sock))]
+        except (AttributeError, KeyError):
+            h = fast_hist(name, _family(sock), _type(sock))
+        h.counts[bisect_left(_BOUNDS_NS, d)] += 1
+        h.total += d
+        if d < h.min:
+            h.min = d
+        if d > h.max:
+            h.max = d
+        h.nbytes += n
+        if odd:
+            h.odd += 1  # a partial send, or a recv buffer shrunk to what arrived
+        return d >= _otel.RECORDER.slow_ns
+    except Exception:
+        _otel.dropped()
+        return False
+
+
+def _hot_span(sock, m, start, end, n, args, result):
+    try:
+        rec = _otel.RECORDER
+        if rec.detail:
+            rec.emit(_fast_call(_stats(sock), m, start, end, n, args, {}, result), sock, None)
+    except Exception:
+        _otel.dropped()
+
+
+def recv(self, *args, **kwargs):
+    # The common case -- recv(n) on a blocking socket outside any trace -- inline.
+    if kwargs or len(args) != 1 or _current_context() or _gettimeout(self) is not None:
+        return _io(self, RECV, args, kwargs)
+    start = now()
+    try:
+        data = _C_recv(self, args[0], _DW)
+    except BaseException as exc:
+        if not isinstance(exc, BlockingIOError):
+            _fast_failed(self, RECV, start, now(), exc, args, kwargs, None)
+            raise
+        first = (start, now(), -1)
+    else:
+        end = now()
+        n = len(data)
+        if _hot("recv", self, end - start, n, n != args[0]):
+            _hot_span(self, RECV, start, end, n, args, data)
+        return data
+    return _slow(self, RECV, (args[0], _DW), kwargs, None, None, first)
+
+
+def recv_into(self, *args, **kwargs):
+    return _io(self, RECV_INTO, args, kwargs)
+
+
+def recvfrom(self, *args, **kwargs):
+    return _io(self, RECVFROM, args, kwargs)
+
+
+def recvfrom_into(self, *args, **kwargs):
+    return _io(self, RECVFROM_INTO, args, kwargs)
+
+
+def recvmsg(self, *args, **kwargs):
+    return _io(self, RECVMSG, args, kwargs)
+
+
+def send(self, *args, **kwargs):
+    # The common case -- send(data) on a blocking socket outside any trace -- inline.
+    if kwargs or len(args) != 1 or _current_context() or _gettimeout(self) is not None:
+        return _io(self, SEND, args, kwargs)
+    start = now()
+    try:
+        n = _C_send(self, args[0], _DW)
+    except BaseException as exc:
+        if not isinstance(exc, BlockingIOError):
+            _fast_failed(self, SEND, start, now(), exc, args, kwargs, None)
+            raise
+        first = (start, now(), -1)
+    else:
+        end = now()
+        data = args[0]
+        total = len(data) if type(data) is bytes else _nbytes(data)
+        if n == total:
+            if _hot("send", self, end - start, n, False):
+                _hot_span(self, SEND, start, end, n, args, n)
+            return n
+        first = (start, end, n)
+    return _send_blocking(self, SEND, args, kwargs, None, first)
+
+
+def sendto(self, *args, **kwargs):
+    if not kwargs and len(args) == 2:
+        args = (args[0], 0, args[1])  # CPython's sendto(data, address) form
+        if not _is_buffer(args[0]):
+            return _C.sendto(self, args[0], args[2])  # let CPython name the bad argument
+    return _io(self, SENDTO, args, kwargs)
+
+
+def _is_buffer(obj):
+    try:
+        memoryview(obj).release()
+        return True
+    except TypeError:
+        return False
+
+
+def sendmsg(self, *args, **kwargs):
+    # Only the one-buffer form can continue after a partial send; for the others
+    # the blocking kernel semantics are kept by CPython's own call.
+    if len(args) >= 1 and not kwargs:
+        try:
+            single = len(args[0]) == 1 and not (len(args) > 1 and args[1])
+        except TypeError:
+            single = False
+        if not single and _gettimeout(self) is None:
+            return _plain(self, SENDMSG, args, kwargs, _current_context())
+    return _io(self, SENDMSG, args, kwargs)
+
+
+def sendall(self, *args, **kwargs):
+    ctx = _current_context()
+    if kwargs or not 1 <= len(args) <= 2 or (len(args) == 2 and not isinstance(args[1], int)):
+        return _C.sendall(self, *args, **kwargs)  # CPython raises (or handles) the odd case
+    if ctx and ctx.get(_SUPPRESS):
+        return _C.sendall(self, *args)
+    data = args[0]
+    flags = args[1] if len(args) == 2 else 0
+    timeout = _gettimeout(self)
+    start = now()
+    if timeout:
+        return _sendall_rest(self, data, flags, ctx, timeout, start, None)
+    # One try first: most sendalls fit into the socket buffer at once.
+    try:
+        n = _C.send(self, data, flags | _DW)
+    except BlockingIOError as exc:
+        if timeout is not None:  # non-blocking and nothing fits: CPython raises at once
+            _fast_failed(self, SENDALL, start, now(), exc, args, kwargs, ctx)
+            raise
+        n = -1
+    except BaseException as exc:
+        _fast_failed(self, SENDALL, start, now(), exc, args, kwargs, ctx)
+        raise
+    end = now()
+    if n >= 0 and n == _nbytes(data):
+        _fast_done(self, SENDALL, start, end, n, n, args, kwargs, None, ctx)
+        return None
+    return _sendall_rest(self, data, flags, ctx, timeout, start, (start, end, n))
+
+
+def _sendall_rest(self, data, flags, ctx, timeout, start, first):
+    """``sock_sendall``: the loop over send, with a total deadline when a timeout is set."""
+    call = _new_call(self, "sendall", start)
+    deadline = start + int(timeout * 1e9) if timeout else None
+    sent = 0
+    dflags = flags | _DW if timeout is None else flags
+    try:
+        with _byte_view(data) as view:
+            total = call.requested = view.nbytes
+            if first is not None:
+                sent = max(first[2], 0)
+                call.syscall("send", first[0], first[1], first[2], "EAGAIN" if first[2] < 0 else None)
+                if 0 < sent < total:
+                    call.partial()
+            while True:
+                if deadline is not None and deadline - now() <= 0:
+                    raise timed_out(call)
+                chunk = view[sent:]
+                # On a blocking socket we only get here when the buffer is full.
+                n = sock_call(call, self, "send", _C.send, (self, chunk, dflags), True, _int,
+                              deadline, wait_first=timeout is None)
+                if n < len(chunk):
+                    call.partial()
+                sent += n
+                if sent >= total:
+                    break
+    except BaseException as exc:
+        call.error = exc
+        call.transferred = sent
+        _finish(call, self, ctx)
+        raise
+    call.transferred = sent
+    _finish(call, self, ctx)
+    return None
+
+
+SENDALL = _Method("sendall", "send", True, 1, (), False, _int, _data_size)
+ACCEPT = _Method("_accept", "accept", False, 0, (), False, lambda r: 0, lambda a, k: None,
+                 lambda a, r: r[1])
+CONNECT = _Method("connect", "connect", True, 0, (), False, lambda r: 0, lambda a, k: None,
+                  lambda a, r: a[0] if a else None)
+CONNECT_EX = _Method("connect_ex", "connect", True, 0, (), False, lambda r: 0,
+                     lambda a, k: None, lambda a, r: a[0] if a else None)
+
+
+def _accept(self):
+    ctx = _current_context()
+    if ctx and ctx.get(_SUPPRESS):
+        return _C._accept(self)
+    timeout = _gettimeout(self)
+    if timeout == 0.0:
+        return _plain(self, ACCEPT, (), {}, ctx, "accept")
+    start = now()
+    call = _new_call(self, "accept", start)
+    deadline = None
+    if timeout:
+        deadline = start + int(timeout * 1e9)
+    try:
+        result = sock_call(call, self, "accept", _C._accept, (self,), False, ACCEPT.size_of,
+                           deadline, wait_first=True)
+    except BaseException as exc:
+        call.error = exc
+        _finish(call, self, ctx)
+        raise
+    call.address = result[1]
+    _finish(call, self, ctx)
+    return result
+
+
+def connect(self, *args, **kwargs):
+    ctx = _current_context()
+    if ctx and ctx.get(_SUPPRESS):
+        return _C.connect(self, *args, **kwargs)
+    return _plain(self, CONNECT, args, kwargs, ctx)
+
+
+def connect_ex(self, *args, **kwargs):
+    ctx = _current_context()
+    if ctx and ctx.get(_SUPPRESS):
+        return _C.connect_ex(self, *args, **kwargs)
+    return _plain(self, CONNECT_EX, args, kwargs, ctx)
+
+
+_sendfile = _stdsocket.socket.sendfile
+
+
+def sendfile(self, file, offset=0, count=None):
+    ctx = _current_context()
+    if ctx and ctx.get(_SUPPRESS):
+        return _sendfile(self, file, offset, count)
+    start = now()
+    call = _new_call(self, "sendfile", start)
+    try:
+        sent = _sendfile(self, file, offset, count)
+    except BaseException as exc:
+        call.error = exc
+        _finish(call, self, ctx)
+        raise
+    call.transferred = sent
+    _finish(call, self, ctx)
+    return sent
+
+
+# name on socket.socket -> replacement
+METHODS = {
+    "recv": recv,
+    "recv_into": recv_into,
+    "recvfrom": recvfrom,
+    "recvfrom_into": recvfrom_into,
+    "recvmsg": recvmsg,
+    "send": send,
+    "sendto": sendto,
+    "sendmsg": sendmsg,
+    "sendall": sendall,
+    "_accept": _accept,
+    "connect": connect,
+    "connect_ex": connect_ex,
+    "sendfile": sendfile,
+}
+
+
+def _dress(name, fn):
+    """Give ``fn`` the identity of the method it replaces (doc, name, signature)."""
+    original = getattr(_stdsocket.socket, name)
+    for attr in ("__doc__", "__name__", "__qualname__"):
+        try:
+            setattr(fn, attr, getattr(original, attr))
+        except (AttributeError, TypeError):
+            pass
+    fn.__wrapped__ = original  # inspect.signature() follows it to the original
+    return fn
+
+
+for _name, _fn in METHODS.items():
+    _dress(_name, _fn)
+
+
+class TracedSocket(_stdsocket.socket):
+    """A ``socket.socket`` whose I/O is traced, usable without patching."""
+
+    __slots__ = ()
+
+    def accept(self):
+        fd, addr = self._accept()
+        sock = TracedSocket(self.family, self.type, self.proto, fileno=fd)
+        if _stdsocket.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)
+        return sock, addr
+
+
+for _name, _fn in METHODS.items():
+    setattr(TracedSocket, _name, _fn)

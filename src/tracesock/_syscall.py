@@ -1,0 +1,208 @@
+"""The one place that calls the OS, retries EINTR and waits for readiness.
+
+Why this module exists
+----------------------
+CPython's socket methods (``Modules/socketmodule.c``) do all of their work in
+C: ``sock_call_ex`` waits for readiness with ``poll()`` when the socket has a
+timeout, runs the syscall, and retries both on ``EINTR`` after running the
+Python signal handlers (PEP 475).  From Python none of that is visible: a
+``sendall`` that spent two seconds blocked behind a slow reader and was
+interrupted 2000 times by ``SIGALRM`` looks exactly like one that finished in
+a microsecond.
+
+To make each step observable we split the C machinery back into its parts and
+run the loop here, in Python:
+
+* **The syscall** is still CPython's own method (``_socket.socket.send`` and
+  friends), called so that it *cannot block*: with ``MSG_DONTWAIT`` on a
+  blocking socket, or on a non-blocking one.  One call of it is exactly one
+  syscall, and argument parsing, buffer handling, address conversion and error
+  construction remain CPython's, byte for byte and message for message.
+
+* **The wait** is ``poll(2)`` called through ``ctypes`` on libc.  Python's
+  ``select.poll`` retries ``EINTR`` by itself (PEP 475), so it would hide
+  exactly what we want to count; libc's ``poll`` returns ``-1/EINTR`` and the
+  loop below decides, like ``sock_call_ex``, to let the signal handlers run
+  (they run as soon as we are back in the interpreter; if one raises, the
+  exception propagates to the caller exactly as from CPython) and to retry.
+  ``ctypes`` releases the GIL for the call, like ``Py_BEGIN_ALLOW_THREADS``.
+  The ctypes cost (~1 us) is only paid on the slow path: a call that could
+  not complete at once is about to wait anyway.
+
+Keeping the kernel's semantics
+------------------------------
+* A *blocking* socket (timeout ``None``): the kernel would block inside the
+  syscall.  We try with ``MSG_DONTWAIT``; on ``EAGAIN`` we wait with ``poll``
+  (bounded by ``SO_RCVTIMEO``/``SO_SNDTIMEO`` if the program set them, after
+  which the kernel would have failed with ``EAGAIN``, and so do we) and try
+  again.  If the descriptor was made non-blocking behind Python's back
+  (``os.set_blocking``), CPython would raise ``BlockingIOError``, and so do we.
+* A socket *with a timeout*: like ``sock_call_ex``: wait first, with the time
+  left until the deadline, ``TimeoutError('timed out')`` when it runs out; a
+  "ready" that the syscall contradicts (``EAGAIN``) waits again.  The socket is
+  already ``O_NONBLOCK``, so CPython's method cannot block; it polls once more
+  itself before the syscall, which returns at once because we just saw the
+  socket ready.
+* A *non-blocking* socket: one syscall, ``BlockingIOError`` as usual.
+
+The callers in ``_socket`` own the loops that make one API call out of several
+syscalls (``sendall``; ``send`` on a blocking stream socket, which the kernel
+completes in full unless a signal interrupts it after partial progress).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+import socket as _stdsocket
+import struct
+import time
+
+from ._events import INTERRUPTED, READY, TIMEOUT
+
+__all__ = ["now", "wait", "syscall", "sock_call", "timed_out", "errno_name"]
+
+now = time.perf_counter_ns
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _PollFd(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+
+_poll = _libc.poll
+_poll.argtypes = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int]
+_poll.restype = ctypes.c_int
+
+_POLLIN = 0x001
+_POLLOUT = 0x004
+_INT_MAX = 2**31 - 1
+_EINTR = _errno.EINTR
+_SOL_SOCKET = _stdsocket.SOL_SOCKET
+_SO_RCVTIMEO = getattr(_stdsocket, "SO_RCVTIMEO", 20)
+_SO_SNDTIMEO = getattr(_stdsocket, "SO_SNDTIMEO", 21)
+_TIMEVAL = struct.Struct("@ll")
+_getsockopt = _stdsocket.socket.__mro__[1].getsockopt  # _socket.socket.getsockopt
+_fileno = _stdsocket.socket.__mro__[1].fileno
+
+
+def errno_name(code):
+    return _errno.errorcode.get(code, str(code)) if code is not None else None
+
+
+def wait(call, fd, writing, timeout_ns):
+    """``internal_select``: wait until ``fd`` is ready; record and return the outcome.
+
+    ``timeout_ns`` ``None`` waits forever.  Raises ``OSError`` when poll itself
+    fails with anything but ``EINTR``.
+    """
+    if fd < 0:
+        # CPython: a closed socket counts as ready, the syscall reports EBADF.
+        return READY
+    if timeout_ns is None:
+        ms = -1
+    else:
+        # _PyTime_ROUND_CEILING: never wake up before the deadline.
+        ms = min(-(-timeout_ns // 1_000_000), _INT_MAX)
+    pfd = _PollFd(fd, _POLLOUT if writing else _POLLIN, 0)
+    start = now()
+    n = _poll(ctypes.byref(pfd), 1, ms)
+    end = now()
+    if n > 0:
+        outcome = READY
+    elif n == 0:
+        outcome = TIMEOUT
+    else:
+        code = ctypes.get_errno()
+        if code != _EINTR:
+            raise OSError(code, os.strerror(code))
+        outcome = INTERRUPTED
+    call.wait(start, end, outcome)
+    return outcome
+
+
+def syscall(call, name, fn, args, size_of, kwargs=None):
+    """Run ``fn(*args)`` -- exactly one non-blocking syscall -- and record it."""
+    start = now()
+    try:
+        result = fn(*args, **kwargs) if kwargs else fn(*args)
+    except OSError as exc:
+        call.syscall(name, start, now(), -1, errno_name(exc.errno))
+        raise
+    call.syscall(name, start, now(), size_of(result))
+    return result
+
+
+def timed_out(call):
+    call.timed_out = True
+    call.stats.timeouts += 1
+    return TimeoutError("timed out")
+
+
+def _kernel_timeout(sock, writing):
+    """``SO_SNDTIMEO``/``SO_RCVTIMEO`` in ns, or ``None`` when unset (block forever)."""
+    try:
+        raw = _getsockopt(sock, _SOL_SOCKET, _SO_SNDTIMEO if writing else _SO_RCVTIMEO, _TIMEVAL.size)
+        sec, usec = _TIMEVAL.unpack(raw)
+    except (OSError, struct.error):
+        return None
+    ns = sec * 1_000_000_000 + usec * 1000
+    return ns or None
+
+
+def sock_call(call, sock, name, fn, args, writing, size_of, deadline=None,
+              kwargs=None, wait_first=False, stop_on_interrupt=False):
+    """CPython's ``sock_call_ex``, with every wait and retry recorded.
+
+    ``deadline`` (``perf_counter_ns``) is set for sockets with a timeout and is
+    ``None`` for blocking sockets.  Returns ``fn``'s result, or
+    ``INTERRUPTED`` when ``stop_on_interrupt`` is set and a signal interrupted
+    a wait (a blocking ``send`` that already made progress returns then, as
+    the kernel's would).
+    """
+    fd = _fileno(sock)
+    kernel_timeout = False  # not yet looked up
+    while True:
+        if deadline is not None:
+            remaining = deadline - now()
+            if remaining < 0:
+                raise timed_out(call)
+            outcome = wait(call, fd, writing, remaining)
+            if outcome is TIMEOUT:
+                raise timed_out(call)
+            if outcome is INTERRUPTED:
+                if stop_on_interrupt:
+                    return INTERRUPTED
+                continue
+        elif wait_first:
+            # A blocking socket known not to be ready (accept(), or a send
+            # right after a partial one): wait where we can see it.
+            if kernel_timeout is False:
+                kernel_timeout = _kernel_timeout(sock, writing)
+            outcome = wait(call, fd, writing, kernel_timeout)
+            if outcome is INTERRUPTED:
+                if stop_on_interrupt:
+                    return INTERRUPTED
+                continue
+            if outcome is TIMEOUT:
+                # SO_RCVTIMEO expired: the kernel's accept() says EAGAIN.
+                raise OSError(_errno.EAGAIN, os.strerror(_errno.EAGAIN))
+        try:
+            return syscall(call, name, fn, args, size_of, kwargs)
+        except BlockingIOError as exc:
+            blocked = exc  # handled below, outside the except block: no chained context
+        if deadline is not None:
+            blocked = None
+            continue  # "ready" was a false positive: wait again, like sock_call_ex
+        if fd >= 0 and not os.get_blocking(fd):
+            raise blocked  # made non-blocking behind Python's back: CPython raises too
+        if kernel_timeout is False:
+            kernel_timeout = _kernel_timeout(sock, writing)
+        outcome = wait(call, fd, writing, kernel_timeout)
+        if outcome is TIMEOUT:
+            raise blocked  # SO_RCVTIMEO/SO_SNDTIMEO expired: the kernel says EAGAIN
+        blocked = None
+        if outcome is INTERRUPTED and stop_on_interrupt:
+            return INTERRUPTED
