@@ -123,6 +123,7 @@ class SuiteResult:
     in_events: bool = False
     xml_ran: int | None = None  # JUnit XML's count, for cross-checking
     last_started: str | None = None  # last test started in a crashed/timed-out run
+    warnings: list = dataclasses.field(default_factory=list)  # regrtest "Warning -- ..." lines
 
     @property
     def failed_ids(self) -> set:
@@ -140,6 +141,7 @@ class SuiteResult:
             "in_events": self.in_events,
             "xml_ran": self.xml_ran,
             "last_started": self.last_started,
+            "warnings": self.warnings,
             "failures": [dataclasses.asdict(f) for f in self.failures],
             "skipped_ids": sorted(self.skipped_ids),
         }
@@ -444,13 +446,15 @@ def run_regrtest(
     statuses = parse_regrtest_output(text, suites)
     for name, status in statuses.items():
         suite_results[name].status = status
+    for name, warns in regrtest_warnings(text, suites).items():
+        suite_results[name].warnings = warns
     for name, test_id in last_started.items():
         res = suite_results[name]
         if _bad_status(res.status) and "passed" not in res.status:
             res.last_started = test_id
     totals = regrtest_totals(text)
     markers = check_markers(marker_dir, mode, suites)
-    m = re.search(r"^Result: (.+)$", text, re.M)
+    m = re.search(r"^(?:Tests r|R)esult: (.+)$", text, re.M)  # 3.10: "Tests result: X"
     summary = m.group(1).strip() if m else ("TIMEOUT (runner)" if timed_out else f"no result line (rc={rc})")
     return RunResult(
         version=version,
@@ -640,6 +644,24 @@ def parse_events(marker_dir, suites):
         for name, tid in pending.items():
             last_started[name] = tid
     return results, last_started
+
+
+def regrtest_warnings(text: str, suites) -> dict:
+    """``Warning -- ...`` lines regrtest prints after a suite's progress line
+    (e.g. why it says "env changed": ``threading._dangling was modified``)."""
+    out: dict = {}
+    current = None
+    wanted = set(suites)
+    for line in text.splitlines():
+        m = _PROGRESS_RE.match(line.strip())
+        if m:
+            current = m.group("name") if m.group("name") in wanted else None
+            continue
+        if current and line.startswith("Warning -- "):
+            lst = out.setdefault(current, [])
+            if len(lst) < 200:
+                lst.append(line[len("Warning -- "):].rstrip())
+    return out
 
 
 def regrtest_totals(text: str) -> dict | None:
@@ -840,6 +862,28 @@ def format_markers(rep: MarkerReport, mode: str) -> str:
     return s
 
 
+def summarize_warnings(warnings, limit: int = 6) -> list:
+    """regrtest's warnings, with repeated lines and "Dangling thread: ..." lists folded."""
+    firsts: dict = {}  # digit-normalized line -> (first line, count)
+    dangling = []
+    for w in warnings:
+        if w.startswith("Dangling thread:"):
+            dangling.append(w)
+            continue
+        key = re.sub(r"\d+", "N", w)
+        first, n = firsts.get(key, (w, 0))
+        firsts[key] = (first, n + 1)
+    out = []
+    for first, n in list(firsts.values())[:limit]:
+        line = first if len(first) <= 200 else first[:200] + " ..."
+        out.append(line + (f"  (x{n} similar)" if n > 1 else ""))
+    if dangling:
+        kinds = sorted({re.sub(r"[(,].*", "", w.split("<", 1)[-1]) for w in dangling})
+        out.append(f"{len(dangling)} 'Dangling thread' lines, e.g. {dangling[0][len('Dangling thread: '):][:120]}"
+                   f" (thread classes: {', '.join(kinds[:8])})")
+    return out
+
+
 def format_failures(inst: RunResult, base: RunResult | None = None, limit: int = 6) -> str:
     out = []
     for name, res in inst.suites.items():
@@ -851,6 +895,10 @@ def format_failures(inst: RunResult, base: RunResult | None = None, limit: int =
                 out.append(f"      {ln}")
         if res.failed and not res.failures:
             out.append(f"  {name}: {res.failed} failure(s) without detail -- see {inst.log_path}")
+        if res.warnings and (base is None or res.warnings != base.suites[name].warnings):
+            out.append(f"  {name}: regrtest says '{res.status}':")
+            for w in summarize_warnings(res.warnings, limit):
+                out.append(f"      Warning -- {w}")
         if res.last_started:
             out.append(f"  {name}: regrtest says '{res.status}'; last test started: {res.last_started}")
     return "\n".join(out)
