@@ -58,6 +58,7 @@ except ImportError:  # pragma: no cover - very old API
 _SUPPRESS = getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", "suppress_instrumentation")
 
 _dropped = [0]
+_EMPTY = Stats("none")
 
 
 def dropped(n=1):
@@ -267,6 +268,10 @@ class MetricsBridge:
             self.call_duration = meter.create_histogram("tracesock.call.duration", **hist)
             self.syscall_duration = meter.create_histogram("tracesock.syscall.duration", **hist)
             self.wait_duration = meter.create_histogram("tracesock.wait.duration", **hist)
+        # A provider sees what happened since it was attached, not before.
+        self._base = self._totals()
+        self._base_dropped = dropped_count()
+        self._flushed = {key: (list(h.counts), h.total) for key, (_, h) in self._series(False).items()}
         counter = meter.create_observable_counter
         counter("tracesock.io", callbacks=[self._io], unit="By",
                 description="Bytes moved by traced socket calls")
@@ -299,10 +304,11 @@ class MetricsBridge:
             self.flush()
             out = []
             for transport, s in self._totals().items():
+                base = self._base.get(transport) or _EMPTY
                 out.append(otel_metrics.Observation(
-                    s.tx, {"network.io.direction": "transmit", "network.transport": transport}))
+                    s.tx - base.tx, {"network.io.direction": "transmit", "network.transport": transport}))
                 out.append(otel_metrics.Observation(
-                    s.rx, {"network.io.direction": "receive", "network.transport": transport}))
+                    s.rx - base.rx, {"network.io.direction": "receive", "network.transport": transport}))
             return out
         except Exception:
             dropped()
@@ -311,19 +317,23 @@ class MetricsBridge:
     def _field(self, name):
         def callback(options=None):
             try:
-                return [otel_metrics.Observation(getattr(s, name), {"network.transport": t})
-                        for t, s in self._totals().items()]
+                out = []
+                for t, s in self._totals().items():
+                    base = self._base.get(t)
+                    value = getattr(s, name) - (getattr(base, name) if base is not None else 0)
+                    out.append(otel_metrics.Observation(value, {"network.transport": t}))
+                return out
             except Exception:
                 dropped()
                 return []
         return callback
 
     def _dropped(self, options=None):
-        return [otel_metrics.Observation(dropped_count())]
+        return [otel_metrics.Observation(dropped_count() - self._base_dropped)]
 
     # histograms
 
-    def _series(self):
+    def _series(self, reset_min_max=True):
         """Cumulative histograms per (instrument, attributes), merged over threads."""
         out = {}
 
@@ -334,7 +344,7 @@ class MetricsBridge:
                 acc = out[key] = (attrs, Hist())
             acc[1].merge(h)
 
-        for s in snapshot(reset_min_max=True).values():
+        for s in snapshot(reset_min_max).values():
             t = {"network.transport": s.transport}
             for method, h in s.fast.items():
                 add("call", {"tracesock.call": method, **t}, h)
