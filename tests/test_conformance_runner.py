@@ -390,3 +390,12 @@ def test_end_to_end_with_stub(tmp_path):
         assert r.count_mismatch() is None
     assert inst.markers.workers_instrumented == 2 and inst.markers.problems == []
     assert c.compare(base, inst) == []
+
+
+def test_worker_tests_both_protocols():
+    new = ["py", "-u", "-m", "test.libregrtest.worker", json.dumps({"tests": ["test_ssl"], "x": ["test_socket"]})]
+    old = ["py", "-u", "-m", "test.regrtest", "--worker-args",
+           json.dumps([{"args": ["test_socket", "test_ssl", "test_poll"]}, "test_poll"])]
+    assert c.worker_tests(new) == ["test_ssl"]
+    assert c.worker_tests(old) == ["test_poll"]
+    assert c.worker_tests(["py", "-c", "pass"]) == []

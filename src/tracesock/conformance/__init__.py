@@ -723,6 +723,28 @@ def _classify(argv) -> str:
     return "other"
 
 
+def worker_tests(argv) -> list:
+    """Test names a regrtest worker was given: 3.11.7+/3.12+ pass a JSON object
+    with ``"tests"`` after ``-m test.libregrtest.worker``; 3.10 passes
+    ``--worker-args '[ns_dict, "test_name"]'``."""
+    for i, arg in enumerate(argv):
+        if arg == "--worker-args" and i + 1 < len(argv):
+            try:
+                data = json.loads(argv[i + 1])
+            except ValueError:
+                return []
+            if isinstance(data, list) and len(data) == 2 and isinstance(data[1], str):
+                return [data[1]]
+            return []
+        if arg.startswith("{") and '"tests"' in arg:
+            try:
+                tests = json.loads(arg).get("tests") or []
+            except (ValueError, AttributeError):
+                return []
+            return [t for t in tests if isinstance(t, str)]
+    return []
+
+
 def check_markers(marker_dir, mode: str, suites) -> MarkerReport:
     """Verify every regrtest process of the run loaded our sitecustomize
     (and, for the instrumented run, really had tracesock active)."""
@@ -737,9 +759,8 @@ def check_markers(marker_dir, mode: str, suites) -> MarkerReport:
             rep.main_processes += 1
         elif kind == "worker":
             rep.workers += 1
-            joined = " ".join(m.get("argv", []))
-            for s in suites:
-                if f'"{s}"' in joined or f"'{s}'" in joined:
+            for s in worker_tests(m.get("argv", [])):
+                if s in suites:
                     rep.suites_seen.add(s)
                     if m.get("spans_ended", 0) > 0:
                         rep.suites_with_spans.add(s)
@@ -954,6 +975,18 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def source_revision(root: Path) -> str:
+    """``git describe``-like id of the tested tree: commit + "-dirty" if src/ differs."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if dirty else "")
+
+
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     if args.jobs < 1:
@@ -983,6 +1016,8 @@ def main(argv=None) -> int:
         log("no interpreter to run")
         return 2
     reqs = runtime_requirements(root)
+    revision = source_revision(root)
+    log(f"testing tracesock at {revision} ({root / 'src'})")
     exit_code = 0
     md_parts = []
     summary = {}
@@ -1011,7 +1046,7 @@ def main(argv=None) -> int:
                                   capture_output=True, text=True).stdout.strip() or ver
         print()
         print(f"=== Python {ver_full} ({base_python}) ===")
-        entry = {"python": ver_full, "interpreter": base_python, "runs": {m: r.as_dict() for m, r in runs.items()}}
+        entry = {"python": ver_full, "interpreter": base_python, "revision": revision, "runs": {m: r.as_dict() for m, r in runs.items()}}
         if len(runs) == 2:
             base, inst = runs["baseline"], runs["instrumented"]
             print(format_table(base, inst))
@@ -1031,7 +1066,9 @@ def main(argv=None) -> int:
             else:
                 print("CONFORMING: instrumented run matches the unpatched run")
             md_parts.append(f"### Python {ver_full}\n\n{format_table(base, inst, markdown=True)}\n\n"
-                            f"{format_markers(inst.markers, 'instrumented')}\n")
+                            f"Wall time: {base.duration:.0f} s unpatched, {inst.duration:.0f} s instrumented"
+                            f" (tracesock {revision}).\n\n"
+                            f"{format_markers(inst.markers, 'instrumented')}.\n")
         else:
             (mode, r), = runs.items()
             print(format_single_table(r))
