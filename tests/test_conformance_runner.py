@@ -399,3 +399,17 @@ def test_worker_tests_both_protocols():
     assert c.worker_tests(new) == ["test_ssl"]
     assert c.worker_tests(old) == ["test_poll"]
     assert c.worker_tests(["py", "-c", "pass"]) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs /proc")
+def test_leftover_check_recognises_only_this_runs_processes(tmp_path):
+    env = dict(os.environ, TRACESOCK_CONFORMANCE_MARKERS=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    try:
+        assert c._alive(proc.pid)
+        assert c._started_by_this_run(proc.pid, str(tmp_path))
+        assert not c._started_by_this_run(proc.pid, str(tmp_path / "other"))
+        assert not c._started_by_this_run(os.getpid(), str(tmp_path))
+    finally:
+        proc.kill()
+        proc.wait()

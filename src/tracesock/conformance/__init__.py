@@ -430,7 +430,8 @@ def run_regrtest(
     duration = time.monotonic() - start
     # regrtest workers run in sessions of their own: end any that outlived it
     # (only processes this run started: their pids come from our marker files).
-    leftovers = [m.get("pid") for m in _load_markers(marker_dir) if m.get("pid") and _alive(m["pid"])]
+    leftovers = [m["pid"] for m in _load_markers(marker_dir)
+                 if m.get("pid") and _alive(m["pid"]) and _started_by_this_run(m["pid"], str(marker_dir))]
     if leftovers:
         _kill_pids(leftovers)
     text = log_path.read_text(encoding="utf-8", errors="replace")
@@ -469,6 +470,17 @@ def run_regrtest(
         summary=summary,
         totals=totals,
     )
+
+
+def _started_by_this_run(pid: int, marker_dir: str) -> bool:
+    """The pid still belongs to one of this run's processes (not a reused pid):
+    its environment carries this run's marker directory."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return False
+    return f"TRACESOCK_CONFORMANCE_MARKERS={marker_dir}".encode() in env
 
 
 def _alive(pid: int) -> bool:
