@@ -16,7 +16,7 @@ import tracesock
 from tracesock._events import BOUNDS_S
 from tracesock import _otel
 
-from .conftest import has_ipv6
+from conftest import has_ipv6
 
 
 def _tcp_pair(family=socket.AF_INET, host="127.0.0.1"):

@@ -370,6 +370,28 @@ def snapshot(reset_min_max=False):
             else:
                 _fold(out, stats, fast, reset_min_max)
         _fold(out, _retired, {}, False)
+        _fold(out, {}, c_fast(reset_min_max), False)
+    return out
+
+
+_C_METHODS = ("recv", "recv_into", "send", "sendall")
+
+
+def c_fast(reset_min_max=False):
+    """The C hot path's aggregates as ``{(method, family, type): FastHist}``."""
+    from . import _socket  # the module that loaded (or not) the speedups
+    if _socket._speedups is None:
+        return {}
+    out = {}
+    for index, family, type_, counts, total, lo, hi, nbytes, odd in _socket._speedups.snapshot(reset_min_max):
+        h = FastHist()
+        h.counts = counts
+        h.total = total
+        h.min = lo if hi >= 0 else _NONE_MIN
+        h.max = hi
+        h.nbytes = nbytes
+        h.odd = odd
+        out[(_C_METHODS[index], family, type_)] = h
     return out
 
 

@@ -465,8 +465,17 @@ def bridge_for(meter_provider):
         return entry[1]
 
 
-def configure(tracer_provider=None, meter_provider=None, detail="calls", slow_threshold=0.1):
+_listeners = []  # called with the new Recorder whenever it changes (the C hot path's threshold)
+
+
+def set_recorder(recorder):
     global RECORDER
+    RECORDER = recorder
+    for listener in _listeners:
+        listener(recorder)
+
+
+def configure(tracer_provider=None, meter_provider=None, detail="calls", slow_threshold=0.1):
     bridge = bridge_for(meter_provider)
-    RECORDER = Recorder(tracer_provider, detail, slow_threshold)
+    set_recorder(Recorder(tracer_provider, detail, slow_threshold))
     return RECORDER, bridge

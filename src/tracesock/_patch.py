@@ -92,6 +92,6 @@ def instrumented(tracer_provider=None, meter_provider=None, *, detail="calls", s
     finally:
         with _lock:
             if was:
-                _otel.RECORDER = previous
+                _otel.set_recorder(previous)
             else:
                 uninstrument()

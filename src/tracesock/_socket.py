@@ -20,6 +20,7 @@ Everything else goes through ``_syscall.sock_call`` -- the one retry/wait loop.
 from __future__ import annotations
 
 import _socket
+import os
 import socket as _stdsocket
 
 from opentelemetry import context as _otel_context
@@ -153,7 +154,10 @@ def _data_size(args, kwargs):
 
 
 def _msg_size(args, kwargs):
-    return sum(_nbytes(b) for b in args[0])
+    buffers = args[0]
+    if type(buffers) not in (list, tuple):
+        return None  # an iterator: counting would consume it
+    return sum(_nbytes(b) for b in buffers)
 
 
 def _from_result(args, result):
@@ -454,6 +458,55 @@ def _send_blocking(sock, m, args, kwargs, ctx, first):
     return sent
 
 
+# --- the C hot path (optional) ------------------------------------------------
+
+_NOT_FAST = object()  # the C fast path declined: nothing was done
+_PARTIAL = object()  # it made the syscall, which did not complete the call: continue here
+
+
+def _load_speedups():
+    if os.environ.get("TRACESOCK_NO_SPEEDUPS", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups
+        var = _otel_context._RUNTIME_CONTEXT._current_context
+        _speedups.configure(_C.recv, _C.recv_into, _C.send, _C.gettimeout,
+                            _C.__dict__["family"], _C.__dict__["type"], var,
+                            _NOT_FAST, _PARTIAL, _c_slow, _BOUNDS_NS, _DW, 0)
+        return _speedups
+    except Exception:  # not built, or an unexpected OpenTelemetry runtime context
+        return None
+
+
+_C_METHODS = ("recv", "recv_into", "send", "sendall")
+
+
+def _c_slow(index, sock, start, end, n, result, args):
+    """The C path's call reached the slow threshold: make its span (never raises)."""
+    m = _BY_NAME[_C_METHODS[index]]
+    _hot_span(sock, m, start, end, n, args, result)
+
+
+def _c_raised(sock, m, args, kwargs, exc):
+    """The C path's syscall raised: record it, or hand a would-block over to the slow path."""
+    if isinstance(exc, BlockingIOError) and _gettimeout(sock) is None:
+        return _PARTIAL
+    start, end, _ = _speedups.last()
+    _fast_failed(sock, m, start, end, exc, args, kwargs, None)
+    raise exc
+
+
+def _c_continue(sock, m, args, kwargs):
+    """Continue a call the C path started: it would block, or sent only part."""
+    first = _speedups.last()
+    if m is SENDALL:
+        return _sendall_rest(sock, args[0], 0, None, None, first[0], first)
+    if m.writing:
+        return _send_blocking(sock, m, args, kwargs, None, first)
+    dargs, dkw = m.dontwait(args, kwargs)
+    return _slow(sock, m, dargs, dkw, None, None, first)
+
+
 # --- public methods --------------------------------------------------------
 
 def _hot(name, sock, d, n, odd):
@@ -493,6 +546,13 @@ def _hot_span(sock, m, start, end, n, args, result):
 
 
 def recv(self, *args, **kwargs):
+    if _fast is not None:
+        try:
+            r = _fast(0, self, args, kwargs)
+        except BaseException as exc:
+            r = _c_raised(self, RECV, args, kwargs, exc)
+        if r is not _NOT_FAST:
+            return _c_continue(self, RECV, args, kwargs) if r is _PARTIAL else r
     # The common case -- recv(n) on a blocking socket outside any trace -- inline.
     if kwargs or len(args) != 1 or _current_context() or _gettimeout(self) is not None:
         return _io(self, RECV, args, kwargs)
@@ -514,6 +574,13 @@ def recv(self, *args, **kwargs):
 
 
 def recv_into(self, *args, **kwargs):
+    if _fast is not None:
+        try:
+            r = _fast(1, self, args, kwargs)
+        except BaseException as exc:
+            r = _c_raised(self, RECV_INTO, args, kwargs, exc)
+        if r is not _NOT_FAST:
+            return _c_continue(self, RECV_INTO, args, kwargs) if r is _PARTIAL else r
     return _io(self, RECV_INTO, args, kwargs)
 
 
@@ -530,6 +597,13 @@ def recvmsg(self, *args, **kwargs):
 
 
 def send(self, *args, **kwargs):
+    if _fast is not None:
+        try:
+            r = _fast(2, self, args, kwargs)
+        except BaseException as exc:
+            r = _c_raised(self, SEND, args, kwargs, exc)
+        if r is not _NOT_FAST:
+            return _c_continue(self, SEND, args, kwargs) if r is _PARTIAL else r
     # The common case -- send(data) on a blocking socket outside any trace -- inline.
     if kwargs or len(args) != 1 or _current_context() or _gettimeout(self) is not None:
         return _io(self, SEND, args, kwargs)
@@ -583,6 +657,13 @@ def sendmsg(self, *args, **kwargs):
 
 
 def sendall(self, *args, **kwargs):
+    if _fast is not None:
+        try:
+            r = _fast(3, self, args, kwargs)
+        except BaseException as exc:
+            r = _c_raised(self, SENDALL, args, kwargs, exc)
+        if r is not _NOT_FAST:
+            return _c_continue(self, SENDALL, args, kwargs) if r is _PARTIAL else r
     ctx = _current_context()
     if kwargs or not 1 <= len(args) <= 2 or (len(args) == 2 and not isinstance(args[1], int)):
         return _C.sendall(self, *args, **kwargs)  # CPython raises (or handles) the odd case
@@ -614,6 +695,16 @@ def sendall(self, *args, **kwargs):
 
 def _sendall_rest(self, data, flags, ctx, timeout, start, first):
     """``sock_sendall``: the loop over send, with a total deadline when a timeout is set."""
+    try:
+        _byte_view(data).release()
+        usable = True
+    except (TypeError, BufferError, ValueError):
+        usable = False
+    if not usable:
+        # Not a contiguous buffer: CPython's argument parsing rejects it before
+        # any I/O, with its own message (raised here, outside the except block,
+        # so it carries no chained context).
+        return _C.sendall(self, data, flags)
     call = _new_call(self, "sendall", start)
     deadline = start + int(timeout * 1e9) if timeout else None
     sent = 0
@@ -714,6 +805,16 @@ def sendfile(self, file, offset=0, count=None):
     _finish(call, self, ctx)
     return sent
 
+
+_BY_NAME = {"recv": RECV, "recv_into": RECV_INTO, "send": SEND, "sendall": SENDALL}
+_speedups = _load_speedups()
+_fast = _speedups.fast if _speedups is not None else None
+if _speedups is not None:
+    def _sync_threshold(recorder):
+        _speedups.set_slow_ns(recorder.slow_ns if recorder.detail else 1 << 62)
+
+    _otel._listeners.append(_sync_threshold)
+    _sync_threshold(_otel.RECORDER)
 
 # name on socket.socket -> replacement
 METHODS = {
