@@ -413,3 +413,25 @@ def test_leftover_check_recognises_only_this_runs_processes(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_event_times_and_slowdowns(tmp_path):
+    suites = ["test_a"]
+    for mode, dt in (("baseline", 0.1), ("instrumented", 4.0)):
+        d = tmp_path / mode
+        d.mkdir()
+        write_events(d, 1, [
+            {"ev": "start", "id": "test.test_a.X.fast", "t": 100.0},
+            {"ev": "pass", "id": "test.test_a.X.fast", "t": 100.1},
+            {"ev": "start", "id": "test.test_a.X.slow", "t": 100.1},
+            {"ev": "pass", "id": "test.test_a.X.slow", "t": 100.1 + dt},
+        ])
+    runs = {}
+    for mode in c.MODES:
+        res, _ = c.parse_events(tmp_path / mode, suites)
+        runs[mode] = c.RunResult("x", mode, 0, 0.0, "", "", res, c.MarkerReport())
+    assert runs["instrumented"].suites["test_a"].seconds == pytest.approx(4.1)
+    assert runs["baseline"].suites["test_a"].test_times["test.test_a.X.slow"] == pytest.approx(0.1)
+    text = c.format_slowdowns(runs["baseline"], runs["instrumented"])
+    assert "test_a: 0.2s unpatched -> 4.1s instrumented" in text
+    assert "test.test_a.X.slow: 0.10s -> 4.00s" in text and "X.fast" not in text

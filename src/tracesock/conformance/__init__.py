@@ -124,6 +124,8 @@ class SuiteResult:
     xml_ran: int | None = None  # JUnit XML's count, for cross-checking
     last_started: str | None = None  # last test started in a crashed/timed-out run
     warnings: list = dataclasses.field(default_factory=list)  # regrtest "Warning -- ..." lines
+    seconds: float = 0.0  # first to last event of the suite
+    test_times: dict = dataclasses.field(default_factory=dict)  # test id -> seconds
 
     @property
     def failed_ids(self) -> set:
@@ -142,6 +144,9 @@ class SuiteResult:
             "xml_ran": self.xml_ran,
             "last_started": self.last_started,
             "warnings": self.warnings,
+            "seconds": round(self.seconds, 2),
+            "slowest_tests": {k: round(v, 2) for k, v in
+                              sorted(self.test_times.items(), key=lambda kv: -kv[1])[:10]},
             "failures": [dataclasses.asdict(f) for f in self.failures],
             "skipped_ids": sorted(self.skipped_ids),
         }
@@ -611,8 +616,10 @@ def parse_events(marker_dir, suites):
     """
     results = {s: SuiteResult(s) for s in suites}
     last_started = {}
+    spans: dict = {}  # suite -> [first t, last t]
     for p in sorted(Path(marker_dir).glob("*.events.jsonl")):
         pending = {}
+        started_at = {}
         try:
             lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
@@ -629,10 +636,18 @@ def parse_events(marker_dir, suites):
             res = results[name]
             res.in_events = True
             kind = ev.get("ev")
+            t = ev.get("t")
+            if isinstance(t, (int, float)):
+                span = spans.setdefault(name, [t, t])
+                span[0], span[1] = min(span[0], t), max(span[1], t)
             if kind == "start":
                 res.ran += 1
                 pending[name] = tid
+                if isinstance(t, (int, float)):
+                    started_at[tid] = t
                 continue
+            if kind != "subtest" and tid in started_at and isinstance(t, (int, float)):
+                res.test_times[tid] = t - started_at.pop(tid)
             if pending.get(name) == tid and kind != "subtest":
                 pending.pop(name, None)
             if kind in ("pass", "xfail"):
@@ -655,6 +670,8 @@ def parse_events(marker_dir, suites):
                 res.failures.append(Failure(ev.get("sid") or tid, ev["sub"], exc.split(":", 1)[0], exc, tb))
         for name, tid in pending.items():
             last_started[name] = tid
+    for name, (first, last) in spans.items():
+        results[name].seconds = last - first
     return results, last_started
 
 
@@ -917,6 +934,22 @@ def summarize_warnings(warnings, limit: int = 6) -> list:
     return out
 
 
+def format_slowdowns(base: RunResult, inst: RunResult, min_extra: float = 2.0, limit: int = 3) -> str:
+    """Suites that took noticeably longer instrumented, with their worst tests."""
+    out = []
+    for name, b in base.suites.items():
+        i = inst.suites[name]
+        if i.seconds - b.seconds < min_extra:
+            continue
+        out.append(f"  {name}: {b.seconds:.1f}s unpatched -> {i.seconds:.1f}s instrumented")
+        deltas = sorted(((t - b.test_times.get(tid, 0.0), tid, t) for tid, t in i.test_times.items()), reverse=True)
+        for d, tid, t in deltas[:limit]:
+            if d < 0.5:
+                break
+            out.append(f"      {tid}: {b.test_times.get(tid, 0.0):.2f}s -> {t:.2f}s")
+    return "\n".join(out)
+
+
 def format_failures(inst: RunResult, base: RunResult | None = None, limit: int = 6) -> str:
     out = []
     for name, res in inst.suites.items():
@@ -1066,6 +1099,10 @@ def main(argv=None) -> int:
             print(format_markers(inst.markers, "instrumented"))
             problems = compare(base, inst)
             entry["problems"] = problems
+            slow = format_slowdowns(base, inst)
+            if slow:
+                print("slower instrumented (wall time per suite, from the event log):")
+                print(slow)
             fails = format_failures(inst, base)
             if fails:
                 print("failures in the instrumented run:")
