@@ -390,8 +390,25 @@ def test_blocking_send_completes_in_full_with_partial_syscalls(traced):
     assert bytes(got) == payload
     span = traced.spans("socket.send")[0]
     assert span.attributes["tracesock.partial_sends"] >= 1
-    assert span.attributes["tracesock.waits"] >= 1
     assert span.attributes["tracesock.syscalls"] >= 2
+    children = [s for s in traced.spans("syscall.send") if s.parent.span_id == span.context.span_id]
+    assert sum(c.attributes["tracesock.syscall.result"] for c in children) == len(payload)
+
+
+def test_send_with_timeout_waits_with_poll(traced):
+    """A socket with a timeout waits like CPython's internal_select: a visible poll."""
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    payload = b"\1" * (2 << 20)
+    t = threading.Thread(target=lambda: [b.recv(1 << 20) for _ in range(64)])
+    with a, b, traced.tracer.start_as_current_span("p"):
+        t.start()
+        a.sendall(payload)
+        a.shutdown(socket.SHUT_WR)
+        t.join(10)
+    span = traced.spans("socket.sendall")[0]
+    assert span.attributes["tracesock.waits"] >= 1
+    assert span.attributes["tracesock.timeout"] == 10.0
     m = traced.metrics()
     assert traced.value(m, "tracesock.wait.duration", **{"tracesock.wait.outcome": "ready"}) >= 1
 

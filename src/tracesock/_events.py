@@ -183,6 +183,7 @@ class Call:
         "address",
         "steps",
         "dropped_steps",
+        "kernel_timeout",
     )
 
     def __init__(self, method, stats, start, keep_steps):
@@ -205,6 +206,7 @@ class Call:
         self.address = None
         self.steps = [] if keep_steps else None
         self.dropped_steps = 0
+        self.kernel_timeout = False  # SO_RCVTIMEO/SO_SNDTIMEO in ns, looked up once when needed
 
     def _keep(self, step):
         if self.steps is not None:
@@ -234,6 +236,11 @@ class Call:
             Step("wait", "poll", start, end, -1 if outcome == INTERRUPTED else 0,
                  "EINTR" if outcome == INTERRUPTED else None, outcome)
         )
+
+    def interrupted(self):
+        """A syscall cut short by a signal (EINTR, or a short blocking send)."""
+        self.eintr_retries += 1
+        self.stats.eintr_retries += 1
 
     def partial(self):
         self.partial_sends += 1

@@ -205,6 +205,13 @@ class Recorder:
 
     def _spans(self, call, sock, parent_ctx):
         self._offset = time.time_ns() - time.perf_counter_ns()
+        parent = parent_ctx.get(_SPAN_KEY)
+        if parent is not None:
+            direct = _direct_spans(self.tracer)
+            parent_sc = parent.get_span_context()
+            if direct is not None and parent_sc.trace_flags.sampled:
+                self._direct(direct, call, sock, parent_sc)
+                return
         span = self.tracer.start_span(
             "socket." + call.method,
             context=parent_ctx,
@@ -221,17 +228,101 @@ class Recorder:
                 self._step_span(step, child_ctx)
         span.end(end_time=self._epoch(call.end))
 
+    def _direct(self, direct, call, sock, parent_sc):
+        status = _UNSET
+        if call.error is not None and not isinstance(call.error, BlockingIOError):
+            status = Status(StatusCode.ERROR, f"{type(call.error).__name__}: {call.error}")
+        sc = direct.span("socket." + call.method, parent_sc, call_attributes(sock, call),
+                         self._epoch(call.start), self._epoch(call.end), status)
+        steps = call.steps
+        if steps and (self.detail >= 2 or call.syscalls > 1 or call.waits):
+            for step in steps:
+                direct.span("syscall." + step.name, sc, _step_attributes(step),
+                            self._epoch(step.start), self._epoch(step.end), _UNSET)
+
     def _step_span(self, step, ctx):
-        attrs = {"tracesock.syscall.result": step.result if step.result is not None else -1}
-        if step.errno:
-            attrs["tracesock.syscall.errno"] = step.errno
-        if step.kind == "wait":
-            attrs["tracesock.wait.outcome"] = step.outcome
         child = self.tracer.start_span(
             "syscall." + step.name, context=ctx, kind=SpanKind.INTERNAL,
-            attributes=attrs, start_time=self._epoch(step.start),
+            attributes=_step_attributes(step), start_time=self._epoch(step.start),
         )
         child.end(end_time=self._epoch(step.end))
+
+
+def _step_attributes(step):
+    attrs = {"tracesock.syscall.result": step.result if step.result is not None else -1}
+    if step.errno:
+        attrs["tracesock.syscall.errno"] = step.errno
+    if step.kind == "wait":
+        attrs["tracesock.wait.outcome"] = step.outcome
+    return attrs
+
+
+_UNSET = Status(StatusCode.UNSET)
+
+
+class _DirectSpans:
+    """Finished spans handed straight to the SDK's span processors.
+
+    ``Tracer.start_span`` + ``end`` costs ~25 us a span, mostly in work that
+    cannot change the outcome for our spans: the sampler (a ParentBased
+    sampler keeps every child of a sampled local parent), attribute
+    validation (ours are ints, floats, bools and strings by construction) and
+    processor hooks that the SDK's own Simple/Batch processors leave empty.
+    When -- and only when -- the provider is the SDK's with exactly that
+    configuration, we build the ``ReadableSpan`` ourselves, with the same ids,
+    parent, resource and scope the SDK would give it, and call ``on_end``.
+    Anything else takes the ordinary API path.
+    """
+
+    __slots__ = ("processor", "processors", "new_span_id", "resource", "scope", "info",
+                 "SpanContext", "ReadableSpan")
+
+    def __init__(self, tracer, sdk):
+        self.processor = tracer.span_processor
+        self.processors = tracer.span_processor._span_processors
+        self.new_span_id = tracer.id_generator.generate_span_id
+        self.resource = tracer.resource
+        self.scope = tracer._instrumentation_scope
+        self.info = tracer.instrumentation_info
+        self.SpanContext = otel_trace.SpanContext
+        self.ReadableSpan = sdk.ReadableSpan
+
+    def span(self, name, parent_sc, attributes, start, end, status):
+        sc = self.SpanContext(parent_sc.trace_id, self.new_span_id(), False,
+                              parent_sc.trace_flags, parent_sc.trace_state)
+        self.processor.on_end(self.ReadableSpan(
+            name=name, context=sc, parent=parent_sc, resource=self.resource,
+            attributes=attributes, kind=SpanKind.INTERNAL, instrumentation_info=self.info,
+            status=status, start_time=start, end_time=end, instrumentation_scope=self.scope))
+        return sc
+
+
+_direct_cache = {}  # id(tracer) -> (tracer, processors tuple, _DirectSpans or None)
+
+
+def _direct_spans(tracer):
+    entry = _direct_cache.get(id(tracer))
+    processors = getattr(getattr(tracer, "span_processor", None), "_span_processors", None)
+    if entry is not None and entry[0] is tracer and entry[1] is processors:
+        return entry[2]
+    direct = None
+    try:
+        from opentelemetry.sdk import trace as sdk
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+        sampler = getattr(tracer, "sampler", None)
+        if (type(tracer) is sdk.Tracer and isinstance(sampler, ParentBased)
+                and getattr(sampler, "_local_parent_sampled", None) is ALWAYS_ON
+                and isinstance(processors, tuple)
+                and all(type(p) in (SimpleSpanProcessor, BatchSpanProcessor) for p in processors)
+                and getattr(tracer, "_is_enabled", lambda: True)()
+                and hasattr(tracer, "_instrumentation_scope")):
+            direct = _DirectSpans(tracer, sdk)
+    except Exception:
+        direct = None
+    _direct_cache[id(tracer)] = (tracer, processors, direct)
+    return direct
 
 
 # --- metrics ---------------------------------------------------------------

@@ -29,7 +29,7 @@ from . import _otel
 from bisect import bisect_left
 
 from ._events import _BOUNDS_NS, INTERRUPTED, Call, _local, fast_hist, stats_for, thread_stats
-from ._syscall import now, sock_call, timed_out
+from ._syscall import blocking_send, now, sock_call, timed_out
 
 __all__ = ["TracedSocket", "METHODS"]
 
@@ -439,6 +439,17 @@ def _send_blocking(sock, m, args, kwargs, ctx, first):
                 call.partial()
             with _byte_view(m.payload(args)) as view:
                 while sent < total:
+                    if m is SEND:
+                        # The buffer is full: let the kernel wait, as it would untraced.
+                        n = blocking_send(call, sock, view[sent:], args[1] if len(args) > 1 else 0)
+                        if n is INTERRUPTED:
+                            if sent:
+                                break  # a signal after progress: the kernel returns the count
+                            continue
+                        sent += n
+                        if sent < total:
+                            break  # cut short by a signal: so is the kernel's send
+                        continue
                     dargs, dkw = m.dontwait(m.with_payload(args, view[sent:]), kwargs)
                     # The buffer was full a moment ago: wait before trying again.
                     n = sock_call(call, sock, m.syscall, m.fn, (sock,) + dargs, True, _int,
@@ -709,6 +720,7 @@ def _sendall_rest(self, data, flags, ctx, timeout, start, first):
     deadline = start + int(timeout * 1e9) if timeout else None
     sent = 0
     dflags = flags | _DW if timeout is None else flags
+    stream = _type(self) & 0xF == _STREAM
     try:
         with _byte_view(data) as view:
             total = call.requested = view.nbytes
@@ -721,12 +733,18 @@ def _sendall_rest(self, data, flags, ctx, timeout, start, first):
                 if deadline is not None and deadline - now() <= 0:
                     raise timed_out(call)
                 chunk = view[sent:]
-                # On a blocking socket we only get here when the buffer is full.
-                n = sock_call(call, self, "send", _C.send, (self, chunk, dflags), True, _int,
-                              deadline, wait_first=timeout is None)
-                if n < len(chunk):
-                    call.partial()
-                sent += n
+                if timeout is None and stream:
+                    # On a blocking socket we only get here when the buffer is full:
+                    # let the kernel wait, as it would untraced.
+                    n = blocking_send(call, self, chunk, flags)
+                    if n is not INTERRUPTED:
+                        sent += n
+                else:
+                    n = sock_call(call, self, "send", _C.send, (self, chunk, dflags), True, _int,
+                                  deadline, wait_first=timeout is None)
+                    if n < len(chunk):
+                        call.partial()
+                    sent += n
                 if sent >= total:
                     break
     except BaseException as exc:

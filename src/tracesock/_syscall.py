@@ -61,7 +61,7 @@ import time
 
 from ._events import INTERRUPTED, READY, TIMEOUT
 
-__all__ = ["now", "wait", "syscall", "sock_call", "timed_out", "errno_name"]
+__all__ = ["now", "wait", "syscall", "sock_call", "blocking_send", "timed_out", "errno_name"]
 
 now = time.perf_counter_ns
 
@@ -75,6 +75,25 @@ class _PollFd(ctypes.Structure):
 _poll = _libc.poll
 _poll.argtypes = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int]
 _poll.restype = ctypes.c_int
+
+_send = _libc.send
+_send.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_send.restype = ctypes.c_ssize_t
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
 
 _POLLIN = 0x001
 _POLLOUT = 0x004
@@ -163,7 +182,6 @@ def sock_call(call, sock, name, fn, args, writing, size_of, deadline=None,
     the kernel's would).
     """
     fd = _fileno(sock)
-    kernel_timeout = False  # not yet looked up
     while True:
         if deadline is not None:
             remaining = deadline - now()
@@ -179,9 +197,9 @@ def sock_call(call, sock, name, fn, args, writing, size_of, deadline=None,
         elif wait_first:
             # A blocking socket known not to be ready (accept(), or a send
             # right after a partial one): wait where we can see it.
-            if kernel_timeout is False:
-                kernel_timeout = _kernel_timeout(sock, writing)
-            outcome = wait(call, fd, writing, kernel_timeout)
+            if call.kernel_timeout is False:
+                call.kernel_timeout = _kernel_timeout(sock, writing)
+            outcome = wait(call, fd, writing, call.kernel_timeout)
             if outcome is INTERRUPTED:
                 if stop_on_interrupt:
                     return INTERRUPTED
@@ -198,11 +216,50 @@ def sock_call(call, sock, name, fn, args, writing, size_of, deadline=None,
             continue  # "ready" was a false positive: wait again, like sock_call_ex
         if fd >= 0 and not os.get_blocking(fd):
             raise blocked  # made non-blocking behind Python's back: CPython raises too
-        if kernel_timeout is False:
-            kernel_timeout = _kernel_timeout(sock, writing)
-        outcome = wait(call, fd, writing, kernel_timeout)
+        if call.kernel_timeout is False:
+            call.kernel_timeout = _kernel_timeout(sock, writing)
+        outcome = wait(call, fd, writing, call.kernel_timeout)
         if outcome is TIMEOUT:
             raise blocked  # SO_RCVTIMEO/SO_SNDTIMEO expired: the kernel says EAGAIN
         blocked = None
         if outcome is INTERRUPTED and stop_on_interrupt:
             return INTERRUPTED
+
+
+def blocking_send(call, sock, view, flags):
+    """One *blocking* ``send(2)`` of ``view`` through libc, recorded.
+
+    Used for the rest of a send on a blocking stream socket once the first,
+    non-blocking try has filled the socket buffer.  The kernel then waits and
+    copies exactly as in an untraced program -- waking the moment space frees
+    up, which a poll()-then-send loop cannot match (poll reports a stream
+    socket writable only once a large part of its buffer is free) -- while the
+    outcome stays visible, unlike through CPython's method, which retries
+    EINTR by itself: ``-1/EINTR`` (a signal before any byte moved) returns
+    ``INTERRUPTED``; a short count is a signal after progress (or
+    ``SO_SNDTIMEO``).  Returns the count; raises ``OSError`` like CPython.
+    """
+    fd = _fileno(sock)
+    pybuf = _PyBuffer()
+    _get_buffer(view, ctypes.byref(pybuf), 0)  # PyBUF_SIMPLE; view is a C-contiguous byte view
+    try:
+        start = now()
+        n = _send(fd, pybuf.buf, pybuf.len, flags)
+        end = now()
+        code = ctypes.get_errno() if n < 0 else 0
+    finally:
+        _release_buffer(ctypes.byref(pybuf))
+    if n < 0:
+        call.syscall("send", start, end, -1, errno_name(code))
+        if code == _EINTR:
+            call.interrupted()
+            return INTERRUPTED
+        raise OSError(code, os.strerror(code))
+    call.syscall("send", start, end, n)
+    if n < len(view):
+        call.partial()
+        if call.kernel_timeout is False:
+            call.kernel_timeout = _kernel_timeout(sock, True)
+        if call.kernel_timeout is None:
+            call.interrupted()  # no SO_SNDTIMEO: only a signal cuts a blocking send short
+    return n

@@ -1,6 +1,6 @@
 """A real traced transfer, printed to the console: ``python -m tracesock example``.
 
-A TCP server on loopback reads slowly; the client ``sendall``s 4 MiB to it
+A TCP server on loopback reads slowly; the client ``sendall``s 16 MiB to it
 inside a span while SIGALRM fires every millisecond.  The console shows the
 ``socket.sendall`` span with its partial sends, EINTR retries and waits (one
 ``syscall.*`` child each), then the metrics.  No server or collector needed.
@@ -50,7 +50,7 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(prog="python -m tracesock example", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=4, help="bytes to send, in MiB (default 4)")
+    ap.add_argument("--size-mib", type=int, default=16, help="bytes to send, in MiB (default 16)")
     ap.add_argument("--all-spans", action="store_true",
                     help="print every span as JSON (default: the call spans and a summary)")
     opts = ap.parse_args(argv)
@@ -92,7 +92,9 @@ def main(argv=None):
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     with tracer.start_as_current_span("example.upload"):
-        client = socket.create_connection(server.getsockname())
+        # A timeout, as most clients set one: sendall then waits like CPython's
+        # internal_select, with poll() -- each wait and each EINTR visible.
+        client = socket.create_connection(server.getsockname(), timeout=30)
         signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
         try:
             client.sendall(data)
