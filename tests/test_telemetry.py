@@ -19,6 +19,11 @@ from tracesock import _otel
 from conftest import has_ipv6
 
 
+def _drain(sock):
+    while sock.recv(1 << 16):
+        pass
+
+
 def _tcp_pair(family=socket.AF_INET, host="127.0.0.1"):
     srv = socket.create_server((host, 0), family=family)
     cli = socket.create_connection(srv.getsockname()[:2])
@@ -400,7 +405,7 @@ def test_send_with_timeout_waits_with_poll(traced):
     a, b = socket.socketpair()
     a.settimeout(10)
     payload = b"\1" * (2 << 20)
-    t = threading.Thread(target=lambda: [b.recv(1 << 20) for _ in range(64)])
+    t = threading.Thread(target=_drain, args=(b,))
     with a, b, traced.tracer.start_as_current_span("p"):
         t.start()
         a.sendall(payload)
@@ -454,3 +459,25 @@ def test_so_errno_names(traced):
             a.send(b"x")
     assert info.value.errno == errno.EPIPE
     assert traced.spans("syscall.send")[0].attributes["tracesock.syscall.errno"] == "EPIPE"
+
+
+def test_steps_beyond_the_cap_are_counted_not_kept(traced, monkeypatch):
+    from tracesock import _events
+
+    monkeypatch.setattr(_events, "MAX_STEPS", 3)
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    payload = b"\2" * (4 << 20)
+    t = threading.Thread(target=_drain, args=(b,))
+    with a, b, traced.tracer.start_as_current_span("p"):
+        t.start()
+        a.sendall(payload)
+        a.shutdown(socket.SHUT_WR)
+        t.join(10)
+    span = traced.spans("socket.sendall")[0]
+    steps = span.attributes["tracesock.syscalls"] + span.attributes["tracesock.waits"]
+    children = [s for s in traced.spans() if s.parent is not None
+                and s.parent.span_id == span.context.span_id]
+    assert steps > 3
+    assert len(children) == 3
+    assert span.attributes["tracesock.steps.dropped"] == steps - 3
