@@ -404,8 +404,10 @@ def test_worker_tests_both_protocols():
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs /proc")
 def test_leftover_check_recognises_only_this_runs_processes(tmp_path):
     env = dict(os.environ, TRACESOCK_CONFORMANCE_MARKERS=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"],
+                            env=env, stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout.readline().strip() == "ready"  # exec'd: /proc/pid/environ is the child's own
         assert c._alive(proc.pid)
         assert c._started_by_this_run(proc.pid, str(tmp_path))
         assert not c._started_by_this_run(proc.pid, str(tmp_path / "other"))
