@@ -481,3 +481,20 @@ def test_steps_beyond_the_cap_are_counted_not_kept(traced, monkeypatch):
     assert steps > 3
     assert len(children) == 3
     assert span.attributes["tracesock.steps.dropped"] == steps - 3
+
+
+def test_c_hot_path_is_used_when_built():
+    """A broken build of the optional extension must not go unnoticed."""
+    import glob
+    import os
+
+    from tracesock import _socket as traced_socket
+
+    built = glob.glob(os.path.join(os.path.dirname(traced_socket.__file__), "_speedups*.so"))
+    if os.environ.get("TRACESOCK_NO_SPEEDUPS", "") not in ("", "0"):
+        assert traced_socket._speedups is None
+    elif built:
+        assert traced_socket._speedups is not None
+        assert traced_socket.METHODS["recv"].__wrapped__ is socket.socket.recv
+    else:
+        pytest.skip("the C extension is not built here")

@@ -26,8 +26,6 @@ import socket as _stdsocket
 from opentelemetry import context as _otel_context
 
 from . import _otel
-from bisect import bisect_left
-
 from ._events import _BOUNDS_NS, INTERRUPTED, Call, _local, fast_hist, stats_for, thread_stats
 from ._syscall import blocking_send, now, sock_call, timed_out
 
@@ -37,8 +35,6 @@ _C = _socket.socket
 _DW = int(getattr(_stdsocket, "MSG_DONTWAIT", 0x40))
 _WAITALL = int(getattr(_stdsocket, "MSG_WAITALL", 0x100))
 _gettimeout = _C.gettimeout
-_C_recv = _C.recv
-_C_send = _C.send
 _family = _C.family.__get__
 _type = _C.type.__get__
 _STREAM = int(_stdsocket.SOCK_STREAM)
@@ -223,12 +219,7 @@ def _fast_done(sock, m, start, end, n, requested, args, kwargs, result, ctx):
             h = _local.fast[(m.name, _family(sock), _type(sock))]
         except (AttributeError, KeyError):
             h = fast_hist(m.name, _family(sock), _type(sock))
-        h.counts[bisect_left(_BOUNDS_NS, d)] += 1
-        h.total += d
-        if d < h.min:
-            h.min = d
-        if d > h.max:
-            h.max = d
+        h.add(d)
         h.nbytes += n
         if requested is not None and n != requested:
             h.odd += 1  # a partial send, or a recv buffer shrunk to what arrived
@@ -520,33 +511,6 @@ def _c_continue(sock, m, args, kwargs):
 
 # --- public methods --------------------------------------------------------
 
-def _hot(name, sock, d, n, odd):
-    """Record a one-syscall call of a blocking socket outside any trace.
-
-    Returns True when the call was slow enough to deserve a span.  Every
-    cycle here counts (the budget is a fraction of a microsecond): one
-    per-thread dict entry and a few integers.
-    """
-    try:
-        try:
-            h = _local.fast[(name, _family(sock), _type(sock))]
-        except (AttributeError, KeyError):
-            h = fast_hist(name, _family(sock), _type(sock))
-        h.counts[bisect_left(_BOUNDS_NS, d)] += 1
-        h.total += d
-        if d < h.min:
-            h.min = d
-        if d > h.max:
-            h.max = d
-        h.nbytes += n
-        if odd:
-            h.odd += 1  # a partial send, or a recv buffer shrunk to what arrived
-        return d >= _otel.RECORDER.slow_ns
-    except Exception:
-        _otel.dropped()
-        return False
-
-
 def _hot_span(sock, m, start, end, n, args, result):
     try:
         rec = _otel.RECORDER
@@ -557,41 +521,10 @@ def _hot_span(sock, m, start, end, n, args, result):
 
 
 def recv(self, *args, **kwargs):
-    if _fast is not None:
-        try:
-            r = _fast(0, self, args, kwargs)
-        except BaseException as exc:
-            r = _c_raised(self, RECV, args, kwargs, exc)
-        if r is not _NOT_FAST:
-            return _c_continue(self, RECV, args, kwargs) if r is _PARTIAL else r
-    # The common case -- recv(n) on a blocking socket outside any trace -- inline.
-    if kwargs or len(args) != 1 or _current_context() or _gettimeout(self) is not None:
-        return _io(self, RECV, args, kwargs)
-    start = now()
-    try:
-        data = _C_recv(self, args[0], _DW)
-    except BaseException as exc:
-        if not isinstance(exc, BlockingIOError):
-            _fast_failed(self, RECV, start, now(), exc, args, kwargs, None)
-            raise
-        first = (start, now(), -1)
-    else:
-        end = now()
-        n = len(data)
-        if _hot("recv", self, end - start, n, n != args[0]):
-            _hot_span(self, RECV, start, end, n, args, data)
-        return data
-    return _slow(self, RECV, (args[0], _DW), kwargs, None, None, first)
+    return _io(self, RECV, args, kwargs)
 
 
 def recv_into(self, *args, **kwargs):
-    if _fast is not None:
-        try:
-            r = _fast(1, self, args, kwargs)
-        except BaseException as exc:
-            r = _c_raised(self, RECV_INTO, args, kwargs, exc)
-        if r is not _NOT_FAST:
-            return _c_continue(self, RECV_INTO, args, kwargs) if r is _PARTIAL else r
     return _io(self, RECV_INTO, args, kwargs)
 
 
@@ -608,34 +541,7 @@ def recvmsg(self, *args, **kwargs):
 
 
 def send(self, *args, **kwargs):
-    if _fast is not None:
-        try:
-            r = _fast(2, self, args, kwargs)
-        except BaseException as exc:
-            r = _c_raised(self, SEND, args, kwargs, exc)
-        if r is not _NOT_FAST:
-            return _c_continue(self, SEND, args, kwargs) if r is _PARTIAL else r
-    # The common case -- send(data) on a blocking socket outside any trace -- inline.
-    if kwargs or len(args) != 1 or _current_context() or _gettimeout(self) is not None:
-        return _io(self, SEND, args, kwargs)
-    start = now()
-    try:
-        n = _C_send(self, args[0], _DW)
-    except BaseException as exc:
-        if not isinstance(exc, BlockingIOError):
-            _fast_failed(self, SEND, start, now(), exc, args, kwargs, None)
-            raise
-        first = (start, now(), -1)
-    else:
-        end = now()
-        data = args[0]
-        total = len(data) if type(data) is bytes else _nbytes(data)
-        if n == total:
-            if _hot("send", self, end - start, n, False):
-                _hot_span(self, SEND, start, end, n, args, n)
-            return n
-        first = (start, end, n)
-    return _send_blocking(self, SEND, args, kwargs, None, first)
+    return _io(self, SEND, args, kwargs)
 
 
 def sendto(self, *args, **kwargs):
@@ -668,13 +574,6 @@ def sendmsg(self, *args, **kwargs):
 
 
 def sendall(self, *args, **kwargs):
-    if _fast is not None:
-        try:
-            r = _fast(3, self, args, kwargs)
-        except BaseException as exc:
-            r = _c_raised(self, SENDALL, args, kwargs, exc)
-        if r is not _NOT_FAST:
-            return _c_continue(self, SENDALL, args, kwargs) if r is _PARTIAL else r
     ctx = _current_context()
     if kwargs or not 1 <= len(args) <= 2 or (len(args) == 2 and not isinstance(args[1], int)):
         return _C.sendall(self, *args, **kwargs)  # CPython raises (or handles) the odd case
@@ -824,9 +723,30 @@ def sendfile(self, file, offset=0, count=None):
     return sent
 
 
+def _accelerated(index, m, python_method):
+    """``python_method`` with the C hot path in front (see ``_speedups.c``)."""
+    fast = _speedups.fast
+
+    def method(self, *args, **kwargs):
+        try:
+            r = fast(index, self, args, kwargs)
+        except BaseException as exc:
+            r = _c_raised(self, m, args, kwargs, exc)
+        if r is _NOT_FAST:
+            return python_method(self, *args, **kwargs)
+        return _c_continue(self, m, args, kwargs) if r is _PARTIAL else r
+
+    method.__name__ = python_method.__name__
+    return method
+
+
 _BY_NAME = {"recv": RECV, "recv_into": RECV_INTO, "send": SEND, "sendall": SENDALL}
 _speedups = _load_speedups()
-_fast = _speedups.fast if _speedups is not None else None
+if _speedups is not None:
+    recv = _accelerated(0, RECV, recv)
+    recv_into = _accelerated(1, RECV_INTO, recv_into)
+    send = _accelerated(2, SEND, send)
+    sendall = _accelerated(3, SENDALL, sendall)
 if _speedups is not None:
     def _sync_threshold(recorder):
         _speedups.set_slow_ns(recorder.slow_ns if recorder.detail else 1 << 62)
