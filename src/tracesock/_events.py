@@ -21,6 +21,7 @@ increments are never lost without taking a lock; the collector only reads.
 from __future__ import annotations
 
 import threading
+import weakref
 from bisect import bisect_left
 
 __all__ = [
@@ -272,7 +273,7 @@ WRITING = frozenset({"send", "sendto", "sendmsg", "sendall"})
 
 _local = threading.local()
 _registry_lock = threading.Lock()
-# id(stats table) -> (thread, stats table, fast table); read by collectors.
+# id(stats table) -> (weakref to the thread's _Alive, stats table, fast table).
 # Keyed by the table, not the thread ident: idents are reused.
 _registry = {}
 # Aggregates of threads that have exited, folded together so nothing is lost.
@@ -298,12 +299,22 @@ _SOCK_STREAM = int(_socket_mod.SOCK_STREAM)
 _SOCK_DGRAM = int(_socket_mod.SOCK_DGRAM)
 
 
+class _Alive:
+    """Lives in a thread's ``threading.local`` storage, which dies with the thread."""
+
+    __slots__ = ("__weakref__",)
+
+
 def _register():
-    stats, fast = {}, {}
+    # No Thread object is kept (nor created: current_thread() would invent a
+    # _DummyThread for a thread not started by threading): a weak reference to
+    # an object in the thread's local storage says whether it still runs.
+    stats, fast, alive = {}, {}, _Alive()
     _local.stats = stats
     _local.fast = fast
+    _local.alive = alive
     with _registry_lock:
-        _registry[id(stats)] = (threading.current_thread(), stats, fast)
+        _registry[id(stats)] = (weakref.ref(alive), stats, fast)
     return stats, fast
 
 
@@ -370,8 +381,8 @@ def snapshot(reset_min_max=False):
     """
     out = {}
     with _registry_lock:
-        for key, (thread, stats, fast) in list(_registry.items()):
-            if not thread.is_alive():
+        for key, (alive, stats, fast) in list(_registry.items()):
+            if alive() is None:
                 del _registry[key]
                 _fold(_retired, stats, fast, False)
             else:

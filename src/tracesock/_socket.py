@@ -70,6 +70,11 @@ def _byte_view(obj):
 
 # --- per-method descriptions ----------------------------------------------
 
+# The caller passed MSG_DONTWAIT itself: one non-blocking try, EAGAIN raised,
+# even on a blocking socket (what the kernel and CPython do).
+USER_DONTWAIT = object()
+
+
 class _Method:
     """What the shared code needs to know about one C socket method."""
 
@@ -93,7 +98,8 @@ class _Method:
         self.with_payload = None  # send methods: args with the buffer replaced
 
     def dontwait(self, args, kwargs):
-        """``(args, kwargs)`` with ``MSG_DONTWAIT`` in flags, or ``None`` if we must not touch them."""
+        """``(args, kwargs)`` with ``MSG_DONTWAIT`` in flags, or ``None`` if we must not
+        touch them, or ``USER_DONTWAIT`` if the caller asked for a non-blocking try."""
         at = self.flags_at
         n = len(args)
         if kwargs:
@@ -102,6 +108,8 @@ class _Method:
             flags = kwargs.get("flags", 0)
             if not isinstance(flags, int) or flags & _WAITALL:
                 return None
+            if flags & _DW:
+                return USER_DONTWAIT
             kw = dict(kwargs)
             kw["flags"] = flags | _DW
             return args, kw
@@ -109,6 +117,8 @@ class _Method:
             flags = args[at]
             if not isinstance(flags, int) or flags & _WAITALL:
                 return None
+            if flags & _DW:
+                return USER_DONTWAIT
             return args[:at] + (flags | _DW,) + args[at + 1:], kwargs
         missing = at - n
         if missing > len(self.fill) or n == 0:
@@ -312,7 +322,11 @@ def _io(sock, m, args, kwargs):
         prepared = m.dontwait(args, kwargs)
         if prepared is None:
             return _plain(sock, m, args, kwargs, ctx)
-        dargs, dkw = prepared
+        if prepared is USER_DONTWAIT:
+            timeout = 0.0
+            dargs, dkw = args, kwargs
+        else:
+            dargs, dkw = prepared
     else:
         dargs, dkw = args, kwargs
     start = now()
@@ -545,7 +559,9 @@ def send(self, *args, **kwargs):
 
 
 def sendto(self, *args, **kwargs):
-    if not kwargs and len(args) == 2:
+    if kwargs or len(args) not in (2, 3):
+        return _C.sendto(self, *args, **kwargs)  # CPython names the wrong argument count
+    if len(args) == 2:
         args = (args[0], 0, args[1])  # CPython's sendto(data, address) form
         if not _is_buffer(args[0]):
             return _C.sendto(self, args[0], args[2])  # let CPython name the bad argument
