@@ -437,3 +437,27 @@ def test_event_times_and_slowdowns(tmp_path):
     text = c.format_slowdowns(runs["baseline"], runs["instrumented"])
     assert "test_a: 0.2s unpatched -> 4.1s instrumented" in text
     assert "test.test_a.X.slow: 0.10s -> 4.00s" in text and "X.fast" not in text
+
+
+def test_snapshot_copies_only_what_an_install_needs(tmp_path):
+    root = tmp_path / "proj"
+    (root / "src" / "pkg" / "__pycache__").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / ".venv").mkdir()
+    for rel in ("pyproject.toml", "setup.py", "README.md", "src/pkg/__init__.py", "src/pkg/x.so",
+                "src/pkg/__pycache__/a.pyc", ".git/HEAD", ".venv/pyvenv.cfg"):
+        (root / rel).write_text("x")
+    snap = c.snapshot_source(root, tmp_path / "cache")
+    got = sorted(str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file())
+    assert got == ["README.md", "pyproject.toml", "setup.py", "src/pkg/__init__.py"]
+
+
+def test_build_env_modes(monkeypatch):
+    monkeypatch.setenv("PYTHONWARNINGS", "error")
+    monkeypatch.setenv("TRACESOCK_NO_SPEEDUPS", "1")
+    env = c.build_env("instrumented", "/site", None, "/m", "syscalls")
+    assert env["PYTHONPATH"] == "/site" and "PYTHONWARNINGS" not in env and "TRACESOCK_NO_SPEEDUPS" not in env
+    assert env["TRACESOCK_CONFORMANCE_MODE"] == "instrumented" and env["TRACESOCK_CONFORMANCE_SLOW_THRESHOLD"] == "0"
+    env = c.build_env("baseline", "/site", "/src", "/m", "calls", ["/extra"], "none", pure_python=True)
+    assert env["PYTHONPATH"] == os.pathsep.join(["/site", "/extra", "/src"])
+    assert env["TRACESOCK_NO_SPEEDUPS"] == "1" and env["TRACESOCK_CONFORMANCE_DETAIL"] == "calls"

@@ -164,12 +164,15 @@ class MarkerReport:
     suites_with_spans: set = dataclasses.field(default_factory=set)
     spans: int = 0
     metric_points: int = 0
+    speedups: dict = dataclasses.field(default_factory=dict)  # "on"/"off"/"unknown" -> workers
+    tracesock_files: set = dataclasses.field(default_factory=set)
     problems: list = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["suites_seen"] = sorted(self.suites_seen)
         d["suites_with_spans"] = sorted(self.suites_with_spans)
+        d["tracesock_files"] = sorted(self.tracesock_files)
         return d
 
 
@@ -332,6 +335,38 @@ def ensure_venv(ver: str, base_python: str, cache: Path, requirements: list, log
     return str(py)
 
 
+_SNAPSHOT_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv", ".conformance", "build", "dist", "__pycache__", "*.so", "*.egg-info",
+    ".pytest_cache", ".hypothesis", "benchmarks", "tests", "docs",
+)
+
+
+def snapshot_source(root: Path, cache: Path) -> Path:
+    """Copy the project (pyproject, setup.py, README, src/) to ``cache/snapshot``.
+
+    Every version is installed from this copy, so all of them test the same
+    code even if the working tree changes while the (long) run goes on.
+    """
+    snap = cache / "snapshot"
+    if snap.exists():
+        shutil.rmtree(snap)
+    shutil.copytree(root, snap, ignore=_SNAPSHOT_IGNORE)
+    return snap
+
+
+def install_project(python: str, source: Path, log=print) -> None:
+    """``pip install --force-reinstall --no-deps <snapshot>`` into the venv:
+    a regular (non-editable) install that builds the optional C extension
+    for this interpreter, as a user's ``pip install tracesock`` would."""
+    res = subprocess.run(
+        [python, "-m", "pip", "install", "--disable-pip-version-check", "-q",
+         "--no-deps", "--force-reinstall", str(source)],
+        capture_output=True, text=True,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"pip install of {source} failed:\n{res.stdout}\n{res.stderr}")
+
+
 # --------------------------------------------------------------------------
 # running regrtest
 # --------------------------------------------------------------------------
@@ -354,11 +389,16 @@ def build_command(python: str, suites, jobs: int, timeout: int, xml_path: str, e
     return cmd
 
 
-def build_env(mode: str, site_dir: str, src_dir: str, marker_dir: str, detail: str, extra_path=(),
-              slow_threshold: str = "0") -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-    env.pop("TRACESOCK_CONFORMANCE_MODE", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(site_dir), *map(str, extra_path), str(src_dir)])
+def build_env(mode: str, site_dir: str, src_dir, marker_dir: str, detail: str, extra_path=(),
+              slow_threshold: str = "0", pure_python: bool = False) -> dict:
+    """Environment of a regrtest run. ``src_dir`` None: tracesock comes from
+    the venv's site-packages (the installed snapshot), else from that tree."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTHON", "TRACESOCK_")) and k != "VIRTUAL_ENV"}
+    path = [str(site_dir), *map(str, extra_path)] + ([str(src_dir)] if src_dir else [])
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    if pure_python:
+        env["TRACESOCK_NO_SPEEDUPS"] = "1"
     env["TRACESOCK_CONFORMANCE_MODE"] = mode
     env["TRACESOCK_CONFORMANCE_MARKERS"] = marker_dir
     env["TRACESOCK_CONFORMANCE_DETAIL"] = detail
@@ -392,6 +432,7 @@ def run_regrtest(
     excludes,
     extra_path=(),
     slow_threshold: str = "0",
+    pure_python: bool = False,
     log=print,
 ) -> RunResult:
     run_dir = out_dir / f"{version}-{mode}"
@@ -404,7 +445,7 @@ def run_regrtest(
     log_path = run_dir / "regrtest.log"
     xml_path = run_dir / "junit.xml"
     cmd = build_command(python, suites, jobs, timeout, str(xml_path), excludes)
-    env = build_env(mode, site_dir, src_dir, str(marker_dir), detail, extra_path, slow_threshold)
+    env = build_env(mode, site_dir, src_dir, str(marker_dir), detail, extra_path, slow_threshold, pure_python)
     log(f"[{version}] {mode}: {' '.join(cmd[1:3])} ... ({len(suites)} suites, -j{jobs}), log {log_path}")
     start = time.monotonic()
     timed_out = False
@@ -717,7 +758,7 @@ def parse_regrtest_output(text: str, suites) -> dict:
             continue
         rest = m.group("rest")
         rest = rest.split(" -- ")[0]
-        rest = re.sub(r"\s*\((?:\d+(?:\.\d+)?\s*(?:sec|ms)|\d+ min \d+ sec)\)\s*$", "", rest).strip()
+        rest = re.sub(r"\s*\((?:\d+ min(?: \d+ sec)?|\d+(?:\.\d+)? ?(?:sec|ms))\)\s*$", "", rest).strip()
         statuses[m.group("name")] = rest or "passed"
     # regrtest's final summary is authoritative for crashes / timeouts
     for name in wanted:
@@ -795,6 +836,10 @@ def check_markers(marker_dir, mode: str, suites) -> MarkerReport:
                         rep.suites_with_spans.add(s)
             if m.get("instrumented"):
                 rep.workers_instrumented += 1
+                sp = {True: "on", False: "off"}.get(m.get("speedups"), "unknown")
+                rep.speedups[sp] = rep.speedups.get(sp, 0) + 1
+                if m.get("tracesock_file"):
+                    rep.tracesock_files.add(os.path.dirname(m["tracesock_file"]))
             if m.get("instrumented_at_exit"):
                 rep.workers_instrumented_at_exit += 1
         else:
@@ -909,6 +954,10 @@ def format_markers(rep: MarkerReport, mode: str) -> str:
               f" (still active at exit: {rep.workers_instrumented_at_exit}),"
               f" {rep.spans} spans, {rep.metric_points} metric points"
               f"; suites with spans: {len(rep.suites_with_spans)}/{len(rep.suites_seen)}")
+        if rep.speedups:
+            s += "; C speedups: " + ", ".join(f"{k} in {v}" for k, v in sorted(rep.speedups.items()))
+        if rep.tracesock_files:
+            s += "; tracesock from " + ", ".join(sorted(rep.tracesock_files))
     return s
 
 
@@ -1011,6 +1060,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--slow-threshold", default="0",
                    help="tracesock.instrument(slow_threshold=...) in seconds, or 'none' (default 0: every call "
                         "is 'slow', so every call makes its spans even without a parent span)")
+    p.add_argument("--source", choices=("install", "tree"), default="install",
+                   help="install: pip-install a snapshot of the project into each venv (builds the C "
+                        "speedups for that interpreter; default); tree: put <project>/src on PYTHONPATH "
+                        "(quick, pure Python unless an extension for that version is in src)")
+    p.add_argument("--pure-python", action="store_true",
+                   help="set TRACESOCK_NO_SPEEDUPS=1 in the test processes (pure-Python hot path)")
     p.add_argument("--mode", choices=("both", "baseline", "instrumented"), default="both",
                    help="which runs to do (default both; a single mode prints counts without comparison)")
     p.add_argument("--cache-dir", default=None, help="venvs, logs and results (default <project>/.conformance)")
@@ -1045,7 +1100,7 @@ def main(argv=None) -> int:
     site_dir = cache / "site"
     site_dir.mkdir(exist_ok=True)
     shutil.copyfile(Path(__file__).with_name("sitecustomize.py"), site_dir / "sitecustomize.py")
-    src_dir = str(root / "src")
+    src_dir = str(root / "src") if args.source == "tree" else None
     suites = _parse_suites(args.suites)
     versions = _parse_versions(args.versions)
     modes = MODES if args.mode == "both" else (args.mode,)
@@ -1062,13 +1117,17 @@ def main(argv=None) -> int:
         return 2
     reqs = runtime_requirements(root)
     revision = source_revision(root)
-    log(f"testing tracesock at {revision} ({root / 'src'})")
+    snapshot = snapshot_source(root, cache) if args.source == "install" and not args.no_venv else None
+    where = f"snapshot {snapshot} installed into each venv" if snapshot else f"{root / 'src'} on PYTHONPATH"
+    log(f"testing tracesock at {revision} ({where}{', pure Python' if args.pure_python else ''})")
     exit_code = 0
     md_parts = []
     summary = {}
     for ver, base_python in interpreters.items():
         try:
             python = base_python if args.no_venv else ensure_venv(ver, base_python, cache, reqs, log)
+            if snapshot is not None:
+                install_project(python, snapshot, log)
         except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
             log(f"[{ver}] cannot prepare venv: {exc}")
             exit_code = 1
@@ -1080,7 +1139,7 @@ def main(argv=None) -> int:
                 timeout=args.timeout, hard_timeout=args.hard_timeout, out_dir=logs,
                 site_dir=str(site_dir), src_dir=src_dir, detail=args.detail,
                 excludes=list(EXCLUDED_TESTS), extra_path=args.extra_path,
-                slow_threshold=args.slow_threshold, log=log,
+                slow_threshold=args.slow_threshold, pure_python=args.pure_python, log=log,
             )
             r = runs[mode]
             log(f"[{ver}] {mode}: {r.summary} in {r.duration:.0f}s (rc={r.returncode})")

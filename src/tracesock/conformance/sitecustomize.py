@@ -72,6 +72,14 @@ def _fatal(marker_dir, data, message):
     os._exit(FATAL_EXIT_CODE)
 
 
+def _speedups_active():
+    """Whether tracesock's optional C hot path is in use (None: unknown)."""
+    mod = sys.modules.get("tracesock._socket")
+    if mod is None or not hasattr(mod, "_speedups"):
+        return None
+    return getattr(mod, "_speedups") is not None
+
+
 def _activate_instrumented(marker_dir, data):
     import atexit
     import threading
@@ -137,7 +145,10 @@ def _activate_instrumented(marker_dir, data):
         _fatal(marker_dir, data, "tracesock.instrument() returned but is_instrumented() is False")
         return
 
-    data.update(instrumented=True, detail=detail, slow_threshold=slow_threshold)
+    data.update(instrumented=True, detail=detail, slow_threshold=slow_threshold,
+                tracesock_file=getattr(tracesock, "__file__", None),
+                tracesock_version=getattr(tracesock, "__version__", None),
+                speedups=_speedups_active())
     if marker_dir:
         _write_marker(marker_dir, data)
 
