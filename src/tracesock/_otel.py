@@ -192,11 +192,19 @@ class Recorder:
             slow = call.end - call.start >= self.slow_ns
             if not (in_trace or slow or failed):
                 return
-            token = otel_context.attach(
-                otel_context.set_value(_SUPPRESS, True, ctx if in_trace else otel_context.Context())
-            )
+            self._offset = time.time_ns() - time.perf_counter_ns()
+            if in_trace:
+                direct = _direct_spans(self.tracer)
+                parent_sc = parent.get_span_context()
+                if direct is not None and parent_sc.trace_flags.sampled:
+                    # The SDK's own processors export under suppression themselves.
+                    self._direct(direct, call, sock, parent_sc)
+                    return
+            parent_ctx = ctx if in_trace else otel_context.Context()
+            # Any other processor might do socket I/O in on_start/on_end: not traced.
+            token = otel_context.attach(otel_context.set_value(_SUPPRESS, True, parent_ctx))
             try:
-                self._spans(call, sock, ctx if in_trace else otel_context.Context())
+                self._spans(call, sock, parent_ctx)
             finally:
                 otel_context.detach(token)
         except Exception:
@@ -204,14 +212,6 @@ class Recorder:
             _log.debug("tracesock: span emission failed", exc_info=True)
 
     def _spans(self, call, sock, parent_ctx):
-        self._offset = time.time_ns() - time.perf_counter_ns()
-        parent = parent_ctx.get(_SPAN_KEY)
-        if parent is not None:
-            direct = _direct_spans(self.tracer)
-            parent_sc = parent.get_span_context()
-            if direct is not None and parent_sc.trace_flags.sampled:
-                self._direct(direct, call, sock, parent_sc)
-                return
         span = self.tracer.start_span(
             "socket." + call.method,
             context=parent_ctx,
