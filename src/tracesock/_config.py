@@ -37,7 +37,7 @@ ENV = {
 }
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """A setting with a bad value; ``str()`` is a one-line message naming it."""
 
 
@@ -196,6 +196,10 @@ def override(settings, **values):
         changes[name] = value
         sources[name] = source
     return replace(settings, **changes, sources=sources)
+
+
+def replace_output(settings, output):
+    return replace(settings, output=output)
 
 
 def to_env(settings):

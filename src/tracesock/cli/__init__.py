@@ -5,20 +5,47 @@ from __future__ import annotations
 import argparse
 import sys
 
+COMMANDS = {
+    "run": "run a Python program (script or -m module) with every socket call traced",
+    "export": "convert a trace file between Jaeger JSON and OTLP-JSON",
+    "example": "trace a real transfer (slow reader, signal storm) and print it",
+}
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+
+def _parser():
     parser = argparse.ArgumentParser(
         prog="tracesock",
-        description="Trace every socket syscall, partial send, EINTR retry and wait as OpenTelemetry data.")
+        description="Trace every socket syscall, partial send, EINTR retry and wait as OpenTelemetry data.",
+        epilog="`tracesock COMMAND --help` describes each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("example", help="trace a real transfer (slow reader, signal storm) and print it",
-                   add_help=False)
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return parser
+
+
+def _version():
+    from .. import __version__
+    return __version__
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
     if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
+        parser.print_help(None if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        parser.parse_args(argv)
     command, rest = argv[0], argv[1:]
+    if command == "run":
+        from .run import main as run
+        return run(rest)
+    if command == "export":
+        from .export import main as export
+        return export(rest)
     if command == "example":
         from ..example import main as example
         return example(rest)
-    parser.error(f"unknown command {command!r}")
+    sys.stderr.write(f"tracesock: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})\n")
+    return 2

@@ -1,0 +1,67 @@
+"""``tracesock run --children``: tracing Python subprocesses through the environment.
+
+The parent puts this directory first on ``PYTHONPATH`` and describes its
+settings in ``TRACESOCK_*`` variables (plus ``TRACESOCK_BOOTSTRAP=1`` and
+``TRACESOCK_PARENT``, the W3C ``traceparent`` of its ``tracesock.run``
+span).  Every Python started with that environment imports this
+directory's ``sitecustomize`` at start-up, which first runs whatever
+``sitecustomize`` would have run without it, then calls :func:`activate`:
+the child is traced from its first line, its ``tracesock.run`` span a child
+of the parent's, and it writes its own ``tracesock-<pid>.json``.
+
+Not reached: interpreters started with ``-I``, ``-E`` or ``-S`` (they ignore
+``PYTHONPATH`` or ``site``), interpreters that cannot import tracesock (one
+line on stderr says so), and forked children that never ``exec`` (they are
+the parent's copy, and end with ``os._exit``, without flushing).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["DIRECTORY", "propagate", "activate"]
+
+DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+BOOTSTRAP_ENV = "TRACESOCK_BOOTSTRAP"
+
+
+def child_output(output):
+    """Each child writes its own file: ``{pid}`` in the name, absolute (children may chdir)."""
+    if "{pid}" not in output:
+        root, ext = os.path.splitext(output)
+        output = f"{root}-{{pid}}{ext}"
+    return os.path.abspath(output)
+
+
+def propagate(session, environ=None):
+    """Set up ``environ`` (default ``os.environ``) so Python subprocesses trace themselves."""
+    from .._config import replace_output, to_env
+    from ..exporters import PARENT_ENV
+
+    environ = os.environ if environ is None else environ
+    settings = replace_output(session.settings, child_output(session.settings.output))
+    environ.update(to_env(settings))
+    environ[BOOTSTRAP_ENV] = "1"
+    environ[PARENT_ENV] = session.traceparent()
+    path = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if DIRECTORY not in path:
+        environ["PYTHONPATH"] = os.pathsep.join([DIRECTORY] + path)
+
+
+def activate():
+    """Start tracing this process from the ``TRACESOCK_*`` environment (called by sitecustomize)."""
+    from .._config import ConfigError, check_otel_env, from_env
+    from ..exporters import start
+
+    try:
+        settings = from_env()
+        check_otel_env(exporters=settings.exporters)
+        start(settings, list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv),
+              children_env=propagate)
+    except ConfigError as e:
+        try:
+            sys.stderr.write(f"tracesock: error: {e}\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(2)

@@ -1,0 +1,241 @@
+"""``tracesock run [options] script.py [args...]`` / ``tracesock run [options] -m module [args...]``.
+
+Runs a Python program in this process with tracing on from its first line,
+like ``python -m cProfile``: the program gets the same ``sys.argv``,
+``sys.path[0]``, ``__main__``, stdin/stdout/stderr, signals and exit status
+as under ``python script.py`` / ``python -m module``.  At exit (normal end,
+``sys.exit(n)``, an uncaught exception, Ctrl-C) the trace is flushed to the
+exporters and a summary is printed on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .._config import (DEFAULT_MAX_SPANS, DEFAULT_OUTPUT, DETAILS, EXPORTERS, ConfigError, Settings,
+                       check_otel_env, from_env, override, parse_detail, parse_exporters,
+                       parse_max_spans, parse_output, parse_port, parse_text, parse_threshold)
+
+PROG = "tracesock run"
+
+EPILOG = f"""\
+Every option can also be set with a TRACESOCK_* environment variable
+(docs/configuration.md); options win.  OTLP is configured with the standard
+OTEL_EXPORTER_OTLP_* variables, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+and OTEL_TRACES_SAMPLER.
+
+examples:
+  tracesock run client.py --url http://localhost:8000/
+  tracesock run --exporter otlp --service-name uploader -m myapp.upload big.iso
+  tracesock run --children --prometheus-port 9464 -m http.server 8000
+
+Default: the trace goes to ./{DEFAULT_OUTPUT.replace('{pid}', '<pid>')} (Jaeger JSON: Jaeger UI >
+Search > Upload JSON) and a summary is printed on stderr at exit.
+"""
+
+VALUE_OPTIONS = {"--detail", "--slow-threshold", "--exporter", "--output", "-o", "--service-name",
+                 "--prometheus-port", "--prometheus-host", "--max-spans"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, naming the option (argparse's own messages do)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parser():
+    ap = _Parser(
+        prog=PROG,
+        usage=f"{PROG} [options] script.py [args...]\n       {PROG} [options] -m module [args...]",
+        description="Run a Python program with every socket call traced (spans, metrics, summary).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", dest="module", metavar="module",
+                    help="run library module as a script (like python -m); ends the options")
+    ap.add_argument("--detail", metavar="LEVEL",
+                    help=f"{' | '.join(DETAILS)}: no spans / a span per call (default) / "
+                         "a span per syscall and wait too")
+    ap.add_argument("--slow-threshold", metavar="SECONDS",
+                    help="only calls at least this slow (or failed) get spans; 0 = every call "
+                         "(default 0), 'none' = only failed calls")
+    ap.add_argument("--exporter", action="append", metavar="NAME",
+                    help=f"{' | '.join(EXPORTERS)}; repeat or comma-separate for several "
+                         "(default file)")
+    ap.add_argument("-o", "--output", metavar="PATH",
+                    help=f"the file exporter's path, {{pid}} is replaced (default {DEFAULT_OUTPUT})")
+    ap.add_argument("--service-name", metavar="NAME",
+                    help="service.name of the trace (default OTEL_SERVICE_NAME, else the program's name)")
+    ap.add_argument("--prometheus-port", metavar="PORT",
+                    help="serve the metrics for Prometheus on this port (0: any free port)")
+    ap.add_argument("--prometheus-host", metavar="HOST",
+                    help="address the Prometheus endpoint listens on (default 127.0.0.1)")
+    ap.add_argument("--max-spans", metavar="N",
+                    help=f"spans kept for the file; the rest are counted as dropped (default {DEFAULT_MAX_SPANS})")
+    ap.add_argument("--no-summary", action="store_true", help="do not print the summary at exit")
+    ap.add_argument("--children", action="store_true",
+                    help="also trace Python subprocesses (through PYTHONPATH and TRACESOCK_* variables)")
+    return ap
+
+
+def split(argv):
+    """(tracesock's options, module or None, program and its arguments)."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return argv[:i], None, argv[i + 1:]
+        if a == "-m":
+            return argv[:i], (argv[i + 1] if i + 1 < len(argv) else ""), argv[i + 2:]
+        if a.startswith("-m") and not a.startswith("--"):
+            return argv[:i], a[2:], argv[i + 1:]
+        if a.startswith("-") and a != "-":
+            i += 2 if a in VALUE_OPTIONS else 1
+            continue
+        return argv[:i], None, argv[i:]
+    return argv, None, []
+
+
+def settings_from(opts, environ=None):
+    """Settings: defaults, then TRACESOCK_* variables, then the options."""
+    settings = from_env(environ, Settings())
+
+    def opt(value, parse, name):
+        return None if value is None else (parse(value, name), name)
+
+    return override(
+        settings,
+        detail=opt(opts.detail, parse_detail, "--detail"),
+        slow_threshold=opt(opts.slow_threshold, parse_threshold, "--slow-threshold"),
+        exporters=opt(opts.exporter, parse_exporters, "--exporter"),
+        output=opt(opts.output, parse_output, "--output"),
+        service_name=opt(opts.service_name, parse_text, "--service-name"),
+        prometheus_port=opt(opts.prometheus_port, parse_port, "--prometheus-port"),
+        prometheus_host=opt(opts.prometheus_host, parse_text, "--prometheus-host"),
+        max_spans=opt(opts.max_spans, parse_max_spans, "--max-spans"),
+        summary=(False, "--no-summary") if opts.no_summary else None,
+        children=(True, "--children") if opts.children else None,
+    )
+
+
+def main(argv):
+    ap = parser()
+    prefix, module, program = split(list(argv))
+    if any(a in ("-h", "--help") for a in prefix):
+        ap.print_help()
+        return 0
+    opts = ap.parse_args(prefix)
+    if module == "":
+        ap.error("argument -m: expected a module name")
+    if module is None and not program:
+        ap.error("no program given: tracesock run [options] script.py [args...] or -m module [args...]")
+    try:
+        settings = settings_from(opts)
+        check_otel_env(exporters=settings.exporters)
+    except ConfigError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
+
+    if module is None:
+        script, args = program[0], program[1:]
+        if not os.path.exists(script):
+            sys.stderr.write(f"{PROG}: error: can't open file {os.path.abspath(script)!r}: "
+                             f"[Errno 2] No such file or directory\n")
+            return 2
+        command = [sys.executable, script] + args
+    else:
+        args = program
+        command = [sys.executable, "-m", module] + args
+        if not _module_exists(module):
+            return 1
+
+    from ..bootstrap import propagate
+    from ..exporters import start
+
+    try:
+        session = start(settings, command, children_env=propagate)
+    except ConfigError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
+    if session.prometheus is not None:
+        sys.stderr.write(f"tracesock: Prometheus metrics at {session.prometheus.url}\n")
+        sys.stderr.flush()
+    try:
+        if module is None:
+            _run_script(script, args)
+        else:
+            _run_module(module, args)
+    except SystemExit as e:
+        session.exit_code = _exit_status(e.code)
+        raise
+    except KeyboardInterrupt:
+        _trim_traceback_when_printed()
+        raise
+    except BaseException:
+        session.exit_code = 1
+        _trim_traceback_when_printed()
+        raise
+    session.exit_code = 0
+    return 0
+
+
+def _module_exists(module):
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec(module)
+    except Exception as e:  # what python -m says
+        sys.stderr.write(f"{sys.executable}: Error while finding module specification for {module!r} "
+                         f"({type(e).__name__}: {e})\n")
+        return False
+    if spec is None:
+        sys.stderr.write(f"{sys.executable}: No module named {module}\n")
+        return False
+    return True
+
+
+def _run_script(script, args):
+    import runpy
+    sys.argv[:] = [script] + list(args)
+    sys.path[0] = os.path.dirname(os.path.realpath(script))
+    runpy.run_path(os.path.abspath(script), run_name="__main__")
+
+
+def _run_module(module, args):
+    import runpy
+    sys.argv[:] = [module] + list(args)  # run_module replaces argv[0] with the module's file
+    sys.path[0] = os.getcwd()
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def _exit_status(code):
+    if code is None:
+        return 0
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code & 0xFF
+    return 1
+
+
+def _trim_traceback_when_printed():
+    """Print an uncaught exception's traceback from the program's first frame, as python does.
+
+    Swaps ``sys.excepthook`` for one call (the program has finished by then):
+    the frames of tracesock and runpy above the program are cut off, then the
+    hook that was in place (the program's own, if it set one) prints.
+    """
+    import runpy
+    run_code = runpy._run_code.__code__
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        sys.excepthook = previous
+        start = None
+        t = tb
+        while t is not None:
+            if t.tb_frame.f_code is run_code:
+                start = t.tb_next
+            t = t.tb_next
+        if start is not None and isinstance(exc, BaseException):
+            tb = start
+            exc.__traceback__ = tb  # what the default hook prints from
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook

@@ -1,0 +1,360 @@
+"""Wiring for ``tracesock run`` (and the ``--children`` bootstrap): providers, exporters, summary.
+
+:func:`start` turns :class:`tracesock._config.Settings` into a running
+:class:`Session`: an SDK ``TracerProvider`` (resource and sampler from the
+standard ``OTEL_*`` variables), the chosen span exporters (``file``: Jaeger
+JSON, ``otlp``, ``console``), the summary, an optional Prometheus scrape
+endpoint, and one ``tracesock.run`` span for the whole process under which
+every socket span of every thread is recorded (one trace per process).
+:meth:`Session.shutdown` stops tracing, ends that span, flushes and writes
+everything and prints the summary; it runs once, from ``atexit``.
+
+The exporters' own sockets are not traced: the SDK's processors export with
+OpenTelemetry's suppress-instrumentation key set, and the Prometheus endpoint
+serves its requests with the key set.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import sys
+import threading
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import SpanKind
+
+from .. import __version__
+from .._config import ConfigError, otlp_protocol
+
+__all__ = ["Session", "start", "program_name"]
+
+_SUPPRESS = getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", "suppress_instrumentation")
+PARENT_ENV = "TRACESOCK_PARENT"  # W3C traceparent of the parent process's run span (--children)
+
+
+def program_name(argv):
+    """A service name for a command line: the script's stem or the module's name."""
+    args = list(argv or ())
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "-m" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("-m") and len(a) > 2:
+            return a[2:]
+        if a == "-c":
+            return "python-c"
+        if a.startswith("-"):
+            i += 1
+            continue
+        if i > 0 or not os.path.basename(a).startswith("python"):
+            base = os.path.basename(a)
+            return base[:-3] if base.endswith(".py") else base or "python"
+        i += 1
+    return "python"
+
+
+class _RunTracer(otel_trace.Tracer):
+    """Starts root spans as children of the process's ``tracesock.run`` span."""
+
+    def __init__(self, tracer, run_context):
+        self._tracer = tracer
+        self._run_context = run_context
+
+    def _context(self, context):
+        current = otel_trace.get_current_span(context)
+        if current.get_span_context().is_valid or self._run_context is None:
+            return context
+        parent = otel_trace.get_current_span(self._run_context)
+        return otel_trace.set_span_in_context(parent, context)
+
+    def start_span(self, name, context=None, *args, **kwargs):
+        return self._tracer.start_span(name, self._context(context), *args, **kwargs)
+
+    def start_as_current_span(self, name, context=None, *args, **kwargs):
+        return self._tracer.start_as_current_span(name, self._context(context), *args, **kwargs)
+
+
+class _RunTracerProvider(otel_trace.TracerProvider):
+    def __init__(self, provider):
+        self.provider = provider
+        self.run_context = None
+
+    def get_tracer(self, *args, **kwargs):
+        return _RunTracer(self.provider.get_tracer(*args, **kwargs), self.run_context)
+
+
+def _missing_extra(what, extra, error):
+    return ConfigError(f"{what} needs an optional dependency that is not installed ({error.name or error}): "
+                       f"pip install 'tracesock[{extra}]'")
+
+
+def _otlp_span_exporter(environ):
+    protocol = otlp_protocol(environ)
+    if protocol == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError as e:
+            raise _missing_extra("--exporter otlp with OTEL_EXPORTER_OTLP_PROTOCOL=grpc", "otlp-grpc", e) from None
+    else:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as e:
+            raise _missing_extra("--exporter otlp", "otlp", e) from None
+    return OTLPSpanExporter(), protocol
+
+
+def otlp_endpoint(environ, protocol):
+    for var in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        value = environ.get(var, "").strip()
+        if value:
+            if var.endswith("TRACES_ENDPOINT") or protocol == "grpc":
+                return value
+            return value.rstrip("/") + "/v1/traces"
+    return "http://localhost:4317" if protocol == "grpc" else "http://localhost:4318/v1/traces"
+
+
+class _PrometheusServer:
+    """A scrape endpoint whose own sockets are not traced (suppress key set in its threads)."""
+
+    def __init__(self, host, port, registry):
+        from http.server import ThreadingHTTPServer
+
+        from prometheus_client.exposition import MetricsHandler
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+            def process_request_thread(self, request, client_address):
+                token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    otel_context.detach(token)
+
+        class Handler(MetricsHandler):
+            def log_message(self, *args):  # the program's stderr is not ours
+                pass
+
+        Handler.registry = registry
+        self.server = Server((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self.host = host
+        self.thread = threading.Thread(target=self._serve, name="tracesock-prometheus", daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
+        try:
+            self.server.serve_forever(poll_interval=0.2)
+        finally:
+            otel_context.detach(token)
+
+    @property
+    def url(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Session:
+    """Everything ``tracesock run`` set up in one process; :meth:`shutdown` once at exit."""
+
+    def __init__(self, settings, argv, *, environ=None, stderr=None):
+        self.settings = settings
+        self.argv = list(argv)
+        self.environ = os.environ if environ is None else environ
+        self.stderr = stderr
+        self.pid = os.getpid()
+        self.exit_code = None
+        self.file_exporter = None
+        self.summary = None
+        self.prometheus = None
+        self.otlp_endpoint = None
+        self.run_span = None
+        self.meter_provider = None
+        self._done = False
+        self._lock = threading.Lock()
+
+    # --- set up -----------------------------------------------------------------
+
+    def _resource(self):
+        from opentelemetry.sdk.resources import Resource
+
+        attrs = {"process.pid": self.pid, "process.command_args": self.argv,
+                 "process.runtime.name": sys.implementation.name,
+                 "process.runtime.version": ".".join(map(str, sys.version_info[:3])),
+                 "host.name": socket.gethostname()}
+        if self.settings.service_name:
+            attrs["service.name"] = self.settings.service_name
+        resource = Resource.create(attrs)
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": program_name(self.argv)}))
+        return resource
+
+    def setup(self):
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+        s = self.settings
+        resource = self._resource()
+        exporters = []
+        if "otlp" in s.exporters:
+            exporter, protocol = _otlp_span_exporter(self.environ)
+            self.otlp_endpoint = otlp_endpoint(self.environ, protocol)
+            exporters.append(("batch", exporter))
+        if "file" in s.exporters:
+            path = os.path.abspath(s.output_path(self.pid))
+            directory = os.path.dirname(path)
+            source = s.sources.get("output", "--output")
+            if not os.path.isdir(directory):
+                raise ConfigError(f"{source}: directory {directory!r} does not exist")
+            if not os.access(directory, os.W_OK):
+                raise ConfigError(f"{source}: directory {directory!r} is not writable")
+            self.file_exporter = _file_exporter(path, s.max_spans)
+            exporters.append(("simple", self.file_exporter))
+        if "console" in s.exporters:
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+            exporters.append(("simple", ConsoleSpanExporter(out=sys.stderr)))
+
+        reader = registry = None
+        if s.prometheus_port is not None:
+            try:
+                from opentelemetry.exporter.prometheus import PrometheusMetricReader
+                from prometheus_client import CollectorRegistry
+            except ImportError as e:
+                raise _missing_extra(s.sources.get("prometheus_port", "--prometheus-port"), "prometheus", e) from None
+            registry = CollectorRegistry(auto_describe=True)
+            try:
+                reader = PrometheusMetricReader(registry=registry)
+            except TypeError:  # older exporter: always the global registry
+                from prometheus_client import REGISTRY as registry
+                reader = PrometheusMetricReader()
+
+        self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        if s.summary:
+            from .summary import SummaryProcessor
+            self.summary = SummaryProcessor()
+            self.provider.add_span_processor(self.summary)
+        for kind, exporter in exporters:
+            processor = BatchSpanProcessor(exporter) if kind == "batch" else SimpleSpanProcessor(exporter)
+            self.provider.add_span_processor(processor)
+
+        if reader is not None:
+            from opentelemetry.sdk.metrics import MeterProvider
+            self.meter_provider = MeterProvider(metric_readers=[reader], resource=resource,
+                                                shutdown_on_exit=False)
+            source = s.sources.get("prometheus_port", "--prometheus-port")
+            try:
+                self.prometheus = _PrometheusServer(s.prometheus_host, s.prometheus_port, registry)
+            except OSError as e:
+                raise ConfigError(f"{source}: cannot listen on {s.prometheus_host}:{s.prometheus_port}: "
+                                  f"{e.strerror or e}") from None
+
+        # The process's span: parent of every socket span that has no other parent.
+        parent_ctx = otel_context.Context()
+        traceparent = self.environ.get(PARENT_ENV)
+        if traceparent:
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+            parent_ctx = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+        tracer = self.provider.get_tracer("tracesock", __version__)
+        self.run_span = tracer.start_span(
+            "tracesock.run", context=parent_ctx, kind=SpanKind.INTERNAL,
+            attributes={"process.pid": self.pid, "process.command_args": self.argv,
+                        "tracesock.detail": s.detail})
+        self.wrapper = _RunTracerProvider(self.provider)
+        self.wrapper.run_context = otel_trace.set_span_in_context(self.run_span, otel_context.Context())
+        if self.file_exporter is not None:
+            run_id = self.run_span.get_span_context().span_id
+            self.file_exporter.keep = lambda span: span.context.span_id == run_id
+
+    def traceparent(self):
+        ctx = self.run_span.get_span_context()
+        return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+    def instrument(self):
+        import tracesock
+        tracesock.instrument(self.wrapper, self.meter_provider, detail=self.settings.detail,
+                             slow_threshold=self.settings.slow_threshold)
+
+    # --- tear down --------------------------------------------------------------
+
+    def shutdown(self):
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        import tracesock
+        try:
+            tracesock.uninstrument()
+        except Exception:
+            pass
+        lines = []
+        try:
+            if self.exit_code is not None:
+                self.run_span.set_attribute("process.exit.code", self.exit_code)
+            self.run_span.end()
+            self.provider.force_flush()
+            self.provider.shutdown()
+            if self.file_exporter is not None and self.file_exporter.error:
+                lines.append(f"tracesock: cannot write the trace file: {self.file_exporter.error}")
+            if self.meter_provider is not None:
+                self.meter_provider.shutdown()
+            if self.prometheus is not None:
+                self.prometheus.close()
+        except Exception as e:  # never turn the program's exit into a traceback
+            lines.append(f"tracesock: error at exit: {type(e).__name__}: {e}")
+        if self.summary is not None:
+            lines.insert(0, self.render_summary())
+        if lines:
+            out = self.stderr or sys.stderr
+            try:
+                out.flush()
+                out.write("\n".join(lines) + "\n")
+                out.flush()
+            except Exception:
+                pass
+
+    def render_summary(self):
+        command = " ".join(self.argv)
+        if len(command) > 80:
+            command = command[:77] + "..."
+        header = f"tracesock: pid {self.pid} ({command}): {self.summary.spans} socket calls traced"
+        if self.settings.slow_threshold:
+            header += f" (those slower than {self.settings.slow_threshold:g} s, or failed)"
+        footer = []
+        fe = self.file_exporter
+        if fe is not None:
+            if fe.written is not None:
+                dropped = f", {fe.dropped} dropped at the cap of {fe.max_spans}" if fe.dropped else ""
+                footer.append(f"  trace: {fe.path} ({fe.written} spans{dropped}) -- "
+                              f"Jaeger UI: Search > Upload JSON")
+        if self.otlp_endpoint:
+            footer.append(f"  trace: sent over OTLP to {self.otlp_endpoint}")
+        if self.prometheus is not None:
+            footer.append(f"  metrics were served at {self.prometheus.url}")
+        return self.summary.render(header, footer)
+
+
+def _file_exporter(path, max_spans):
+    from .file import JaegerFileExporter
+    return JaegerFileExporter(path, max_spans)
+
+
+def start(settings, argv, *, environ=None, children_env=None, register_atexit=True):
+    """Set up a :class:`Session` for this process and start tracing.  ConfigError on bad settings."""
+    session = Session(settings, argv, environ=environ)
+    session.setup()
+    if settings.children and children_env is not None:
+        children_env(session)
+    session.instrument()
+    if register_atexit:
+        atexit.register(session.shutdown)
+    return session

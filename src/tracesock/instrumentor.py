@@ -1,0 +1,72 @@
+"""``SocketInstrumentor``: tracesock for OpenTelemetry's auto-instrumentation.
+
+Registered in the ``opentelemetry_instrumentor`` entry-point group under the
+name ``tracesock``, so ``opentelemetry-instrument python app.py`` turns it on
+once tracesock is installed with its ``instrumentation`` extra
+(``pip install 'tracesock[instrumentation]'``), and
+``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=tracesock`` turns it off.  The
+``socket.socket`` class is patched in place, so sockets the SDK's exporters
+created before instrumentation are covered too (their own exports are not
+traced: the SDK sets the suppress-instrumentation key around them).
+
+Settings: keyword arguments of :meth:`instrument` (``tracer_provider``,
+``meter_provider``, ``detail``, ``slow_threshold``), else the
+``TRACESOCK_DETAIL`` / ``TRACESOCK_SLOW_THRESHOLD`` variables, else
+``instrument()``'s defaults (``"calls"``, 0.1 s).  A bad keyword argument
+raises ``ValueError``; a bad variable stops the process with one line on
+stderr naming it (under ``opentelemetry-instrument`` an exception would only
+be logged and the setting silently ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+try:
+    from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "tracesock.instrumentor needs opentelemetry-instrumentation: "
+        "pip install 'tracesock[instrumentation]'") from e
+
+from . import _patch
+from ._config import ConfigError, parse_detail, parse_threshold
+
+__all__ = ["SocketInstrumentor"]
+
+
+def _from_env(var, parse, default):
+    raw = os.environ.get(var, "")
+    if not raw.strip():
+        return default
+    try:
+        return parse(raw, var)
+    except ConfigError as e:
+        try:
+            sys.stdout.flush()
+            sys.stderr.write(f"tracesock: error: {e}\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(2)
+
+
+class SocketInstrumentor(BaseInstrumentor):
+    """Trace every ``socket.socket`` of the process (see :func:`tracesock.instrument`)."""
+
+    def instrumentation_dependencies(self):
+        return ()
+
+    def _instrument(self, **kwargs):
+        detail = kwargs.get("detail")
+        if detail is None:
+            detail = _from_env("TRACESOCK_DETAIL", parse_detail, "calls")
+        if "slow_threshold" in kwargs:
+            slow_threshold = kwargs["slow_threshold"]
+        else:
+            slow_threshold = _from_env("TRACESOCK_SLOW_THRESHOLD", parse_threshold, 0.1)
+        _patch.instrument(kwargs.get("tracer_provider"), kwargs.get("meter_provider"),
+                          detail=detail, slow_threshold=slow_threshold)
+
+    def _uninstrument(self, **kwargs):
+        _patch.uninstrument()
