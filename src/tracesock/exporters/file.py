@@ -27,7 +27,7 @@ class JaegerFileExporter(SpanExporter):
         self.max_spans = max_spans
         self.keep = keep  # predicate: spans that always get a place (the run span)
         self._spans = []
-        self._reserved = 1 if keep is not None else 0
+        self._kept_special = False  # the span `keep` picks has arrived
         self.dropped = 0
         self.written = None  # number of spans written, once written
         self.error = None  # why writing failed (one line), at shutdown
@@ -38,11 +38,13 @@ class JaegerFileExporter(SpanExporter):
         with self._lock:
             if self._done:
                 return SpanExportResult.FAILURE
+            reserved = 1 if self.keep is not None and not self._kept_special else 0
             for span in spans:
-                if self.keep is not None and self._reserved and self.keep(span):
-                    self._reserved = 0
+                if reserved and self.keep(span):
+                    self._kept_special = True
+                    reserved = 0
                     self._spans.append(span)
-                elif len(self._spans) + self._reserved < self.max_spans:
+                elif len(self._spans) + reserved < self.max_spans:
                     self._spans.append(span)
                 else:
                     self.dropped += 1
