@@ -461,3 +461,49 @@ def test_build_env_modes(monkeypatch):
     env = c.build_env("baseline", "/site", "/src", "/m", "calls", ["/extra"], "none", pure_python=True)
     assert env["PYTHONPATH"] == os.pathsep.join(["/site", "/extra", "/src"])
     assert env["TRACESOCK_NO_SPEEDUPS"] == "1" and env["TRACESOCK_CONFORMANCE_DETAIL"] == "calls"
+
+
+FLAKY_STUB = STUB + '''
+import os, sys
+def c_worker(argv):
+    return any("libregrtest.worker" in a or a == "--worker-args" for a in argv)
+_flag = os.environ["STUB_FLAG_FILE"]
+if c_worker(sys.orig_argv) and "test_epoll" in " ".join(sys.orig_argv) and not os.path.exists(_flag):
+    open(_flag, "w").close()
+    _orig_instrument = instrument
+    def instrument(tracer_provider=None, *args, **kwargs):  # first run only: break epoll's connect
+        _orig_instrument(tracer_provider, *args, **kwargs)
+        tracer = tracer_provider.get_tracer("stub")
+        def connect(self, *a):
+            with tracer.start_as_current_span("socket.connect"):
+                raise OSError(99, "stub: flaky connect")
+        socket.socket.connect = connect
+'''
+
+
+@pytest.mark.skipif(not _have_regrtest_and_otel(), reason="needs the stdlib test package and opentelemetry-sdk")
+@pytest.mark.parametrize("retries,expected_exit", [(1, 0), (0, 1)])
+def test_main_retries_tell_flaky_from_real(tmp_path, monkeypatch, capsys, retries, expected_exit):
+    stub = make_stub(tmp_path, FLAKY_STUB)
+    monkeypatch.setenv("STUB_FLAG_FILE", str(tmp_path / "flag"))
+    monkeypatch.setattr(c, "find_interpreters", lambda versions: {"3.x": sys.executable})
+    monkeypatch.setattr(c, "build_env", _keep_stub_flag(c.build_env))
+    rc = c.main(["--versions", "3.x", "--suites", "epoll", "--no-venv", "--source", "tree",
+                 "--cache-dir", str(tmp_path / "cache"), "--extra-path", str(stub), "--retries", str(retries)])
+    out = capsys.readouterr().out
+    assert rc == expected_exit, out
+    assert "test_epoll" in out
+    if retries:
+        assert "FLAKY" in out and "re-running test_epoll" in out
+    else:
+        assert "NOT CONFORMING" in out and "re-running" not in out
+    results = json.loads((tmp_path / "cache" / "results.json").read_text())
+    assert ("test_epoll" in results["3.x"]["flaky"]) is bool(retries)
+
+
+def _keep_stub_flag(build_env):
+    def wrapper(*args, **kwargs):
+        env = build_env(*args, **kwargs)
+        env["STUB_FLAG_FILE"] = os.environ["STUB_FLAG_FILE"]
+        return env
+    return wrapper

@@ -876,30 +876,45 @@ def _bad_status(status: str) -> bool:
     return not _GOOD_STATUS_RE.match(status.strip())
 
 
+def compare_suite(name: str, b: SuiteResult, i: SuiteResult) -> list:
+    """Differences of one suite between the unpatched (b) and instrumented (i) runs."""
+    problems = []
+    new_fail = sorted(i.failed_ids - b.failed_ids)
+    if i.failed > b.failed or new_fail:
+        detail = f": {', '.join(new_fail[:8])}{' ...' if len(new_fail) > 8 else ''}" if new_fail else ""
+        problems.append(f"{name}: {i.failed} failed/errors instrumented vs {b.failed} unpatched{detail}")
+    if i.ran != b.ran:
+        problems.append(f"{name}: ran {i.ran} instrumented vs {b.ran} unpatched")
+    if i.skipped != b.skipped:
+        only_i = sorted(i.skipped_ids - b.skipped_ids)
+        extra = f" (skipped only when instrumented: {', '.join(only_i[:5])})" if only_i else ""
+        problems.append(f"{name}: skipped {i.skipped} instrumented vs {b.skipped} unpatched{extra}")
+    if _bad_status(i.status) and not _bad_status(b.status):
+        problems.append(f"{name}: regrtest says '{i.status}' instrumented vs '{b.status}' unpatched")
+    return problems
+
+
+def compare_runs(base: RunResult, inst: RunResult) -> tuple:
+    """(problems of the runs as a whole, {suite: its problems}) -- empty = conforms."""
+    general = []
+    for p in inst.markers.problems:
+        general.append(f"instrumentation check: {p}")
+    for p in base.markers.problems:
+        general.append(f"baseline marker check: {p}")
+    if inst.timed_out:
+        general.append("instrumented run hit the runner's hard timeout")
+    per_suite = {}
+    for name, b in base.suites.items():
+        probs = compare_suite(name, b, inst.suites[name])
+        if probs:
+            per_suite[name] = probs
+    return general, per_suite
+
+
 def compare(base: RunResult, inst: RunResult) -> list:
     """Reasons why the instrumented run does not conform (empty = conforms)."""
-    problems = []
-    for p in inst.markers.problems:
-        problems.append(f"instrumentation check: {p}")
-    for p in base.markers.problems:
-        problems.append(f"baseline marker check: {p}")
-    if inst.timed_out:
-        problems.append("instrumented run hit the runner's hard timeout")
-    for name, b in base.suites.items():
-        i = inst.suites[name]
-        new_fail = sorted(i.failed_ids - b.failed_ids)
-        if i.failed > b.failed or new_fail:
-            detail = f": {', '.join(new_fail[:8])}{' ...' if len(new_fail) > 8 else ''}" if new_fail else ""
-            problems.append(f"{name}: {i.failed} failed/errors instrumented vs {b.failed} unpatched{detail}")
-        if i.ran != b.ran:
-            problems.append(f"{name}: ran {i.ran} instrumented vs {b.ran} unpatched")
-        if i.skipped != b.skipped:
-            only_i = sorted(i.skipped_ids - b.skipped_ids)
-            extra = f" (skipped only when instrumented: {', '.join(only_i[:5])})" if only_i else ""
-            problems.append(f"{name}: skipped {i.skipped} instrumented vs {b.skipped} unpatched{extra}")
-        if _bad_status(i.status) and not _bad_status(b.status):
-            problems.append(f"{name}: regrtest says '{i.status}' instrumented vs '{b.status}' unpatched")
-    return problems
+    general, per_suite = compare_runs(base, inst)
+    return general + [p for probs in per_suite.values() for p in probs]
 
 
 def _fmt_diff(a: int, b: int) -> str:
@@ -1057,6 +1072,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=300, help="regrtest --timeout per test file, seconds (default 300)")
     p.add_argument("--hard-timeout", type=float, default=900, help="kill a whole regrtest run after this many seconds (default 900)")
     p.add_argument("--detail", default="syscalls", help="tracesock.instrument(detail=...) for the instrumented run (default syscalls)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="re-run (both modes) the suites that differ, up to N times; a suite that then "
+                        "matches is reported as FLAKY and does not fail the run (default 1; 0 = strict)")
     p.add_argument("--slow-threshold", default="0",
                    help="tracesock.instrument(slow_threshold=...) in seconds, or 'none' (default 0: every call "
                         "is 'slow', so every call makes its spans even without a parent span)")
@@ -1156,8 +1174,32 @@ def main(argv=None) -> int:
             print(format_table(base, inst))
             print(format_markers(base.markers, "baseline"))
             print(format_markers(inst.markers, "instrumented"))
-            problems = compare(base, inst)
+            general, per_suite = compare_runs(base, inst)
+            flaky = {}
+            for attempt in range(1, args.retries + 1):
+                if not per_suite or general:
+                    break
+                again = list(per_suite)
+                log(f"[{ver}] re-running {', '.join(again)} (attempt {attempt}/{args.retries}) to tell "
+                    f"a flaky difference from a real one")
+                rerun = {
+                    mode: run_regrtest(
+                        version=f"{ver}-retry{attempt}", mode=mode, python=python, suites=again,
+                        jobs=args.jobs, timeout=args.timeout, hard_timeout=args.hard_timeout, out_dir=logs,
+                        site_dir=str(site_dir), src_dir=src_dir, detail=args.detail,
+                        excludes=list(EXCLUDED_TESTS), extra_path=args.extra_path,
+                        slow_threshold=args.slow_threshold, pure_python=args.pure_python, log=log)
+                    for mode in MODES
+                }
+                g2, p2 = compare_runs(rerun["baseline"], rerun["instrumented"])
+                entry.setdefault("retries", []).append(
+                    {m: r.as_dict() for m, r in rerun.items()} | {"problems": g2 + [x for v in p2.values() for x in v]})
+                for name in again:
+                    if name not in p2 and not g2:
+                        flaky[name] = per_suite.pop(name)
+            problems = general + [p for probs in per_suite.values() for p in probs]
             entry["problems"] = problems
+            entry["flaky"] = flaky
             slow = format_slowdowns(base, inst)
             if slow:
                 print("slower instrumented (wall time per suite, from the event log):")
@@ -1166,6 +1208,11 @@ def main(argv=None) -> int:
             if fails:
                 print("failures in the instrumented run:")
                 print(fails)
+            if flaky:
+                print("FLAKY (differed in the full run, matched when re-run; not counted as a failure):")
+                for probs in flaky.values():
+                    for p in probs:
+                        print(f"  - {p}")
             if problems:
                 exit_code = 1
                 print("NOT CONFORMING:")
@@ -1173,7 +1220,10 @@ def main(argv=None) -> int:
                     print(f"  - {p}")
             else:
                 print("CONFORMING: instrumented run matches the unpatched run")
-            md_parts.append(f"### Python {ver_full}\n\n{format_table(base, inst, markdown=True)}\n\n"
+            verdict = ("NOT CONFORMING: " + "; ".join(problems)) if problems else "Conforming."
+            if flaky:
+                verdict += " Flaky (matched when re-run): " + "; ".join(p for v in flaky.values() for p in v)
+            md_parts.append(f"### Python {ver_full}\n\n{verdict}\n\n{format_table(base, inst, markdown=True)}\n\n"
                             f"Wall time: {base.duration:.0f} s unpatched, {inst.duration:.0f} s instrumented"
                             f" (tracesock {revision}).\n\n"
                             f"{format_markers(inst.markers, 'instrumented')}.\n")
