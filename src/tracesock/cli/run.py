@@ -32,7 +32,7 @@ examples:
   tracesock run --children --prometheus-port 9464 -m http.server 8000
 
 Default: the trace goes to ./{DEFAULT_OUTPUT.replace('{pid}', '<pid>')} (Jaeger JSON: Jaeger UI >
-Search > Upload JSON) and a summary is printed on stderr at exit.
+Search > JSON File) and a summary is printed on stderr at exit.
 """
 
 VALUE_OPTIONS = {"--detail", "--slow-threshold", "--exporter", "--output", "-o", "--service-name",

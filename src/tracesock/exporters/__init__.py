@@ -288,7 +288,7 @@ class Session:
 
     def shutdown(self):
         with self._lock:
-            if self._done:
+            if self._done or os.getpid() != self.pid:  # a fork()ed copy: the parent writes
                 return
             self._done = True
         import tracesock
@@ -335,7 +335,7 @@ class Session:
             if fe.written is not None:
                 dropped = f", {fe.dropped} dropped at the cap of {fe.max_spans}" if fe.dropped else ""
                 footer.append(f"  trace: {fe.path} ({fe.written} spans{dropped}) -- "
-                              f"Jaeger UI: Search > Upload JSON")
+                              f"Jaeger UI: Search > JSON File")
         if self.otlp_endpoint:
             footer.append(f"  trace: sent over OTLP to {self.otlp_endpoint}")
         if self.prometheus is not None:

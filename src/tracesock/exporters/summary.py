@@ -138,13 +138,15 @@ class SummaryProcessor(SpanProcessor):
             for duration, _, (name, peer, _, attrs) in slowest:
                 detail = []
                 moved = attrs.get("tracesock.bytes.transferred")
-                if moved is not None:
+                if moved is not None and name[len("socket."):] in SEND | RECV:
                     detail.append(f"{format_bytes(moved)}")
-                for key, label in (("tracesock.syscalls", "syscalls"), ("tracesock.waits", "waits"),
-                                   ("tracesock.partial_sends", "partial sends"),
-                                   ("tracesock.eintr_retries", "EINTR retries")):
-                    if attrs.get(key):
-                        detail.append(f"{attrs[key]} {label}")
+                for key, label in (("tracesock.syscalls", "syscall"), ("tracesock.waits", "wait"),
+                                   ("tracesock.partial_sends", "partial send"),
+                                   ("tracesock.eintr_retries", "EINTR retry")):
+                    n = attrs.get(key)
+                    if n:
+                        plural = label[:-1] + "ies" if label.endswith("y") else label + "s"
+                        detail.append(f"{n} {label if n == 1 else plural}")
                 if attrs.get("error.type"):
                     detail.append(attrs["error.type"])
                 lines.append(f"    {duration / 1e6:10.3f} ms  {name:<22} {peer}"
