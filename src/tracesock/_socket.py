@@ -20,6 +20,7 @@ Everything else goes through ``_syscall.sock_call`` -- the one retry/wait loop.
 from __future__ import annotations
 
 import _socket
+import math
 import os
 import socket as _stdsocket
 
@@ -27,13 +28,16 @@ from opentelemetry import context as _otel_context
 
 from . import _otel
 from ._events import _BOUNDS_NS, INTERRUPTED, Call, _local, fast_hist, stats_for, thread_stats
-from ._syscall import blocking_send, now, sock_call, timed_out
+from ._syscall import blocking_send, fd_blocks, now, sock_call, timed_out
 
 __all__ = ["TracedSocket", "METHODS"]
 
 _C = _socket.socket
 _DW = int(getattr(_stdsocket, "MSG_DONTWAIT", 0x40))
 _WAITALL = int(getattr(_stdsocket, "MSG_WAITALL", 0x100))
+# Flags with which the kernel never blocks: the caller gets one try and EAGAIN.
+_SINGLE_TRY = _DW | int(getattr(_stdsocket, "MSG_ERRQUEUE", 0x2000))
+_SO_ACCEPTCONN = getattr(_stdsocket, "SO_ACCEPTCONN", 30)
 _gettimeout = _C.gettimeout
 _family = _C.family.__get__
 _type = _C.type.__get__
@@ -79,7 +83,8 @@ class _Method:
     """What the shared code needs to know about one C socket method."""
 
     __slots__ = ("name", "syscall", "fn", "writing", "flags_at", "fill", "keywords",
-                 "size_of", "requested", "address_of", "resizes", "payload", "with_payload")
+                 "size_of", "requested", "address_of", "resizes", "zero_is_noop", "payload",
+                 "with_payload")
 
     def __init__(self, name, syscall, writing, flags_at, fill, keywords, size_of,
                  requested, address_of=None, resizes=False):
@@ -94,6 +99,7 @@ class _Method:
         self.requested = requested  # bytes asked for, from (args, kwargs)
         self.address_of = address_of  # peer address from (args, result), if the call names one
         self.resizes = resizes  # result is a bytes object preallocated to the requested size
+        self.zero_is_noop = False  # CPython returns at once, no syscall, for a 0-byte request
         self.payload = None  # send methods: the one buffer to send, from args
         self.with_payload = None  # send methods: args with the buffer replaced
 
@@ -108,7 +114,7 @@ class _Method:
             flags = kwargs.get("flags", 0)
             if not isinstance(flags, int) or flags & _WAITALL:
                 return None
-            if flags & _DW:
+            if flags & _SINGLE_TRY:
                 return USER_DONTWAIT
             kw = dict(kwargs)
             kw["flags"] = flags | _DW
@@ -117,7 +123,7 @@ class _Method:
             flags = args[at]
             if not isinstance(flags, int) or flags & _WAITALL:
                 return None
-            if flags & _DW:
+            if flags & _SINGLE_TRY:
                 return USER_DONTWAIT
             return args[:at] + (flags | _DW,) + args[at + 1:], kwargs
         missing = at - n
@@ -193,6 +199,7 @@ RECVMSG = _Method("recvmsg", "recvmsg", False, 2, (0,), False, _first_len, _size
 SEND = _Method("send", "send", True, 1, (), False, _int, _data_size)
 SENDTO = _Method("sendto", "sendto", True, 1, (), False, _int, _data_size, _sendto_address)
 SENDMSG = _Method("sendmsg", "sendmsg", True, 2, ((),), False, _int, _msg_size, _sendmsg_address)
+RECV.zero_is_noop = RECV_INTO.zero_is_noop = True
 SEND.payload = SENDTO.payload = lambda args: args[0]
 SEND.with_payload = SENDTO.with_payload = lambda args, buf: (buf,) + args[1:]
 # sendmsg continues only in its one-buffer form, without ancillary data (sent once).
@@ -302,6 +309,9 @@ def _finish(call, sock, ctx):
             rec.emit(call, sock, ctx)
     except Exception:
         _otel.dropped()
+    # The exception's traceback holds our frames, which hold the call: without
+    # this the exception, the socket and its fd would live until the next GC.
+    call.error = None
 
 
 def _new_call(sock, m_name, start):
@@ -313,10 +323,12 @@ def _new_call(sock, m_name, start):
 def _io(sock, m, args, kwargs):
     """One logical syscall: the general entry of every method but ``sendall``."""
     ctx = _current_context()
-    if ctx and ctx.get(_SUPPRESS):
-        return m.fn(sock, *args, **kwargs)
+    if (ctx and ctx.get(_SUPPRESS)) or not isinstance(sock, _C):
+        return m.fn(sock, *args, **kwargs)  # not ours to trace; CPython names a wrong self
     timeout = _gettimeout(sock)
     if timeout:  # a timeout: wait first, like CPython
+        if m.zero_is_noop and _safe(m.requested, args, kwargs) == 0:
+            return m.fn(sock, *args, **kwargs)  # CPython returns at once, no syscall
         return _slow(sock, m, args, kwargs, ctx, timeout, None)
     if timeout is None:
         prepared = m.dontwait(args, kwargs)
@@ -333,7 +345,7 @@ def _io(sock, m, args, kwargs):
     try:
         result = m.fn(sock, *dargs, **dkw)
     except BaseException as exc:
-        if timeout is None and isinstance(exc, BlockingIOError):
+        if timeout is None and isinstance(exc, BlockingIOError) and fd_blocks(sock):
             first = (start, now(), -1)  # it would block: wait, outside this except block
         else:
             _fast_failed(sock, m, start, now(), exc, args, kwargs, ctx)
@@ -353,11 +365,16 @@ def _done(sock, m, start, end, result, args, kwargs, ctx, timeout):
     except Exception:
         _otel.dropped()
         return result
-    if m.writing and timeout is None and n < requested and _type(sock) & 0xF == _STREAM:
+    if (m.writing and timeout is None and requested is not None and n < requested
+            and _type(sock) & 0xF == _STREAM and fd_blocks(sock)):
         # A blocking stream send queues everything; keep going like the kernel.
         return _send_blocking(sock, m, args, kwargs, ctx, (start, end, n))
     _fast_done(sock, m, start, end, n, requested, args, kwargs, result, ctx)
     return result
+
+
+def _timeout_ns(timeout):
+    return max(1, math.ceil(timeout * 1e9))  # CPython keeps the timeout in ns, rounded up
 
 
 def _slow(sock, m, args, kwargs, ctx, timeout, first):
@@ -367,12 +384,10 @@ def _slow(sock, m, args, kwargs, ctx, timeout, first):
     call.requested = _safe(m.requested, args, kwargs)
     if first:
         call.syscall(m.syscall, first[0], first[1], -1, "EAGAIN")
-    deadline = None
-    if timeout:
-        deadline = start + int(timeout * 1e9)
     try:
-        result = sock_call(call, sock, m.syscall, m.fn, (sock,) + args, m.writing,
-                           m.size_of, deadline, kwargs, wait_first=first is not None)
+        result = sock_call(call, sock, m.syscall, m.fn, (sock,) + args, m.writing, m.size_of,
+                           _timeout_ns(timeout) if timeout else None, kwargs,
+                           wait_first=first is not None)
     except BaseException as exc:
         call.error = exc
         _finish(call, sock, ctx)
@@ -380,6 +395,71 @@ def _slow(sock, m, args, kwargs, ctx, timeout, first):
     _after(call, m, args, result)
     _finish(call, sock, ctx)
     return result
+
+
+def _send_blocking(sock, m, args, kwargs, ctx, first):
+    """A send on a blocking socket that did not complete in its first try.
+
+    ``first`` is ``(start, end, result)`` of that try (result -1: EAGAIN).
+    The kernel's blocking send queues everything on a stream socket unless a
+    signal (or ``SO_SNDTIMEO``, or an error) stops it after some progress --
+    then it returns the count -- and a datagram whole.  We continue until the
+    same is true: ``send`` with the kernel's own blocking send, ``sendto``
+    and ``sendmsg`` by waiting with poll.
+    """
+    start, end, n = first
+    call = _new_call(sock, m.name, start)
+    total = call.requested = _safe(m.requested, args, kwargs)
+    call.syscall(m.syscall, start, end, n, "EAGAIN" if n < 0 else None)
+    sent = max(n, 0)
+    piece = None
+    try:
+        if _type(sock) & 0xF != _STREAM or m.payload is None or total is None:
+            dargs, dkw = m.dontwait(args, kwargs)
+            sent = sock_call(call, sock, m.syscall, m.fn, (sock,) + dargs, True, _int,
+                             kwargs=dkw, wait_first=True)
+        else:
+            if 0 < sent < total:
+                call.partial()
+            with _byte_view(m.payload(args)) as view:
+                while sent < total:
+                    piece = view[sent:]
+                    try:
+                        n = _send_more(call, sock, m, args, kwargs, piece, sent)
+                    except OSError:
+                        if not sent:
+                            raise
+                        break  # the kernel returns what it queued; the error comes next time
+                    finally:
+                        piece.release()
+                    if n is INTERRUPTED:
+                        if sent:
+                            break  # a signal after progress: the kernel returns the count
+                        continue
+                    sent += n
+                    if m is SEND and sent < total:
+                        break  # cut short by a signal: so is the kernel's send
+    except BaseException as exc:
+        call.error = exc
+        call.transferred = sent
+        _finish(call, sock, ctx)
+        raise
+    call.transferred = sent
+    _finish(call, sock, ctx)
+    return sent
+
+
+def _send_more(call, sock, m, args, kwargs, piece, sent):
+    """One more syscall of a blocking stream send, after the buffer was found full."""
+    if m is SEND:
+        # Let the kernel wait, exactly as it would untraced.
+        return blocking_send(call, sock, piece, args[1] if len(args) > 1 else 0)
+    dargs, dkw = m.dontwait(m.with_payload(args, piece), kwargs)
+    n = sock_call(call, sock, m.syscall, m.fn, (sock,) + dargs, True, _int,
+                  kwargs=dkw, wait_first=True, stop_on_interrupt=sent > 0)
+    if n is not INTERRUPTED and n < len(piece):
+        call.partial()
+    return n
 
 
 def _after(call, m, args, result):
@@ -421,59 +501,6 @@ def _plain(sock, m, args, kwargs, ctx, name=None):
     return result
 
 
-def _send_blocking(sock, m, args, kwargs, ctx, first):
-    """A send on a blocking socket that did not complete in its first try.
-
-    ``first`` is ``(start, end, result)`` of that try (result -1: EAGAIN).
-    The kernel's blocking send queues everything on a stream socket unless a
-    signal interrupts it after some progress (then it returns the count), and
-    a datagram whole; we wait with poll and continue until the same is true.
-    """
-    start, end, n = first
-    call = _new_call(sock, m.name, start)
-    total = call.requested = _safe(m.requested, args, kwargs)
-    call.syscall(m.syscall, start, end, n, "EAGAIN" if n < 0 else None)
-    sent = max(n, 0)
-    try:
-        if _type(sock) & 0xF != _STREAM or m.payload is None:
-            dargs, dkw = m.dontwait(args, kwargs)
-            sent = sock_call(call, sock, m.syscall, m.fn, (sock,) + dargs, True, _int,
-                             kwargs=dkw, wait_first=True)
-        else:
-            if 0 < sent < total:
-                call.partial()
-            with _byte_view(m.payload(args)) as view:
-                while sent < total:
-                    if m is SEND:
-                        # The buffer is full: let the kernel wait, as it would untraced.
-                        n = blocking_send(call, sock, view[sent:], args[1] if len(args) > 1 else 0)
-                        if n is INTERRUPTED:
-                            if sent:
-                                break  # a signal after progress: the kernel returns the count
-                            continue
-                        sent += n
-                        if sent < total:
-                            break  # cut short by a signal: so is the kernel's send
-                        continue
-                    dargs, dkw = m.dontwait(m.with_payload(args, view[sent:]), kwargs)
-                    # The buffer was full a moment ago: wait before trying again.
-                    n = sock_call(call, sock, m.syscall, m.fn, (sock,) + dargs, True, _int,
-                                  kwargs=dkw, wait_first=True, stop_on_interrupt=sent > 0)
-                    if n is INTERRUPTED:
-                        break
-                    if n < total - sent:
-                        call.partial()
-                    sent += n
-    except BaseException as exc:
-        call.error = exc
-        call.transferred = sent
-        _finish(call, sock, ctx)
-        raise
-    call.transferred = sent
-    _finish(call, sock, ctx)
-    return sent
-
-
 # --- the C hot path (optional) ------------------------------------------------
 
 _NOT_FAST = object()  # the C fast path declined: nothing was done
@@ -505,7 +532,7 @@ def _c_slow(index, sock, start, end, n, result, args):
 
 def _c_raised(sock, m, args, kwargs, exc):
     """The C path's syscall raised: record it, or hand a would-block over to the slow path."""
-    if isinstance(exc, BlockingIOError) and _gettimeout(sock) is None:
+    if isinstance(exc, BlockingIOError) and fd_blocks(sock):
         return _PARTIAL
     start, end, _ = _speedups.last()
     _fast_failed(sock, m, start, end, exc, args, kwargs, None)
@@ -518,6 +545,10 @@ def _c_continue(sock, m, args, kwargs):
     if m is SENDALL:
         return _sendall_rest(sock, args[0], 0, None, None, first[0], first)
     if m.writing:
+        if first[2] >= 0 and not fd_blocks(sock):  # O_NONBLOCK behind Python's back
+            _fast_done(sock, m, first[0], first[1], first[2], _safe(m.requested, args, kwargs),
+                       args, kwargs, first[2], None)
+            return first[2]
         return _send_blocking(sock, m, args, kwargs, None, first)
     dargs, dkw = m.dontwait(args, kwargs)
     return _slow(sock, m, dargs, dkw, None, None, first)
@@ -579,7 +610,7 @@ def _is_buffer(obj):
 def sendmsg(self, *args, **kwargs):
     # Only the one-buffer form can continue after a partial send; for the others
     # the blocking kernel semantics are kept by CPython's own call.
-    if len(args) >= 1 and not kwargs:
+    if len(args) >= 1 and not kwargs and isinstance(self, _C):
         try:
             single = len(args[0]) == 1 and not (len(args) > 1 and args[1])
         except TypeError:
@@ -591,10 +622,9 @@ def sendmsg(self, *args, **kwargs):
 
 def sendall(self, *args, **kwargs):
     ctx = _current_context()
-    if kwargs or not 1 <= len(args) <= 2 or (len(args) == 2 and not isinstance(args[1], int)):
-        return _C.sendall(self, *args, **kwargs)  # CPython raises (or handles) the odd case
-    if ctx and ctx.get(_SUPPRESS):
-        return _C.sendall(self, *args)
+    if (kwargs or not 1 <= len(args) <= 2 or (len(args) == 2 and not isinstance(args[1], int))
+            or not isinstance(self, _C) or (ctx and ctx.get(_SUPPRESS))):
+        return _C.sendall(self, *args, **kwargs)  # the odd case, or not ours to trace
     data = args[0]
     flags = args[1] if len(args) == 2 else 0
     timeout = _gettimeout(self)
@@ -604,14 +634,12 @@ def sendall(self, *args, **kwargs):
     # One try first: most sendalls fit into the socket buffer at once.
     try:
         n = _C.send(self, data, flags | _DW)
-    except BlockingIOError as exc:
-        if timeout is not None:  # non-blocking and nothing fits: CPython raises at once
-            _fast_failed(self, SENDALL, start, now(), exc, args, kwargs, ctx)
-            raise
-        n = -1
     except BaseException as exc:
-        _fast_failed(self, SENDALL, start, now(), exc, args, kwargs, ctx)
-        raise
+        if not (timeout is None and isinstance(exc, BlockingIOError) and not flags & _DW
+                and fd_blocks(self)):
+            _fast_failed(self, SENDALL, start, now(), exc, args, kwargs, ctx)
+            raise  # non-blocking and nothing fits, or a real error: CPython raises at once
+        n = -1
     end = now()
     if n >= 0 and n == _nbytes(data):
         _fast_done(self, SENDALL, start, end, n, n, args, kwargs, None, ctx)
@@ -620,7 +648,12 @@ def sendall(self, *args, **kwargs):
 
 
 def _sendall_rest(self, data, flags, ctx, timeout, start, first):
-    """``sock_sendall``: the loop over send, with a total deadline when a timeout is set."""
+    """``sock_sendall``: the loop over send.
+
+    With a timeout, the deadline is that of the whole call (CPython >= 3.5):
+    the first send gets the whole timeout and starts the deadline, each
+    later one what is left; none once it has passed.
+    """
     try:
         _byte_view(data).release()
         usable = True
@@ -632,7 +665,8 @@ def _sendall_rest(self, data, flags, ctx, timeout, start, first):
         # so it carries no chained context).
         return _C.sendall(self, data, flags)
     call = _new_call(self, "sendall", start)
-    deadline = start + int(timeout * 1e9) if timeout else None
+    timeout_ns = _timeout_ns(timeout) if timeout else None
+    deadline = None
     sent = 0
     dflags = flags | _DW if timeout is None else flags
     stream = _type(self) & 0xF == _STREAM
@@ -645,20 +679,29 @@ def _sendall_rest(self, data, flags, ctx, timeout, start, first):
                 if 0 < sent < total:
                     call.partial()
             while True:
-                if deadline is not None and deadline - now() <= 0:
-                    raise timed_out(call)
-                chunk = view[sent:]
-                if timeout is None and stream:
-                    # On a blocking socket we only get here when the buffer is full:
-                    # let the kernel wait, as it would untraced.
-                    n = blocking_send(call, self, chunk, flags)
-                    if n is not INTERRUPTED:
-                        sent += n
-                else:
-                    n = sock_call(call, self, "send", _C.send, (self, chunk, dflags), True, _int,
-                                  deadline, wait_first=timeout is None)
-                    if n < len(chunk):
-                        call.partial()
+                interval = None
+                if timeout_ns is not None:
+                    if deadline is None:
+                        deadline = now() + timeout_ns
+                        interval = timeout_ns
+                    else:
+                        interval = deadline - now()
+                        if interval <= 0:
+                            raise timed_out(call)
+                piece = view[sent:]
+                try:
+                    if timeout is None and stream:
+                        # On a blocking socket we only get here when the buffer is
+                        # full: let the kernel wait, as it would untraced.
+                        n = blocking_send(call, self, piece, flags)
+                    else:
+                        n = sock_call(call, self, "send", _C.send, (self, piece, dflags), True,
+                                      _int, interval, wait_first=timeout is None)
+                        if n < len(piece):
+                            call.partial()
+                finally:
+                    piece.release()  # no export of the caller's buffer outlives the call
+                if n is not INTERRUPTED:
                     sent += n
                 if sent >= total:
                     break
@@ -681,21 +724,18 @@ CONNECT_EX = _Method("connect_ex", "connect", True, 0, (), False, lambda r: 0,
                      lambda a, k: None, lambda a, r: a[0] if a else None)
 
 
-def _accept(self):
+def _accept(self, *args, **kwargs):
     ctx = _current_context()
-    if ctx and ctx.get(_SUPPRESS):
-        return _C._accept(self)
+    if args or kwargs or not isinstance(self, _C) or (ctx and ctx.get(_SUPPRESS)):
+        return _C._accept(self, *args, **kwargs)  # CPython names the odd case
     timeout = _gettimeout(self)
-    if timeout == 0.0:
+    if timeout == 0.0 or (timeout is None and not _can_wait_to_accept(self)):
         return _plain(self, ACCEPT, (), {}, ctx, "accept")
     start = now()
     call = _new_call(self, "accept", start)
-    deadline = None
-    if timeout:
-        deadline = start + int(timeout * 1e9)
     try:
         result = sock_call(call, self, "accept", _C._accept, (self,), False, ACCEPT.size_of,
-                           deadline, wait_first=True)
+                           _timeout_ns(timeout) if timeout else None, wait_first=True)
     except BaseException as exc:
         call.error = exc
         _finish(call, self, ctx)
@@ -705,16 +745,27 @@ def _accept(self):
     return result
 
 
+def _can_wait_to_accept(sock):
+    """Waiting for readability before accept() is only right on a listening,
+    really blocking socket; otherwise CPython's accept() answers at once
+    (EINVAL, EOPNOTSUPP, EAGAIN) and so must we."""
+    try:
+        listening = _C.getsockopt(sock, _stdsocket.SOL_SOCKET, _SO_ACCEPTCONN)
+    except OSError:
+        return False
+    return bool(listening) and fd_blocks(sock)
+
+
 def connect(self, *args, **kwargs):
     ctx = _current_context()
-    if ctx and ctx.get(_SUPPRESS):
+    if (ctx and ctx.get(_SUPPRESS)) or not isinstance(self, _C):
         return _C.connect(self, *args, **kwargs)
     return _plain(self, CONNECT, args, kwargs, ctx)
 
 
 def connect_ex(self, *args, **kwargs):
     ctx = _current_context()
-    if ctx and ctx.get(_SUPPRESS):
+    if (ctx and ctx.get(_SUPPRESS)) or not isinstance(self, _C):
         return _C.connect_ex(self, *args, **kwargs)
     return _plain(self, CONNECT_EX, args, kwargs, ctx)
 
@@ -724,7 +775,7 @@ _sendfile = _stdsocket.socket.sendfile
 
 def sendfile(self, file, offset=0, count=None):
     ctx = _current_context()
-    if ctx and ctx.get(_SUPPRESS):
+    if (ctx and ctx.get(_SUPPRESS)) or not isinstance(self, _C):
         return _sendfile(self, file, offset, count)
     start = now()
     call = _new_call(self, "sendfile", start)

@@ -61,7 +61,8 @@ import time
 
 from ._events import INTERRUPTED, READY, TIMEOUT
 
-__all__ = ["now", "wait", "syscall", "sock_call", "blocking_send", "timed_out", "errno_name"]
+__all__ = ["now", "wait", "syscall", "sock_call", "blocking_send", "fd_blocks", "timed_out",
+           "errno_name"]
 
 now = time.perf_counter_ns
 
@@ -171,23 +172,45 @@ def _kernel_timeout(sock, writing):
     return ns or None
 
 
-def sock_call(call, sock, name, fn, args, writing, size_of, deadline=None,
+def fd_blocks(sock):
+    """Does the descriptor really block?  Python's timeout says so, but a program
+    may have set O_NONBLOCK behind its back (os.set_blocking); CPython then
+    raises BlockingIOError where we would otherwise wait.  One fcntl, slow path only."""
+    fd = _fileno(sock)
+    return fd < 0 or os.get_blocking(fd)
+
+
+def _raise(exc):
+    """Raise ``exc`` without leaving it in a frame-local cycle (exc -> traceback -> frame -> exc)."""
+    try:
+        raise exc
+    finally:
+        exc = None
+
+
+def sock_call(call, sock, name, fn, args, writing, size_of, timeout_ns=None,
               kwargs=None, wait_first=False, stop_on_interrupt=False):
     """CPython's ``sock_call_ex``, with every wait and retry recorded.
 
-    ``deadline`` (``perf_counter_ns``) is set for sockets with a timeout and is
-    ``None`` for blocking sockets.  Returns ``fn``'s result, or
+    ``timeout_ns`` is set for sockets with a timeout (``None``: blocking).  As
+    in CPython, the first wait gets the whole interval and the deadline starts
+    then; later waits get what is left.  Returns ``fn``'s result, or
     ``INTERRUPTED`` when ``stop_on_interrupt`` is set and a signal interrupted
     a wait (a blocking ``send`` that already made progress returns then, as
     the kernel's would).
     """
     fd = _fileno(sock)
+    deadline = None
     while True:
-        if deadline is not None:
-            remaining = deadline - now()
-            if remaining < 0:
-                raise timed_out(call)
-            outcome = wait(call, fd, writing, remaining)
+        if timeout_ns is not None:
+            if deadline is None:
+                deadline = now() + timeout_ns
+                interval = timeout_ns
+            else:
+                interval = deadline - now()
+                if interval < 0:
+                    raise timed_out(call)
+            outcome = wait(call, fd, writing, interval)
             if outcome is TIMEOUT:
                 raise timed_out(call)
             if outcome is INTERRUPTED:
@@ -211,16 +234,16 @@ def sock_call(call, sock, name, fn, args, writing, size_of, deadline=None,
             return syscall(call, name, fn, args, size_of, kwargs)
         except BlockingIOError as exc:
             blocked = exc  # handled below, outside the except block: no chained context
-        if deadline is not None:
+        if timeout_ns is not None:
             blocked = None
             continue  # "ready" was a false positive: wait again, like sock_call_ex
         if fd >= 0 and not os.get_blocking(fd):
-            raise blocked  # made non-blocking behind Python's back: CPython raises too
+            _raise(blocked)  # made non-blocking behind Python's back: CPython raises too
         if call.kernel_timeout is False:
             call.kernel_timeout = _kernel_timeout(sock, writing)
         outcome = wait(call, fd, writing, call.kernel_timeout)
         if outcome is TIMEOUT:
-            raise blocked  # SO_RCVTIMEO/SO_SNDTIMEO expired: the kernel says EAGAIN
+            _raise(blocked)  # SO_RCVTIMEO/SO_SNDTIMEO expired: the kernel says EAGAIN
         blocked = None
         if outcome is INTERRUPTED and stop_on_interrupt:
             return INTERRUPTED
