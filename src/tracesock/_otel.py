@@ -66,6 +66,43 @@ def dropped(n=1):
     _dropped[0] += n
 
 
+def swallow(exc):
+    """Called from ``except Exception as exc`` around recording code.
+
+    Telemetry errors are counted and never reach the application -- but a
+    Python signal handler runs wherever the interpreter happens to be, our
+    recording code included, and what *it* raises belongs to the program (a
+    SIGALRM handler raising a timeout, say): that is raised again, as it
+    would have surfaced without tracesock.
+    """
+    if _from_signal_handler(exc):
+        raise exc
+    dropped()
+
+
+def _from_signal_handler(exc):
+    try:
+        import signal
+
+        handlers = set()
+        for signum in signal.valid_signals():
+            handler = signal.getsignal(signum)
+            code = getattr(handler, "__code__", None) or getattr(
+                getattr(handler, "__func__", None), "__code__", None)
+            if code is not None:
+                handlers.add(code)
+        if not handlers:
+            return False
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code in handlers:
+                return True
+            tb = tb.tb_next
+    except Exception:
+        pass
+    return False
+
+
 def dropped_count():
     return _dropped[0]
 
@@ -207,8 +244,8 @@ class Recorder:
                 self._spans(call, sock, parent_ctx)
             finally:
                 otel_context.detach(token)
-        except Exception:
-            dropped()
+        except Exception as exc:
+            swallow(exc)
             _log.debug("tracesock: span emission failed", exc_info=True)
 
     def _spans(self, call, sock, parent_ctx):
@@ -401,8 +438,8 @@ class MetricsBridge:
                 out.append(otel_metrics.Observation(
                     s.rx - base.rx, {"network.io.direction": "receive", "network.transport": transport}))
             return out
-        except Exception:
-            dropped()
+        except Exception as exc:
+            swallow(exc)
             return []
 
     def _field(self, name):
@@ -414,8 +451,8 @@ class MetricsBridge:
                     value = getattr(s, name) - (getattr(base, name) if base is not None else 0)
                     out.append(otel_metrics.Observation(value, {"network.transport": t}))
                 return out
-            except Exception:
-                dropped()
+            except Exception as exc:
+                swallow(exc)
                 return []
         return callback
 

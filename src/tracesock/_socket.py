@@ -244,8 +244,8 @@ def _fast_done(sock, m, start, end, n, requested, args, kwargs, result, ctx):
         if d >= rec.slow_ns or (ctx and _otel.parent_recording(ctx)):
             if rec.detail:
                 rec.emit(_fast_call(_stats(sock), m, start, end, n, args, kwargs, result), sock, ctx)
-    except Exception:
-        _otel.dropped()
+    except Exception as exc:
+        _otel.swallow(exc)
 
 
 def _fast_call(st, m, start, end, n, args, kwargs, result, exc=None):
@@ -288,8 +288,8 @@ def _fast_failed(sock, m, start, end, exc, args, kwargs, ctx):
             return
         call = _fast_call(st, m, start, end, 0, args, kwargs, None, exc)
         rec.emit(call, sock, ctx)
-    except Exception:
-        _otel.dropped()
+    except Exception as exc:
+        _otel.swallow(exc)
 
 
 def _finish(call, sock, ctx):
@@ -307,8 +307,8 @@ def _finish(call, sock, ctx):
         rec = _otel.RECORDER
         if rec.detail:
             rec.emit(call, sock, ctx)
-    except Exception:
-        _otel.dropped()
+    except Exception as exc:
+        _otel.swallow(exc)
     # The exception's traceback holds our frames, which hold the call: without
     # this the exception, the socket and its fd would live until the next GC.
     call.error = None
@@ -362,8 +362,8 @@ def _done(sock, m, start, end, result, args, kwargs, ctx, timeout):
     try:
         n = m.size_of(result)
         requested = m.requested(args, kwargs) if (m.writing or m.resizes) else None
-    except Exception:
-        _otel.dropped()
+    except Exception as exc:
+        _otel.swallow(exc)
         return result
     if (m.writing and timeout is None and requested is not None and n < requested
             and _type(sock) & 0xF == _STREAM and fd_blocks(sock)):
@@ -472,8 +472,8 @@ def _after(call, m, args, result):
             call.partial()
         if m.address_of is not None:
             call.address = m.address_of(args, result)
-    except Exception:
-        _otel.dropped()
+    except Exception as exc:
+        _otel.swallow(exc)
 
 
 def _safe(fn, *args):
@@ -531,17 +531,23 @@ def _c_slow(index, sock, start, end, n, result, args):
 
 
 def _c_raised(sock, m, args, kwargs, exc):
-    """The C path's syscall raised: record it, or hand a would-block over to the slow path."""
+    """The C path raised: record a failed syscall, or hand a would-block over to the slow path.
+
+    What raised may also be a signal handler that ran right after the call
+    (or during its span): that is the program's exception, raised untouched.
+    """
+    last = _speedups.last()
+    if last is None or last[3] != id(exc):
+        raise exc  # not the syscall's
     if isinstance(exc, BlockingIOError) and fd_blocks(sock):
         return _PARTIAL
-    start, end, _ = _speedups.last()
-    _fast_failed(sock, m, start, end, exc, args, kwargs, None)
+    _fast_failed(sock, m, last[0], last[1], exc, args, kwargs, None)
     raise exc
 
 
 def _c_continue(sock, m, args, kwargs):
     """Continue a call the C path started: it would block, or sent only part."""
-    first = _speedups.last()
+    first = _speedups.last()[:3]
     if m is SENDALL:
         return _sendall_rest(sock, args[0], 0, None, None, first[0], first)
     if m.writing:
@@ -561,8 +567,8 @@ def _hot_span(sock, m, start, end, n, args, result):
         rec = _otel.RECORDER
         if rec.detail:
             rec.emit(_fast_call(_stats(sock), m, start, end, n, args, {}, result), sock, None)
-    except Exception:
-        _otel.dropped()
+    except Exception as exc:
+        _otel.swallow(exc)
 
 
 def recv(self, *args, **kwargs):
@@ -842,7 +848,7 @@ METHODS = {
 def _dress(name, fn):
     """Give ``fn`` the identity of the method it replaces (doc, name, signature)."""
     original = getattr(_stdsocket.socket, name)
-    for attr in ("__doc__", "__name__", "__qualname__"):
+    for attr in ("__doc__", "__name__", "__qualname__", "__module__"):
         try:
             setattr(fn, attr, getattr(original, attr))
         except (AttributeError, TypeError):

@@ -46,13 +46,16 @@ static PyObject *gettimeout_fn, *family_descr, *type_descr, *context_var;
 static PyObject *not_fast, *partial, *on_slow, *dontwait_obj, *zero_obj;
 static int configured = 0;
 
-/* Leave a failed or partial attempt's timings for the Python slow path, per thread. */
+/* Leave a failed or partial attempt's timings for the Python slow path, per
+ * thread, with the id() of the exception it raised: an exception raised by
+ * something else (a signal handler) must not be taken for the syscall's. */
 static void stash(long long start, long long end, long long n) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
+    if (type != NULL) PyErr_NormalizeException(&type, &value, &tb);
     PyObject *dict = PyThreadState_GetDict();
     if (dict != NULL) {
-        PyObject *t = Py_BuildValue("LLL", start, end, n);
+        PyObject *t = Py_BuildValue("LLLn", start, end, n, (Py_ssize_t)(value ? (Py_ssize_t)value : 0));
         if (t != NULL) {
             PyDict_SetItemString(dict, "tracesock._speedups.last", t);
             Py_DECREF(t);
@@ -215,8 +218,13 @@ fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     }
     if (end - start >= slow_ns && on_slow != NULL && on_slow != Py_None) {
         PyObject *r = PyObject_CallFunction(on_slow, "iOLLLOO", method, sock, start, end, n, result, args);
-        if (r == NULL) PyErr_Clear();
-        else Py_DECREF(r);
+        if (r == NULL) {
+            /* on_slow swallows its own errors: this is a signal handler's exception,
+             * which surfaces here exactly as it would after CPython's method. */
+            Py_DECREF(result);
+            return NULL;
+        }
+        Py_DECREF(r);
     }
     return result;
 }
