@@ -109,6 +109,7 @@ class Stats:
         "timeouts",
         "resizes",
         "eagain",
+        "slow_calls",
         "fast",
         "calls",
         "syscalls",
@@ -124,6 +125,7 @@ class Stats:
         self.timeouts = 0
         self.resizes = 0
         self.eagain = 0
+        self.slow_calls = {}  # diagnosis verdict -> count
         self.fast = {}  # method -> Hist
         self.calls = {}  # (method, error.type or None) -> Hist
         self.syscalls = {}  # syscall name -> Hist
@@ -185,6 +187,9 @@ class Call:
         "steps",
         "dropped_steps",
         "kernel_timeout",
+        "tcp_probe",
+        "tcp_before",
+        "tcp_attrs",
     )
 
     def __init__(self, method, stats, start, keep_steps):
@@ -208,6 +213,9 @@ class Call:
         self.steps = [] if keep_steps else None
         self.dropped_steps = 0
         self.kernel_timeout = False  # SO_RCVTIMEO/SO_SNDTIMEO in ns, looked up once when needed
+        self.tcp_probe = None  # send on TCP: takes a TCP_INFO snapshot, once, before the first real wait
+        self.tcp_before = None  # that snapshot
+        self.tcp_attrs = None  # span attributes from TCP_INFO deltas (and the verdict)
 
     def _keep(self, step):
         if self.steps is not None:
@@ -224,6 +232,12 @@ class Call:
             self.eagain += 1
             self.stats.eagain += 1
         self._keep(Step("syscall", name, start, end, result, err))
+
+    def before_waiting(self):
+        """About to wait (or block in a send) after a first try: snapshot TCP state once."""
+        if self.syscalls and self.tcp_probe is not None:
+            probe, self.tcp_probe = self.tcp_probe, None
+            self.tcp_before = probe()
 
     def wait(self, start, end, outcome):
         """Record one readiness wait and its outcome."""
@@ -416,6 +430,8 @@ def c_fast(reset_min_max=False):
 def merge_stats(into, s):
     for name in ("tx", "rx", "partial_sends", "eintr_retries", "timeouts", "resizes", "eagain"):
         setattr(into, name, getattr(into, name) + getattr(s, name))
+    for verdict, count in list(s.slow_calls.items()):
+        into.slow_calls[verdict] = into.slow_calls.get(verdict, 0) + count
     for table in ("fast", "calls", "syscalls", "waits"):
         dst = getattr(into, table)
         for key, h in list(getattr(s, table).items()):

@@ -198,6 +198,8 @@ def call_attributes(sock, call):
         attrs["tracesock.recv.resized"] = call.resized
     if call.dropped_steps:
         attrs["tracesock.steps.dropped"] = call.dropped_steps
+    if call.tcp_attrs:
+        attrs.update(call.tcp_attrs)
     if call.error is not None:
         attrs["error.type"] = type(call.error).__name__
     return attrs
@@ -413,6 +415,8 @@ class MetricsBridge:
                 unit="{call}", description="recv calls whose preallocated buffer was shrunk")
         counter("tracesock.eagain", callbacks=[self._field("eagain")],
                 unit="{syscall}", description="Syscalls that found the socket not ready (EAGAIN)")
+        counter("tracesock.slow_calls", callbacks=[self._slow_calls], unit="{call}",
+                description="Send calls that waited, by diagnosis (TCP)")
         counter("tracesock.telemetry.dropped", callbacks=[self._dropped],
                 unit="{item}", description="Telemetry lost inside tracesock (never raised)")
 
@@ -455,6 +459,20 @@ class MetricsBridge:
                 swallow(exc)
                 return []
         return callback
+
+    def _slow_calls(self, options=None):
+        try:
+            out = []
+            for t, s in self._totals().items():
+                base = self._base.get(t)
+                for verdict, count in s.slow_calls.items():
+                    value = count - (base.slow_calls.get(verdict, 0) if base is not None else 0)
+                    out.append(otel_metrics.Observation(
+                        value, {"tracesock.diagnosis": verdict, "network.transport": t}))
+            return out
+        except Exception as exc:
+            swallow(exc)
+            return []
 
     def _dropped(self, options=None):
         return [otel_metrics.Observation(dropped_count() - self._base_dropped)]

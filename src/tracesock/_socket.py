@@ -26,7 +26,7 @@ import socket as _stdsocket
 
 from opentelemetry import context as _otel_context
 
-from . import _otel
+from . import _otel, _tcpinfo
 from ._events import _BOUNDS_NS, INTERRUPTED, Call, _local, fast_hist, stats_for, thread_stats
 from ._syscall import blocking_send, fd_blocks, now, sock_call, timed_out
 
@@ -304,6 +304,8 @@ def _finish(call, sock, ctx):
             st.rx += call.transferred
         if call.resized:
             st.resizes += 1
+        if call.waits or call.tcp_before is not None:
+            _diagnose(call, sock)
         rec = _otel.RECORDER
         if rec.detail:
             rec.emit(call, sock, ctx)
@@ -315,7 +317,32 @@ def _finish(call, sock, ctx):
 
 
 def _new_call(sock, m_name, start):
-    return Call(m_name, _stats(sock), start, _otel.RECORDER.detail > 0)
+    call = Call(m_name, _stats(sock), start, _otel.RECORDER.detail > 0)
+    if m_name in _SENDS and call.stats.transport == "tcp":
+        call.tcp_probe = lambda: _tcpinfo.snapshot(sock)
+    return call
+
+
+_SENDS = frozenset({"send", "sendto", "sendmsg", "sendall", "sendfile"})
+_RECEIVES = frozenset({"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg"})
+
+
+def _diagnose(call, sock):
+    """TCP state at the end of a send that waited, and the verdict; receive-side mirror."""
+    st = call.stats
+    if call.tcp_before is not None:
+        after = _tcpinfo.snapshot(sock)
+        if after is not None:
+            call.tcp_attrs, verdict = _tcpinfo.diagnose(
+                call.tcp_before, after, (call.end - call.start) / 1e9, call.eintr_retries,
+                call.timed_out)
+            st.slow_calls[verdict] = st.slow_calls.get(verdict, 0) + 1
+    elif call.method in _RECEIVES and call.waits and st.transport == "tcp":
+        # A receive that had to wait: the peer was slow to send (what is queued now).
+        call.tcp_attrs = {"tracesock.recv.peer_slow": call.wait_ns * 2 >= call.end - call.start}
+        queued = _tcpinfo.inq(sock)
+        if queued is not None:
+            call.tcp_attrs["tracesock.tcp.inq"] = queued
 
 
 # --- the shared bodies -------------------------------------------------------

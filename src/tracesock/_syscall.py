@@ -126,6 +126,7 @@ def wait(call, fd, writing, timeout_ns):
     else:
         # _PyTime_ROUND_CEILING: never wake up before the deadline.
         ms = min(-(-timeout_ns // 1_000_000), _INT_MAX)
+    call.before_waiting()
     pfd = _PollFd(fd, _POLLOUT if writing else _POLLIN, 0)
     start = now()
     n = _poll(ctypes.byref(pfd), 1, ms)
@@ -262,6 +263,7 @@ def blocking_send(call, sock, view, flags):
     ``INTERRUPTED``; a short count is a signal after progress (or
     ``SO_SNDTIMEO``).  Returns the count; raises ``OSError`` like CPython.
     """
+    call.before_waiting()
     fd = _fileno(sock)
     pybuf = _PyBuffer()
     _get_buffer(view, ctypes.byref(pybuf), 0)  # PyBUF_SIMPLE; view is a C-contiguous byte view

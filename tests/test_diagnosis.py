@@ -1,0 +1,203 @@
+"""Why was a sendall slow: real causes on loopback, the verdict and TCP fields they produce."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from tracesock import _tcpinfo
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO is Linux")
+
+
+def _tcp_pair(sndbuf=None):
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.socket()
+    if sndbuf:
+        cli.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    cli.connect(srv.getsockname())
+    conn, _ = srv.accept()
+    srv.close()
+    return cli, conn
+
+
+def _reader(sock, pause=0.0, size=1 << 20):
+    try:
+        while True:
+            if pause:
+                time.sleep(pause)
+            if not sock.recv(size):
+                break
+    except OSError:
+        pass  # the timeout test resets the connection under it
+
+
+def _sendall(telemetry, data, sndbuf=None, pause=0.0, size=1 << 20, timeout=None, storm=None):
+    cli, conn = _tcp_pair(sndbuf)
+    cli.settimeout(timeout)
+    t = threading.Thread(target=_reader, args=(conn, pause, size))
+    t.start()
+    previous = None
+    if storm:
+        def burn(signum, frame):  # a handler that takes time: the signals cost the sender
+            until = time.perf_counter() + storm
+            while time.perf_counter() < until:
+                pass
+        previous = signal.signal(signal.SIGALRM, burn)
+        signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+    error = None
+    try:
+        with telemetry.tracer.start_as_current_span("upload"):
+            cli.sendall(data)
+    except OSError as exc:
+        error = exc
+    finally:
+        if storm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        if error is None:
+            cli.shutdown(socket.SHUT_WR)
+        else:
+            conn.shutdown(socket.SHUT_RDWR)
+        t.join(30)
+        cli.close()
+        conn.close()
+    return telemetry.spans("socket.sendall")[0], error
+
+
+@linux_only
+def test_slow_reader_is_receiver_slow(traced):
+    span, _ = _sendall(traced, b"r" * (8 << 20), pause=0.005, size=65536)
+    a = span.attributes
+    assert a["tracesock.diagnosis"] == "receiver_slow"
+    assert a["tracesock.tcp.rwnd_limited"] > a.get("tracesock.tcp.sndbuf_limited", 0)
+    assert a["tracesock.tcp.rwnd_limited"] > 0
+    assert a["tracesock.tcp.rtt"] > 0 and a["tracesock.tcp.snd_cwnd"] > 0
+    assert "tracesock.tcp.unsent_bytes" in a and "tracesock.tcp.busy" in a
+    assert a["tracesock.tcp.retransmits"] >= 0  # zero-window probes may count here
+    m = traced.metrics()
+    assert traced.value(m, "tracesock.slow_calls", **{"tracesock.diagnosis": "receiver_slow"}) == 1
+
+
+@linux_only
+def test_forced_small_send_buffer_is_send_buffer_small(traced):
+    span, _ = _sendall(traced, b"s" * (2 << 20), sndbuf=4096)
+    assert span.attributes["tracesock.diagnosis"] == "send_buffer_small"
+    assert span.attributes["tracesock.tcp.rwnd_limited"] == 0
+
+
+@linux_only
+def test_signal_storm_is_signals(traced):
+    span, _ = _sendall(traced, b"g" * (64 << 20), storm=0.0015)
+    assert span.attributes["tracesock.eintr_retries"] > 0
+    assert span.attributes["tracesock.signals.duration"] > 0
+    assert span.attributes["tracesock.diagnosis"] == "signals"
+
+
+@linux_only
+def test_timeout_is_timeout(traced):
+    span, error = _sendall(traced, b"t" * (64 << 20), pause=10, timeout=0.2)
+    assert isinstance(error, TimeoutError)
+    assert span.attributes["tracesock.diagnosis"] == "timeout"
+    m = traced.metrics()
+    assert traced.value(m, "tracesock.slow_calls", **{"tracesock.diagnosis": "timeout"}) == 1
+
+
+@linux_only
+def test_fast_send_takes_no_snapshot(traced):
+    cli, conn = _tcp_pair()
+    with cli, conn, traced.tracer.start_as_current_span("p"):
+        cli.sendall(b"small")
+        conn.recv(10)
+    a = traced.spans("socket.sendall")[0].attributes
+    assert "tracesock.diagnosis" not in a and "tracesock.tcp.rtt" not in a
+
+
+@linux_only
+def test_receive_that_waited_records_the_peer_as_slow(traced):
+    cli, conn = _tcp_pair()
+    conn.settimeout(5)
+    t = threading.Timer(0.1, cli.sendall, (b"late data",))
+    with cli, conn, traced.tracer.start_as_current_span("p"):
+        t.start()
+        assert conn.recv(4) == b"late"
+        t.join()
+    a = traced.spans("socket.recv")[0].attributes
+    assert a["tracesock.recv.peer_slow"] is True
+    assert a["tracesock.tcp.inq"] == len(b" data")
+
+
+@linux_only
+@pytest.mark.skipif(not shutil.which("ss"), reason="ss (iproute2) not installed")
+def test_tcp_info_parsing_matches_ss():
+    cli, conn = _tcp_pair()
+    with cli, conn:
+        cli.sendall(b"x" * 100000)
+        conn.recv(1 << 20)
+        snap = _tcpinfo.snapshot(cli)
+        port = cli.getsockname()[1]
+        out = subprocess.run(["ss", "-tin", "src", f"127.0.0.1:{port}"], capture_output=True,
+                             text=True, timeout=10).stdout
+    assert f":{port}" in out
+    assert f"mss:{snap['snd_mss']}" in out
+    assert f"cwnd:{snap['snd_cwnd']}" in out
+    rtt_ms = float(out.split("rtt:")[1].split("/")[0])
+    assert abs(rtt_ms - snap["rtt"] / 1000) <= max(1.0, rtt_ms)  # same order: ss rounds
+
+
+_NETWORK = textwrap.dedent("""
+    import socket, subprocess, sys, threading
+    sys.path.insert(0, sys.argv[1])
+    for cmd in (["ip", "link", "set", "lo", "mtu", "1500"], ["ip", "link", "set", "lo", "up"],
+                ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "50mbit",
+                 "burst", "32kb", "limit", "48kb"]):
+        subprocess.run(cmd, check=True)
+    import tracesock
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracesock.instrument(provider, detail="calls")
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    def read():
+        while conn.recv(1 << 20):
+            pass
+    t = threading.Thread(target=read)
+    t.start()
+    with provider.get_tracer("t").start_as_current_span("p"):
+        cli.sendall(b"n" * (4 << 20))
+    cli.shutdown(socket.SHUT_WR)
+    t.join()
+    a = [s for s in exporter.get_finished_spans() if s.name == "socket.sendall"][0].attributes
+    print(a["tracesock.diagnosis"], a["tracesock.tcp.retransmits"])
+""")
+
+
+@linux_only
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("tc"),
+                    reason="needs root, unshare and tc for a private bottleneck link")
+def test_bottleneck_link_is_network():
+    """A real bottleneck: a private network namespace whose loopback is rate limited (tbf)."""
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    run = subprocess.run(["unshare", "-n", sys.executable, "-c", _NETWORK, src],
+                         capture_output=True, text=True, timeout=120)
+    if run.returncode != 0 and ("Operation not permitted" in run.stderr
+                                or "RTNETLINK" in run.stderr):
+        pytest.skip(f"no private network namespace here: {run.stderr.strip()[-200:]}")
+    assert run.returncode == 0, run.stderr
+    verdict, retrans = run.stdout.split()
+    assert verdict == "network"
+    assert int(retrans) > 0
