@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import sys
 import socket
 import threading
 
@@ -498,3 +499,49 @@ def test_c_hot_path_is_used_when_built():
         assert traced_socket.METHODS["recv"].__wrapped__ is socket.socket.recv
     else:
         pytest.skip("the C extension is not built here")
+
+
+def _my_call_site(sock):
+    return sock.recv(10), sys._getframe().f_lineno - 0  # the recv is on this line
+
+
+def test_call_spans_name_the_user_code_that_made_the_call(traced):
+    import http.client
+    import http.server
+
+    a, b = socket.socketpair()
+    with a, b, traced.tracer.start_as_current_span("p"):
+        a.send(b"x")
+        _, line = _my_call_site(b)
+    span = traced.spans("socket.recv")[0]
+    assert span.attributes["code.function.name"] == "_my_call_site"
+    assert span.attributes["code.file.path"] == __file__
+    assert span.attributes["code.line.number"] == line
+
+    # A stdlib client (http.client) called from here: the span points at this test, not at
+    # http.client or socket.py.
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    t = threading.Thread(target=server.handle_request)
+    t.start()
+    traced.clear()
+    with traced.tracer.start_as_current_span("p"):
+        conn = http.client.HTTPConnection(*server.server_address, timeout=10)
+        conn.request("GET", "/")
+        here = sys._getframe().f_lineno - 1
+        conn.getresponse().read()
+        conn.close()
+    t.join(10)
+    server.server_close()
+    sends = [s for s in traced.spans() if s.name.startswith("socket.send")
+             and s.attributes.get("code.file.path") == __file__]
+    assert sends and sends[0].attributes["code.line.number"] == here
+    assert sends[0].attributes["code.function.name"].endswith(
+        "test_call_spans_name_the_user_code_that_made_the_call")

@@ -31,6 +31,7 @@ and :class:`MetricsBridge` hands the totals over at collection time:
 from __future__ import annotations
 
 import logging
+import sys
 from bisect import bisect_left
 import socket as _stdsocket
 import threading
@@ -176,8 +177,80 @@ def socket_attributes(sock, call):
     return attrs
 
 
+def _library_dirs():
+    import site
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    stdlib = {paths.get("stdlib"), paths.get("platstdlib")}
+    packages = {paths.get("purelib"), paths.get("platlib")}
+    try:
+        packages.update(site.getsitepackages())
+        packages.add(site.getusersitepackages())
+    except Exception:
+        pass
+    norm = lambda ps: tuple(sorted({os.path.realpath(p) + os.sep for p in ps if p}))  # noqa: E731
+    return norm(stdlib), norm(packages)
+
+
+import os  # noqa: E402
+
+_OWN_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
+_STDLIB_DIRS, _PACKAGE_DIRS = _library_dirs()
+_SOCKET_LAYERS = ("socket.py", "ssl.py", "selectors.py", "socketserver.py")
+_site_cache = {}  # filename -> 'own' | 'layer' | 'library' | 'user'
+
+
+def _kind(filename):
+    kind = _site_cache.get(filename)
+    if kind is None:
+        path = os.path.realpath(filename) if not filename.startswith("<") else filename
+        if path.startswith(_OWN_DIR):
+            kind = "own"
+        elif path.startswith(_STDLIB_DIRS) and (
+                os.path.basename(path) in _SOCKET_LAYERS or os.sep + "asyncio" + os.sep in path):
+            kind = "layer"
+        elif path.startswith(_STDLIB_DIRS) or path.startswith(_PACKAGE_DIRS):
+            kind = "library"
+        else:
+            kind = "user"
+        if len(_site_cache) < 4096:
+            _site_cache[filename] = kind
+    return kind
+
+
+def call_site():
+    """The frame a user would call "where my code did this".
+
+    The innermost frame outside tracesock, the standard library and installed
+    packages (``requests.get()`` in app.py points at that line of app.py); when
+    there is none, the innermost outside tracesock and the stdlib's own socket
+    layers (socket, ssl, selectors, socketserver, asyncio).
+    """
+    frame = sys._getframe(1)
+    fallback = None
+    while frame is not None:
+        kind = _kind(frame.f_code.co_filename)
+        if kind == "user":
+            return frame
+        if kind == "library" and fallback is None:
+            fallback = frame
+        frame = frame.f_back
+    return fallback
+
+
+def _site_attributes(attrs):
+    frame = call_site()
+    if frame is not None:
+        code = frame.f_code
+        attrs["code.function.name"] = getattr(code, "co_qualname", code.co_name)
+        attrs["code.file.path"] = code.co_filename
+        attrs["code.line.number"] = frame.f_lineno
+
+
 def call_attributes(sock, call):
     attrs = socket_attributes(sock, call)
+    _site_attributes(attrs)
     if call.requested is not None:
         attrs["tracesock.bytes.requested"] = call.requested
     attrs["tracesock.bytes.transferred"] = call.transferred
