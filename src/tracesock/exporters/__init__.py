@@ -327,7 +327,9 @@ class Session:
         if len(command) > 80:
             command = command[:77] + "..."
         header = f"tracesock: pid {self.pid} ({command}): {self.summary.spans} socket calls traced"
-        if self.settings.slow_threshold:
+        if self.settings.detail == "metrics":
+            header += " (--detail metrics makes no spans: nothing per peer; metrics only)"
+        elif self.settings.slow_threshold:
             header += f" (those slower than {self.settings.slow_threshold:g} s, or failed)"
         footer = []
         fe = self.file_exporter
