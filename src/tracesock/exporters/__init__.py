@@ -24,6 +24,7 @@ import threading
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
+from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind
 
 from .. import __version__
@@ -164,6 +165,42 @@ class _PrometheusServer:
         self.server.server_close()
 
 
+class _Gate(SpanProcessor):
+    """The session's span processors behind one gate that closes at shutdown.
+
+    A call still running in another thread when the process exits (a daemon
+    thread blocked in ``recv``) ends after the processors were shut down; its
+    span is then dropped quietly instead of making the SDK log a warning into
+    the program's stderr.
+    """
+
+    def __init__(self, processors):
+        self.processors = processors
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def on_start(self, span, parent_context=None):
+        if not self.closed:
+            for p in self.processors:
+                p.on_start(span, parent_context=parent_context)
+
+    def on_end(self, span):
+        with self._lock:
+            if self.closed:
+                return
+            for p in self.processors:
+                p.on_end(span)
+
+    def shutdown(self):
+        with self._lock:
+            self.closed = True
+        for p in self.processors:
+            p.shutdown()
+
+    def force_flush(self, timeout_millis=30000):
+        return all(p.force_flush(timeout_millis) for p in self.processors)
+
+
 class Session:
     """Everything ``tracesock run`` set up in one process; :meth:`shutdown` once at exit."""
 
@@ -239,13 +276,14 @@ class Session:
                 reader = PrometheusMetricReader()
 
         self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        processors = []
         if s.summary:
             from .summary import SummaryProcessor
             self.summary = SummaryProcessor()
-            self.provider.add_span_processor(self.summary)
+            processors.append(self.summary)
         for kind, exporter in exporters:
-            processor = BatchSpanProcessor(exporter) if kind == "batch" else SimpleSpanProcessor(exporter)
-            self.provider.add_span_processor(processor)
+            processors.append(BatchSpanProcessor(exporter) if kind == "batch" else SimpleSpanProcessor(exporter))
+        self.provider.add_span_processor(_Gate(processors))
 
         if reader is not None:
             from opentelemetry.sdk.metrics import MeterProvider
