@@ -9,6 +9,8 @@ COMMANDS = {
     "run": "run a Python program (script or -m module) with every socket call traced",
     "export": "convert a trace file between Jaeger JSON and OTLP-JSON",
     "example": "trace a real transfer (slow reader, signal storm) and print it",
+    "report": "explain a trace file: slowest calls and why, connections, recv buffers (--html)",
+    "demo": "reproduce each cause of a slow sendall on loopback, trace it and report it",
 }
 
 
@@ -47,5 +49,11 @@ def main(argv=None):
     if command == "example":
         from ..example import main as example
         return example(rest)
+    if command == "report":
+        from .report import main as report
+        return report(rest)
+    if command == "demo":
+        from .demo import main as demo
+        return demo(rest)
     sys.stderr.write(f"tracesock: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})\n")
     return 2

@@ -1,0 +1,71 @@
+"""``tracesock report FILE... [--top N] [--html OUT.html]``: explain a trace file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PROG = "tracesock report"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parser():
+    ap = _Parser(
+        prog=PROG,
+        description="Explain a trace file written by `tracesock run` (Jaeger JSON; OTLP-JSON is read "
+                    "too): the slowest socket calls with their verdict (why a send was slow) and "
+                    "TCP fields, a per-connection table, and recv buffer efficiency.",
+        epilog="examples:\n  tracesock report tracesock-4242.json\n"
+               "  tracesock report tracesock-*.json --top 5 --html report.html\n\n"
+               "How to read it: docs/diagnosing-slow-sendall.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", metavar="FILE",
+                    help="trace files (several: the processes of a --children run); '-': stdin")
+    ap.add_argument("--top", type=int, default=10, metavar="N",
+                    help="how many of the slowest calls to show (default 10)")
+    ap.add_argument("--html", metavar="OUT.html",
+                    help="also write one self-contained HTML page with a timeline of each slow call")
+    return ap
+
+
+def main(argv):
+    opts = parser().parse_args(argv)
+    if opts.top < 0:
+        sys.stderr.write(f"{PROG}: error: --top must be >= 0, not {opts.top}\n")
+        return 2
+    from ..report import analyze, load
+    from ..report import text
+
+    try:
+        spans, warnings = load(opts.files)
+    except OSError as e:
+        sys.stderr.write(f"{PROG}: error: FILE: cannot read {getattr(e, 'filename', None) or opts.files[0]!r}: "
+                         f"{e.strerror or e}\n")
+        return 2
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        sys.stderr.write(f"{PROG}: error: FILE: {e}\n")
+        return 2
+    except (KeyError, TypeError, AttributeError) as e:
+        sys.stderr.write(f"{PROG}: error: FILE: not a trace file ({type(e).__name__}: {e})\n")
+        return 2
+    report = analyze(spans, top=opts.top, sources=opts.files, warnings=warnings)
+    sys.stdout.write(text.render(report))
+    if opts.html:
+        from ..report import html
+        page = html.render(report, title="tracesock report: " + ", ".join(
+            os.path.basename(f) for f in opts.files))
+        tmp = f"{opts.html}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(page)
+            os.replace(tmp, opts.html)
+        except OSError as e:
+            sys.stderr.write(f"{PROG}: error: --html: cannot write {opts.html!r}: {e.strerror or e}\n")
+            return 2
+        sys.stdout.write(f"\nHTML report: {opts.html}\n")
+    return 0

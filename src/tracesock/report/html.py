@@ -1,0 +1,277 @@
+"""The report as one self-contained HTML page (``tracesock report FILE --html OUT.html``).
+
+Everything is inline -- CSS, a few lines of JavaScript, SVG drawn here -- so
+the page opens from disk or a mail attachment with no network.  Each slow
+call gets a timeline: its ``syscall.*`` children as bars on a time axis
+(sends and receives on one lane, readiness waits on another, every EINTR
+interruption marked on a third), its TCP snapshot and its verdict in words.
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+from ..exporters.summary import format_bytes
+from . import RECV, SEND, VERDICT_WORDS, tcp_fields
+
+__all__ = ["render"]
+
+WIDTH = 960  # the time axis, px
+LABEL = 90  # lane labels, px
+LANE = 26
+LANES = ("call", "syscalls", "waits", "EINTR")
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2430;background:#fff}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #dde3ea;padding-bottom:4px}
+h3{font-size:15px;margin:0 0 6px;font-family:ui-monospace,Menlo,Consolas,monospace}
+.sub{color:#5b6675;margin:0 0 12px}
+table{border-collapse:collapse;margin:6px 0 10px}
+th,td{padding:3px 10px;border-bottom:1px solid #eef1f4;text-align:left;white-space:nowrap}
+th{background:#f5f7f9;font-weight:600}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}
+.call{border:1px solid #dde3ea;border-radius:6px;padding:12px 14px;margin:14px 0;background:#fcfdfe}
+.verdict{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;color:#fff;background:#6b7785}
+.v-receiver_slow{background:#2f6fd0}.v-send_buffer_small{background:#8a4fd6}.v-network{background:#d0602f}
+.v-signals{background:#c2304a}.v-timeout{background:#7a5a00}.v-none{background:#6b7785}
+.words{margin:6px 0 8px;max-width:960px}
+.grid{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
+.tcp td{padding:2px 8px}
+svg text{font:11px ui-monospace,Menlo,Consolas,monospace;fill:#3a4552}
+.bar{stroke:none}.b-call{fill:#c9d3de}.b-send{fill:#2f6fd0}.b-recv{fill:#1f9d74}.b-other{fill:#5b6675}
+.b-eagain{fill:#aab4bf}.b-eintr{fill:#c2304a}.b-ready{fill:#4caf50}.b-timeout{fill:#e0a020}
+.b-interrupted{fill:#c2304a}.mark{stroke:#c2304a;stroke-width:1.5}
+.axis{stroke:#9aa5b1;stroke-width:1}.grid-line{stroke:#eef1f4;stroke-width:1}
+.legend span{display:inline-block;margin-right:14px}.sw{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:-1px;border-radius:2px}
+#hover{min-height:1.4em;color:#3a4552}
+.empty{color:#5b6675}
+"""
+
+JS = """
+(function(){
+  var out=document.getElementById('hover');
+  if(!out){return;}
+  var bars=document.querySelectorAll('svg .bar, svg .mark');
+  for(var i=0;i<bars.length;i++){
+    bars[i].addEventListener('mouseenter',function(e){
+      var t=e.target.querySelector('title');
+      out.textContent=t?t.textContent:'';
+    });
+  }
+})();
+"""
+
+
+def _ms(us):
+    return f"{us / 1e3:.1f} ms" if us >= 10_000 else f"{us / 1e3:.3f} ms"
+
+
+def _kind(child):
+    """(lane, css class) of a syscall.* child."""
+    t = child.tags
+    errno = t.get("tracesock.syscall.errno")
+    if child.name == "syscall.poll":
+        outcome = t.get("tracesock.wait.outcome") or "ready"
+        return "waits", f"b-{outcome}" if outcome in ("ready", "timeout", "interrupted") else "b-other"
+    if errno == "EINTR":
+        return "syscalls", "b-eintr"
+    if errno in ("EAGAIN", "EWOULDBLOCK"):
+        return "syscalls", "b-eagain"
+    method = child.name.split(".", 1)[1] if "." in child.name else child.name
+    if method in SEND or method.startswith("send"):
+        return "syscalls", "b-send"
+    if method in RECV or method.startswith("recv"):
+        return "syscalls", "b-recv"
+    return "syscalls", "b-other"
+
+
+def _interrupted(child):
+    t = child.tags
+    return t.get("tracesock.syscall.errno") == "EINTR" or t.get("tracesock.wait.outcome") == "interrupted"
+
+
+def _ticks(total_us):
+    """Tick step (us) giving 4-10 ticks over the call."""
+    if total_us <= 0:
+        return 1
+    step = 1
+    while total_us / step > 10:
+        for m in (2, 5, 10):
+            if total_us / (step * m) <= 10:
+                return step * m
+        step *= 10
+    return step
+
+
+def timeline(span):
+    """The SVG timeline of one call and its ``syscall.*`` children."""
+    total = max(span.duration_us, 1)
+    height = LANE * len(LANES) + 24
+    scale = WIDTH / total
+    parts = [f'<svg class="timeline" data-call="{escape(span.name)}" data-span="{escape(span.span_id)}" '
+             f'width="{LABEL + WIDTH + 20}" height="{height}" viewBox="0 0 {LABEL + WIDTH + 20} {height}" '
+             f'role="img" '
+             f'aria-label="timeline of {escape(span.name)}">']
+    step = _ticks(total)
+    tick = 0
+    while tick <= total:
+        x = LABEL + tick * scale
+        parts.append(f'<line class="grid-line" x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{LANE * len(LANES)}"/>')
+        parts.append(f'<text x="{x:.1f}" y="{LANE * len(LANES) + 16}" text-anchor="middle">'
+                     f'{tick / 1e3:g} ms</text>')
+        tick += step
+    parts.append(f'<line class="axis" x1="{LABEL}" y1="{LANE * len(LANES)}" x2="{LABEL + WIDTH}" '
+                 f'y2="{LANE * len(LANES)}"/>')
+    for i, lane in enumerate(LANES):
+        parts.append(f'<text x="4" y="{i * LANE + 17}">{lane}</text>')
+    parts.append(f'<rect class="bar b-call" x="{LABEL}" y="4" width="{WIDTH}" height="{LANE - 8}">'
+                 f'<title>{escape(span.name)} {_ms(span.duration_us)}</title></rect>')
+    for c in span.children:
+        if not c.name.startswith("syscall."):
+            continue
+        lane, css = _kind(c)
+        y = LANES.index(lane) * LANE + 4
+        x = LABEL + max(c.start_us - span.start_us, 0) * scale
+        w = max(c.duration_us * scale, 1.5)
+        t = c.tags
+        desc = [c.name, f"at +{_ms(c.start_us - span.start_us)}", f"for {_ms(c.duration_us)}"]
+        if t.get("tracesock.syscall.result") is not None and c.name != "syscall.poll":
+            desc.append(f"result {t['tracesock.syscall.result']}")
+        if t.get("tracesock.syscall.errno"):
+            desc.append(str(t["tracesock.syscall.errno"]))
+        if t.get("tracesock.wait.outcome"):
+            desc.append(str(t["tracesock.wait.outcome"]))
+        title = escape(", ".join(desc))
+        parts.append(f'<rect class="bar {css}" data-name="{escape(c.name)}" x="{x:.2f}" y="{y}" '
+                     f'width="{w:.2f}" height="{LANE - 8}"><title>{title}</title></rect>')
+        if _interrupted(c):
+            mx = x + min(w, 1.5) / 2
+            my = LANES.index("EINTR") * LANE
+            parts.append(f'<line class="mark" x1="{mx:.2f}" y1="{my + 4}" x2="{mx:.2f}" '
+                         f'y2="{my + LANE - 4}"><title>{title}</title></line>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+LEGEND = ('<p class="legend">'
+          '<span><i class="sw" style="background:#2f6fd0"></i>send</span>'
+          '<span><i class="sw" style="background:#1f9d74"></i>recv</span>'
+          '<span><i class="sw" style="background:#aab4bf"></i>EAGAIN</span>'
+          '<span><i class="sw" style="background:#4caf50"></i>poll: ready</span>'
+          '<span><i class="sw" style="background:#e0a020"></i>poll: timeout</span>'
+          '<span><i class="sw" style="background:#c2304a"></i>interrupted by a signal (EINTR)</span>'
+          '</p>')
+
+
+def _call_card(index, span):
+    t = span.tags
+    verdict = span.verdict
+    moved = t.get("tracesock.bytes.transferred")
+    facts = []
+    if moved is not None:
+        facts.append(format_bytes(moved))
+    for key, label in (("tracesock.syscalls", "syscalls"), ("tracesock.partial_sends", "partial sends"),
+                       ("tracesock.eintr_retries", "EINTR retries"), ("tracesock.waits", "waits"),
+                       ("tracesock.eagain", "EAGAIN")):
+        if t.get(key):
+            facts.append(f"{t[key]} {label}")
+    if t.get("error.type"):
+        facts.append(f"error {t['error.type']}")
+    out = [f'<div class="call" id="call-{index}" data-call="{escape(span.name)}"'
+           f' data-verdict="{escape(verdict or "")}">']
+    out.append(f'<h3>{escape(span.name)} &mdash; {_ms(span.duration_us)} &mdash; '
+               f'{escape(span.local or "?")} &rarr; {escape(span.peer or "?")}</h3>')
+    sub = escape(", ".join(facts))
+    if span.site:
+        sub += f" &middot; at {escape(span.site)}"
+    out.append(f'<div class="sub">{sub}</div>')
+    if verdict:
+        out.append(f'<div><span class="verdict v-{escape(verdict)}">{escape(verdict)}</span></div>')
+        out.append(f'<p class="words">{escape(VERDICT_WORDS.get(verdict, ""))}</p>')
+    else:
+        out.append('<p class="words empty">No verdict: the call did not wait on TCP '
+                   '(only send-side TCP calls that waited are diagnosed).</p>')
+    out.append('<div class="grid"><div>')
+    out.append(timeline(span))
+    kids = [c for c in span.children if c.name.startswith("syscall.")]
+    if not kids:
+        out.append('<p class="empty">No syscall children recorded for this call '
+                   '(run with --detail syscalls to have every step).</p>')
+    else:
+        interrupted = sum(1 for c in kids if _interrupted(c))
+        out.append(f'<p class="sub">{len(kids)} syscall/wait children, {interrupted} interrupted by a signal</p>')
+    out.append('</div>')
+    fields = tcp_fields(span)
+    if fields:
+        out.append('<table class="tcp"><tr><th colspan="2">TCP snapshot (deltas over the call)</th></tr>')
+        for k, v in fields:
+            out.append(f'<tr><td>{escape(k)}</td><td class="n">{escape(v)}</td></tr>')
+        out.append('</table>')
+    out.append('</div></div>')
+    return "".join(out)
+
+
+def render(report, *, title="tracesock report"):
+    o = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+         '<meta name="viewport" content="width=device-width, initial-scale=1">',
+         f'<title>{escape(title)}</title><style>{CSS}</style></head><body>']
+    o.append(f'<h1>{escape(title)}</h1>')
+    o.append(f'<p class="sub">{escape(", ".join(report.sources))} &middot; {report.calls} socket calls '
+             f'in {report.spans} spans</p>')
+    for w in report.warnings:
+        o.append(f'<p class="sub">warning: {escape(w)}</p>')
+
+    o.append('<h2>Slowest calls</h2>')
+    if not report.slowest:
+        o.append('<p class="empty">No socket calls in the trace.</p>')
+    else:
+        o.append('<table id="slowest"><tr><th class="n">duration</th><th>call</th><th>peer</th>'
+                 '<th>verdict</th><th>site</th></tr>')
+        for i, s in enumerate(report.slowest):
+            o.append(f'<tr><td class="n">{_ms(s.duration_us)}</td>'
+                     f'<td class="mono"><a href="#call-{i}">{escape(s.name)}</a></td>'
+                     f'<td class="mono">{escape(s.peer or "-")}</td>'
+                     f'<td>{escape(s.verdict or "-")}</td><td class="mono">{escape(s.site or "")}</td></tr>')
+        o.append('</table>')
+        o.append(LEGEND)
+        o.append('<div id="hover" class="mono">(point at a bar for its details)</div>')
+        for i, s in enumerate(report.slowest):
+            o.append(_call_card(i, s))
+
+    o.append('<h2>Connections</h2>')
+    if not report.connections:
+        o.append('<p class="empty">None.</p>')
+    else:
+        o.append('<table id="connections"><tr><th>local &rarr; peer</th><th>proto</th><th class="n">sent</th>'
+                 '<th class="n">received</th><th class="n">calls</th><th class="n">syscalls</th>'
+                 '<th class="n">partial sends</th><th class="n">EINTR retries</th><th class="n">waits</th>'
+                 '<th class="n">time waiting</th></tr>')
+        for c in report.connections:
+            o.append(f'<tr><td class="mono">{escape(c.local)} &rarr; {escape(c.peer)}</td>'
+                     f'<td>{escape(c.transport)}</td><td class="n">{format_bytes(c.sent)}</td>'
+                     f'<td class="n">{format_bytes(c.received)}</td><td class="n">{c.calls}</td>'
+                     f'<td class="n">{c.syscalls}</td><td class="n">{c.partial_sends}</td>'
+                     f'<td class="n">{c.eintr_retries}</td><td class="n">{c.waits}</td>'
+                     f'<td class="n">{_ms(c.wait_us)}</td></tr>')
+        o.append('</table><p class="sub">time waiting: readiness waits (poll) plus the time a blocking '
+                 'send was held by the kernel.</p>')
+
+    o.append('<h2>recv buffer efficiency</h2>')
+    if not report.recv_calls:
+        o.append('<p class="empty">No recv calls with a buffer size in the trace.</p>')
+    else:
+        avg = report.recv_average_fill
+        o.append(f'<p>{report.recv_calls} recv calls; {report.recv_resized} had a buffer larger than what '
+                 f'arrived and were resized'
+                 + (f' (average fill {avg:.0%})' if avg is not None else '')
+                 + f'; {report.recv_under_filled} were at most half full.</p>')
+        o.append('<table id="recv"><tr><th>call site</th><th class="n">buffer</th><th class="n">calls</th>'
+                 '<th class="n">resized</th><th class="n">average fill</th><th class="n">&le;50% full</th></tr>')
+        for r in report.recv_sites:
+            fill = f"{r.average_fill:.0%}" if r.average_fill is not None else "-"
+            o.append(f'<tr><td class="mono">{escape(r.site or "-")}</td><td class="n">{format_bytes(r.buffer_size)}</td>'
+                     f'<td class="n">{r.calls}</td><td class="n">{r.resized}</td><td class="n">{fill}</td>'
+                     f'<td class="n">{r.under_filled}</td></tr>')
+        o.append('</table>')
+    o.append(f'<script>{JS}</script></body></html>\n')
+    return "".join(o)
