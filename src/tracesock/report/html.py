@@ -16,7 +16,7 @@ from . import RECV, SEND, VERDICT_WORDS, tcp_fields
 
 __all__ = ["render"]
 
-WIDTH = 960  # the time axis, px
+WIDTH = 700  # the time axis, px
 LABEL = 90  # lane labels, px
 LANE = 26
 LANES = ("call", "syscalls", "waits", "EINTR")
@@ -49,6 +49,7 @@ svg text{font:11px ui-monospace,Menlo,Consolas,monospace;fill:#3a4552}
 
 JS = """
 (function(){
+  document.body.setAttribute('data-ready','1');
   var out=document.getElementById('hover');
   if(!out){return;}
   var bars=document.querySelectorAll('svg .bar, svg .mark');
@@ -90,6 +91,39 @@ def _interrupted(child):
     return t.get("tracesock.syscall.errno") == "EINTR" or t.get("tracesock.wait.outcome") == "interrupted"
 
 
+def _cut_short(span):
+    """Ids of the blocking ``syscall.send`` children of a ``sendall`` on a blocking
+    socket that returned less than the rest of the buffer: a signal arrived after
+    progress (the call counts each as an EINTR retry).  The first send is the
+    non-blocking try, whose partial result only means the buffer was full."""
+    t = span.tags
+    if span.method != "sendall" or "tracesock.timeout" in t:
+        return set()
+    remaining = t.get("tracesock.bytes.requested")
+    if not isinstance(remaining, int):
+        return set()
+    out = set()
+    first = True
+    for c in span.children:
+        if c.name != "syscall.send":
+            continue
+        result = c.tags.get("tracesock.syscall.result")
+        if not isinstance(result, int) or result < 0:
+            first = False
+            continue
+        if not first and 0 <= result < remaining:
+            out.add(c.span_id)
+        remaining -= result
+        first = False
+    return out
+
+
+def interrupted_children(span):
+    """The ``syscall.*`` children a signal interrupted: EINTR, or a blocking send cut short."""
+    short = _cut_short(span)
+    return [c for c in span.children if _interrupted(c) or c.span_id in short]
+
+
 def _ticks(total_us):
     """Tick step (us) giving 4-10 ticks over the call."""
     if total_us <= 0:
@@ -126,10 +160,12 @@ def timeline(span):
         parts.append(f'<text x="4" y="{i * LANE + 17}">{lane}</text>')
     parts.append(f'<rect class="bar b-call" x="{LABEL}" y="4" width="{WIDTH}" height="{LANE - 8}">'
                  f'<title>{escape(span.name)} {_ms(span.duration_us)}</title></rect>')
+    short = _cut_short(span)
     for c in span.children:
         if not c.name.startswith("syscall."):
             continue
         lane, css = _kind(c)
+        cut = c.span_id in short
         y = LANES.index(lane) * LANE + 4
         x = LABEL + max(c.start_us - span.start_us, 0) * scale
         w = max(c.duration_us * scale, 1.5)
@@ -141,11 +177,13 @@ def timeline(span):
             desc.append(str(t["tracesock.syscall.errno"]))
         if t.get("tracesock.wait.outcome"):
             desc.append(str(t["tracesock.wait.outcome"]))
+        if cut:
+            desc.append("cut short by a signal")
         title = escape(", ".join(desc))
         parts.append(f'<rect class="bar {css}" data-name="{escape(c.name)}" x="{x:.2f}" y="{y}" '
                      f'width="{w:.2f}" height="{LANE - 8}"><title>{title}</title></rect>')
-        if _interrupted(c):
-            mx = x + min(w, 1.5) / 2
+        if _interrupted(c) or cut:
+            mx = min(x + w, LABEL + WIDTH - 0.75)  # when the signal cut it
             my = LANES.index("EINTR") * LANE
             parts.append(f'<line class="mark" x1="{mx:.2f}" y1="{my + 4}" x2="{mx:.2f}" '
                          f'y2="{my + LANE - 4}"><title>{title}</title></line>')
@@ -170,11 +208,12 @@ def _call_card(index, span):
     facts = []
     if moved is not None:
         facts.append(format_bytes(moved))
-    for key, label in (("tracesock.syscalls", "syscalls"), ("tracesock.partial_sends", "partial sends"),
-                       ("tracesock.eintr_retries", "EINTR retries"), ("tracesock.waits", "waits"),
-                       ("tracesock.eagain", "EAGAIN")):
+    for key, one, many in (("tracesock.syscalls", "syscall", "syscalls"),
+                           ("tracesock.partial_sends", "partial send", "partial sends"),
+                           ("tracesock.eintr_retries", "EINTR retry", "EINTR retries"),
+                           ("tracesock.waits", "wait", "waits"), ("tracesock.eagain", "EAGAIN", "EAGAIN")):
         if t.get(key):
-            facts.append(f"{t[key]} {label}")
+            facts.append(f"{t[key]} {one if t[key] == 1 else many}")
     if t.get("error.type"):
         facts.append(f"error {t['error.type']}")
     out = [f'<div class="call" id="call-{index}" data-call="{escape(span.name)}"'
@@ -189,8 +228,8 @@ def _call_card(index, span):
         out.append(f'<div><span class="verdict v-{escape(verdict)}">{escape(verdict)}</span></div>')
         out.append(f'<p class="words">{escape(VERDICT_WORDS.get(verdict, ""))}</p>')
     else:
-        out.append('<p class="words empty">No verdict: the call did not wait on TCP '
-                   '(only send-side TCP calls that waited are diagnosed).</p>')
+        out.append('<p class="words empty">No verdict: only send-side TCP calls that waited '
+                   'get one.</p>')
     out.append('<div class="grid"><div>')
     out.append(timeline(span))
     kids = [c for c in span.children if c.name.startswith("syscall.")]
@@ -198,7 +237,7 @@ def _call_card(index, span):
         out.append('<p class="empty">No syscall children recorded for this call '
                    '(run with --detail syscalls to have every step).</p>')
     else:
-        interrupted = sum(1 for c in kids if _interrupted(c))
+        interrupted = len(interrupted_children(span))
         out.append(f'<p class="sub">{len(kids)} syscall/wait children, {interrupted} interrupted by a signal</p>')
     out.append('</div>')
     fields = tcp_fields(span)
