@@ -249,7 +249,7 @@ def run_scenario(name, directory, *, timeout=120):
 
     scenario = SCENARIOS[name]
     result = Result(name, scenario.expected)
-    path = os.path.join(directory, f"tracesock-demo-{name}.json")
+    path = os.path.normpath(os.path.join(directory, f"tracesock-demo-{name}.json"))
     if name == "network":
         why = network_unavailable()
         if why:

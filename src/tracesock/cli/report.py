@@ -54,7 +54,11 @@ def main(argv):
         sys.stderr.write(f"{PROG}: error: FILE: not a trace file ({type(e).__name__}: {e})\n")
         return 2
     report = analyze(spans, top=opts.top, sources=opts.files, warnings=warnings)
-    sys.stdout.write(text.render(report))
+    try:
+        sys.stdout.write(text.render(report))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `tracesock report ... | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if opts.html:
         from ..report import html
         page = html.render(report, title="tracesock report: " + ", ".join(
@@ -67,5 +71,5 @@ def main(argv):
         except OSError as e:
             sys.stderr.write(f"{PROG}: error: --html: cannot write {opts.html!r}: {e.strerror or e}\n")
             return 2
-        sys.stdout.write(f"\nHTML report: {opts.html}\n")
+        sys.stderr.write(f"HTML report: {opts.html}\n")
     return 0

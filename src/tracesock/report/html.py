@@ -191,6 +191,38 @@ def timeline(span):
     return "".join(parts)
 
 
+def _breakdown(span):
+    """A stacked bar: how much of the call TCP_INFO attributes to each cause (totals,
+    not positions in time; the causes can overlap, so shares are capped at the call)."""
+    t = span.tags
+    total = span.duration_us / 1e6
+    if total <= 0 or not any(k in t for k in ("tracesock.tcp.busy", "tracesock.signals.duration")):
+        return ""
+    rwnd = float(t.get("tracesock.tcp.rwnd_limited") or 0)
+    sndbuf = float(t.get("tracesock.tcp.sndbuf_limited") or 0)
+    busy = float(t.get("tracesock.tcp.busy") or 0)
+    parts = [("receive window full (rwnd_limited)", rwnd, "#2f6fd0"),
+             ("send buffer full (sndbuf_limited)", sndbuf, "#8a4fd6"),
+             ("sending, neither window full (cwnd / our buffer)", max(busy - rwnd - sndbuf, 0), "#d0602f"),
+             ("signal handlers", float(t.get("tracesock.signals.duration") or 0), "#c2304a")]
+    out = [f'<svg class="breakdown" width="{LABEL + WIDTH + 20}" height="34" role="img" '
+           f'aria-label="where the time went"><text x="4" y="14">time went</text>']
+    x = LABEL
+    for label, value, color in parts:
+        if value <= 0 or x >= LABEL + WIDTH:
+            continue
+        w = min(value / total * WIDTH, LABEL + WIDTH - x)
+        out.append(f'<rect class="bar" x="{x:.1f}" y="3" width="{w:.1f}" height="16" fill="{color}">'
+                   f'<title>{escape(label)}: {value * 1e3:.1f} ms ({value / total:.0%} of the call)</title></rect>')
+        if w > 60:
+            out.append(f'<text x="{x + 4:.1f}" y="15" style="fill:#fff">{value / total:.0%}</text>')
+        x += w
+    out.append(f'<text x="{LABEL}" y="31">TCP_INFO totals by cause, not in time order: blue rwnd, '
+               f'purple sndbuf, orange other busy, red handlers</text>')
+    out.append('</svg>')
+    return "".join(out)
+
+
 LEGEND = ('<p class="legend">'
           '<span><i class="sw" style="background:#2f6fd0"></i>send</span>'
           '<span><i class="sw" style="background:#1f9d74"></i>recv</span>'
@@ -239,6 +271,7 @@ def _call_card(index, span):
     else:
         interrupted = len(interrupted_children(span))
         out.append(f'<p class="sub">{len(kids)} syscall/wait children, {interrupted} interrupted by a signal</p>')
+    out.append(_breakdown(span))
     out.append('</div>')
     fields = tcp_fields(span)
     if fields:
