@@ -374,19 +374,7 @@ def test_pickle_and_copy_of_a_socket_fail_the_same_way():
     assert out[4][3] == "cannot pickle 'TracedSocket' object"
 
 
-_PICKLE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: the class-level methods that replace C descriptors cannot be pickled while "
-    "instrumented: pickle.dumps(socket.socket.recv) raises PicklingError ('attribute lookup "
-    "socket.recv on tracesock._socket failed'): the replacements keep __module__ = "
-    "'tracesock._socket' (unpatched, the descriptors pickle by reference and round-trip; "
-    "sendfile, a Python function, is fixed)"))
-
-
-@pytest.mark.parametrize("name", [pytest.param("recv", marks=_PICKLE_BUG),
-                                  pytest.param("sendall", marks=_PICKLE_BUG),
-                                  pytest.param("_accept", marks=_PICKLE_BUG),
-                                  pytest.param("connect", marks=_PICKLE_BUG),
-                                  "sendfile"])
+@pytest.mark.parametrize("name", ["recv", "sendall", "_accept", "connect", "sendfile"])
 def test_pickle_class_level_method(name):
     def scenario():
         fn = getattr(socket.socket, name)

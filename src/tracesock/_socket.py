@@ -880,6 +880,8 @@ def _dress(name, fn):
             setattr(fn, attr, getattr(original, attr))
         except (AttributeError, TypeError):
             pass
+    if not hasattr(original, "__module__"):
+        fn.__module__ = "socket"  # a C method: pickled by reference as socket.socket.<name>
     fn.__wrapped__ = original  # inspect.signature() follows it to the original
     return fn
 
