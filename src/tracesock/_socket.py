@@ -28,7 +28,7 @@ from opentelemetry import context as _otel_context
 
 from . import _otel, _tcpinfo
 from ._events import _BOUNDS_NS, INTERRUPTED, Call, _local, fast_hist, stats_for, thread_stats
-from ._syscall import blocking_send, fd_blocks, now, sock_call, timed_out
+from ._syscall import Deadline, blocking_send, fd_blocks, now, sock_call, timed_out
 
 __all__ = ["TracedSocket", "METHODS"]
 
@@ -698,8 +698,7 @@ def _sendall_rest(self, data, flags, ctx, timeout, start, first):
         # so it carries no chained context).
         return _C.sendall(self, data, flags)
     call = _new_call(self, "sendall", start)
-    timeout_ns = _timeout_ns(timeout) if timeout else None
-    deadline = None
+    deadline = Deadline(_timeout_ns(timeout)) if timeout else None
     sent = 0
     dflags = flags | _DW if timeout is None else flags
     stream = _type(self) & 0xF == _STREAM
@@ -713,14 +712,10 @@ def _sendall_rest(self, data, flags, ctx, timeout, start, first):
                     call.partial()
             while True:
                 interval = None
-                if timeout_ns is not None:
-                    if deadline is None:
-                        deadline = now() + timeout_ns
-                        interval = timeout_ns
-                    else:
-                        interval = deadline - now()
-                        if interval <= 0:
-                            raise timed_out(call)
+                if deadline is not None:
+                    interval = deadline.interval()
+                    if interval <= 0:  # sock_sendall: none once the deadline has passed
+                        raise timed_out(call)
                 piece = view[sent:]
                 try:
                     if timeout is None and stream:

@@ -61,7 +61,7 @@ import time
 
 from ._events import INTERRUPTED, READY, TIMEOUT
 
-__all__ = ["now", "wait", "syscall", "sock_call", "blocking_send", "fd_blocks", "timed_out",
+__all__ = ["Deadline", "now", "wait", "syscall", "sock_call", "blocking_send", "fd_blocks", "timed_out",
            "errno_name"]
 
 now = time.perf_counter_ns
@@ -189,6 +189,23 @@ def _raise(exc):
         exc = None
 
 
+class Deadline:
+    """CPython's deadline, started lazily: the first wait gets the whole timeout
+    and starts the clock; each later one gets what is left."""
+
+    __slots__ = ("timeout_ns", "at")
+
+    def __init__(self, timeout_ns):
+        self.timeout_ns = timeout_ns
+        self.at = None
+
+    def interval(self):
+        if self.at is None:
+            self.at = now() + self.timeout_ns
+            return self.timeout_ns
+        return self.at - now()
+
+
 def sock_call(call, sock, name, fn, args, writing, size_of, timeout_ns=None,
               kwargs=None, wait_first=False, stop_on_interrupt=False):
     """CPython's ``sock_call_ex``, with every wait and retry recorded.
@@ -201,16 +218,12 @@ def sock_call(call, sock, name, fn, args, writing, size_of, timeout_ns=None,
     the kernel's would).
     """
     fd = _fileno(sock)
-    deadline = None
+    deadline = Deadline(timeout_ns) if timeout_ns is not None else None
     while True:
-        if timeout_ns is not None:
-            if deadline is None:
-                deadline = now() + timeout_ns
-                interval = timeout_ns
-            else:
-                interval = deadline - now()
-                if interval < 0:
-                    raise timed_out(call)
+        if deadline is not None:
+            interval = deadline.interval()
+            if interval < 0:
+                raise timed_out(call)
             outcome = wait(call, fd, writing, interval)
             if outcome is TIMEOUT:
                 raise timed_out(call)
@@ -235,7 +248,7 @@ def sock_call(call, sock, name, fn, args, writing, size_of, timeout_ns=None,
             return syscall(call, name, fn, args, size_of, kwargs)
         except BlockingIOError as exc:
             blocked = exc  # handled below, outside the except block: no chained context
-        if timeout_ns is not None:
+        if deadline is not None:
             blocked = None
             continue  # "ready" was a false positive: wait again, like sock_call_ex
         if fd >= 0 and not os.get_blocking(fd):
