@@ -104,12 +104,12 @@ def test_signal_storm_is_signals(traced):
     for _ in range(3):
         traced.clear()
         span, _ = _sendall(traced, b"g" * (64 << 20), storm=0.0019)
-        assert span.attributes["tracesock.eintr_retries"] > 0
-        assert span.attributes["tracesock.signals.duration"] > 0
         verdicts.append(span.attributes["tracesock.diagnosis"])
         if verdicts[-1] == "signals":
             break
     assert "signals" in verdicts, verdicts
+    assert span.attributes["tracesock.eintr_retries"] > 0
+    assert span.attributes["tracesock.signals.duration"] > 0
 
 
 @linux_only
