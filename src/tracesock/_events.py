@@ -406,9 +406,6 @@ def snapshot(reset_min_max=False):
     return out
 
 
-_C_METHODS = ("recv", "recv_into", "send", "sendall")
-
-
 def c_fast(reset_min_max=False):
     """The C hot path's aggregates as ``{(method, family, type): FastHist}``."""
     from . import _socket  # the module that loaded (or not) the speedups
@@ -423,7 +420,7 @@ def c_fast(reset_min_max=False):
         h.max = hi
         h.nbytes = nbytes
         h.odd = odd
-        out[(_C_METHODS[index], family, type_)] = h
+        out[(_socket._C_METHODS[index], family, type_)] = h
     return out
 
 
