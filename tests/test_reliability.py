@@ -1537,11 +1537,6 @@ def test_fork_child_keeps_working_and_tracing(telemetry):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: os.fork() while another thread is collecting metrics: the child inherits "
-    "tracesock._events._registry_lock held (no os.register_at_fork reinit) and its first "
-    "collection -- instrument() with a new meter provider, or any reader -- deadlocks in "
-    "snapshot()"))
 def test_fork_while_metrics_are_collected_child_does_not_deadlock(telemetry):
     telemetry.instrument(detail="metrics")
     a, b = socket.socketpair()

@@ -239,12 +239,6 @@ def test_thread_churn_with_collection_keeps_the_registry_bounded(telemetry):
     assert telemetry.value(m, "tracesock.call.duration", **{"tracesock.call": "sendmsg"}) == 520
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: per-thread aggregates (_events._registry entries: two dicts, Stats, Hist, "
-    "FastHist, ~1.4 KB a thread) of exited threads are only folded away inside snapshot(), "
-    "i.e. during a metric collection: with tracing but no metric reader (meter_provider "
-    "None, or a reader that rarely collects), every thread that ever made a socket call "
-    "stays in the registry -- a thread-per-connection server grows without bound"))
 def test_thread_churn_without_collection_keeps_the_registry_bounded():
     tp = TracerProvider()
     tracesock.instrument(tp, detail="calls", slow_threshold=None)  # spans only, no metrics

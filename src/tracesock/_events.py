@@ -20,6 +20,7 @@ increments are never lost without taking a lock; the collector only reads.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from bisect import bisect_left
@@ -292,6 +293,22 @@ _registry_lock = threading.Lock()
 _registry = {}
 # Aggregates of threads that have exited, folded together so nothing is lost.
 _retired = {}
+# Registry keys of threads whose local storage has died, appended by a weakref
+# callback (list.append is atomic: the callback may run in any thread, even
+# one holding _registry_lock) and folded away at the next registration, so a
+# thread-per-connection server stays bounded with no metric reader at all.
+_dead = []
+
+
+def _reinit_after_fork():
+    # A fork while another thread held the lock (a metric reader collecting)
+    # would leave the child's copy locked forever.
+    global _registry_lock
+    _registry_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def transport_of(family, type_):
@@ -324,12 +341,25 @@ def _register():
     # _DummyThread for a thread not started by threading): a weak reference to
     # an object in the thread's local storage says whether it still runs.
     stats, fast, alive = {}, {}, _Alive()
+    key = id(stats)
     _local.stats = stats
     _local.fast = fast
     _local.alive = alive
     with _registry_lock:
-        _registry[id(stats)] = (weakref.ref(alive), stats, fast)
+        _prune()
+        _registry[key] = (weakref.ref(alive, lambda _ref, key=key: _dead.append(key)), stats, fast)
     return stats, fast
+
+
+def _prune():
+    """Fold the tables of exited threads into the retired totals (lock held)."""
+    while _dead:
+        entry = _registry.get(_dead.pop())
+        # The key may already be gone (snapshot folded it) or reused by a
+        # live thread's new table: fold only an entry whose thread is dead.
+        if entry is not None and entry[0]() is None:
+            del _registry[id(entry[1])]
+            _fold(_retired, entry[1], entry[2], False)
 
 
 def thread_stats():
@@ -395,6 +425,7 @@ def snapshot(reset_min_max=False):
     """
     out = {}
     with _registry_lock:
+        _prune()
         for key, (alive, stats, fast) in list(_registry.items()):
             if alive() is None:
                 del _registry[key]

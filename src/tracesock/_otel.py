@@ -684,6 +684,19 @@ def bridge_for(meter_provider):
         return entry[1]
 
 
+def _reinit_after_fork():
+    # Locks held by another thread at fork time (a reader collecting) stay
+    # held forever in the child: give the child fresh ones.
+    global _bridges_lock
+    _bridges_lock = threading.Lock()
+    for _provider, bridge in list(_bridges.values()):
+        bridge._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
 _listeners = []  # called with the new Recorder whenever it changes (the C hot path's threshold)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import os
 import socket
 import threading
 
@@ -24,6 +25,15 @@ __all__ = ["instrument", "uninstrument", "instrumented", "is_instrumented"]
 _MISSING = object()
 _lock = threading.RLock()
 _saved = None  # name -> original entry in socket.socket.__dict__ (or _MISSING)
+
+
+def _reinit_after_fork():
+    global _lock
+    _lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def _check(detail, slow_threshold):
