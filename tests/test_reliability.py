@@ -1816,13 +1816,7 @@ def _fill(sock):
         pass
 
 
-_ARG_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: on a socket with a timeout that is not ready, tracesock waits for readiness "
-    "(poll, up to the whole timeout) before CPython's method checks the arguments: "
-    "TimeoutError after the timeout instead of CPython's immediate TypeError/ValueError/"
-    "BufferError (and the right error only after waiting if the socket becomes ready)"))
-
-# (name, sending?, call, diverges today)
+# (name, sending?, call, diverged before the argument probe)
 _BAD_ARGS = [
     ("recv(-1)", False, lambda a: a.recv(-1), True),
     ("recv('x')", False, lambda a: a.recv("x"), True),
@@ -1848,7 +1842,7 @@ _BAD_ARGS = [
 
 
 @pytest.mark.parametrize("name, sending, call", [
-    pytest.param(name, sending, call, id=name, marks=[_ARG_BUG] if bug else [])
+    pytest.param(name, sending, call, id=name)
     for name, sending, call, bug in _BAD_ARGS])
 def test_bad_arguments_on_a_socket_with_a_timeout_fail_at_once(telemetry, name, sending, call):
     """Bad arguments on an idle socket with a timeout: CPython raises at once (the argument
@@ -1931,12 +1925,6 @@ def _session(ops, kind):
             sock = b if op == "peer_recv" else a
             if not safe(sock, False):
                 seen.append("skipped: would block")
-                continue
-            if (not isinstance(arg, int) or not 0 <= arg < 2**31) and sock.fileno() >= 0 \
-                    and sock.gettimeout() and not select.select([sock], [], [], 0)[0]:
-                # bad arguments on an idle socket with a timeout: the known divergence of
-                # test_bad_arguments_on_a_socket_with_a_timeout_fail_at_once (xfail)
-                seen.append("skipped: known bug")
                 continue
             if op == "recv_into":
                 buf = bytearray(4096)

@@ -20,6 +20,7 @@ Everything else goes through ``_syscall.sock_call`` -- the one retry/wait loop.
 from __future__ import annotations
 
 import _socket
+import errno as _errno
 import math
 import os
 import socket as _stdsocket
@@ -70,6 +71,75 @@ def _byte_view(obj):
     if view.format not in ("B", "b", "c") or view.ndim != 1:
         view = view.cast("B")
     return view
+
+
+# --- arguments before the first wait -----------------------------------------
+
+# CPython parses a call's arguments -- sizes, flags, buffers, the address --
+# before sock_call_ex waits for readiness, so a bad argument raises at once
+# even on an idle socket with a timeout.  We wait with our own poll before
+# calling CPython's method, which would parse them only after the wait.  So
+# unless the arguments are of the plainest form, they are first handed to the
+# same C method on a *closed* socket of the same family, type and protocol:
+# it parses them exactly as CPython does (same exception, same message) and
+# then fails with EBADF without any I/O (a closed socket's fd is -1).
+_probes = {}  # (family, type, proto) -> closed socket, or None if none can be made
+_INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
+_PLAIN_SIZE = 1 << 26  # bigger recv sizes may fail to allocate: probe them
+
+
+def _plain_flags(args):
+    return len(args) == 1 or (type(args[1]) is int and _INT_MIN <= args[1] <= _INT_MAX)
+
+
+def _plain_args(m, args, kwargs):
+    """Arguments CPython cannot reject: no probe needed."""
+    if kwargs or not 1 <= len(args) <= 2:
+        return False
+    first = args[0]
+    if m is RECV or m is RECVFROM:
+        return type(first) is int and 0 <= first <= _PLAIN_SIZE and _plain_flags(args)
+    if m is SEND or m is SENDALL:
+        return (type(first) is bytes or type(first) is bytearray) and _plain_flags(args)
+    return False
+
+
+def _probe_for(sock):
+    key = (_family(sock), _type(sock), sock.proto)
+    try:
+        return _probes[key]
+    except KeyError:
+        pass
+    try:
+        probe = _C(*key)
+        probe.settimeout(0.0)
+        probe.close()
+    except OSError:
+        probe = None  # no such socket can be made here (EMFILE, ...): skip the check
+    if len(_probes) < 64:
+        _probes[key] = probe
+    return probe
+
+
+def _check_args(sock, m, fn, args, kwargs, ctx):
+    """Raise what CPython would raise for these arguments before waiting, if anything
+    (recorded as a failed call, like any other)."""
+    if m is SENDMSG and any(hasattr(type(a), "__next__") for a in args[:2]):
+        return  # sendmsg consumes its iterables: a probe would empty an iterator
+    probe = _probe_for(sock)
+    if probe is None:
+        return
+    start = now()
+    try:
+        fn(probe, *args, **kwargs)
+    except OSError as exc:
+        if exc.errno == _errno.EBADF:
+            return  # parsed fine, then hit the closed descriptor
+        _fast_failed(sock, m, start, now(), exc, args, kwargs, ctx)
+        raise
+    except BaseException as exc:
+        _fast_failed(sock, m, start, now(), exc, args, kwargs, ctx)
+        raise
 
 
 # --- per-method descriptions ----------------------------------------------
@@ -356,6 +426,8 @@ def _io(sock, m, args, kwargs):
     if timeout:  # a timeout: wait first, like CPython
         if m.zero_is_noop and _safe(m.requested, args, kwargs) == 0:
             return m.fn(sock, *args, **kwargs)  # CPython returns at once, no syscall
+        if not _plain_args(m, args, kwargs):
+            _check_args(sock, m, m.fn, args, kwargs, ctx)
         return _slow(sock, m, args, kwargs, ctx, timeout, None)
     if timeout is None:
         prepared = m.dontwait(args, kwargs)
@@ -663,6 +735,8 @@ def sendall(self, *args, **kwargs):
     timeout = _gettimeout(self)
     start = now()
     if timeout:
+        if not _plain_args(SENDALL, args, kwargs):
+            _check_args(self, SENDALL, _C.sendall, args, kwargs, ctx)
         return _sendall_rest(self, data, flags, ctx, timeout, start, None)
     # One try first: most sendalls fit into the socket buffer at once.
     try:
