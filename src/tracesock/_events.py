@@ -464,3 +464,49 @@ def merge_stats(into, s):
         dst = getattr(into, table)
         for key, h in list(getattr(s, table).items()):
             into.hist(dst, key).merge(h)
+
+
+# --- rarer operations: name resolution, connection set-up -------------------
+
+# Histograms of operations that cost microseconds to seconds (DNS lookups,
+# socket.create_connection): aggregated process-wide under a lock -- one lock
+# per sample is nothing next to them -- and handed over like the others.
+RARE_HISTOGRAMS = {  # key -> (metric name, description)
+    "dns": ("tracesock.dns.duration",
+            "Duration of name resolution calls (getaddrinfo, gethostbyname[_ex], getnameinfo)"),
+    "connect": ("tracesock.connect.duration",
+                "Duration of socket.create_connection: name resolution and every connect attempt"),
+}
+_rare_lock = threading.Lock()
+_rare = {}  # (key, sorted attribute items) -> Hist
+
+
+def record_rare(key, attrs, ns):
+    """Add one sample (ns) to a rare-operation histogram (attributes: a small dict)."""
+    k = (key, tuple(sorted(attrs.items())))
+    with _rare_lock:
+        h = _rare.get(k)
+        if h is None:
+            h = _rare[k] = Hist()
+        h.add(ns)
+
+
+def rare_snapshot(reset_min_max=False):
+    """``{(key, attribute items): Hist}``: copies of the rare-operation histograms."""
+    out = {}
+    with _rare_lock:
+        for k, h in _rare.items():
+            c = out[k] = Hist()
+            c.merge(h)
+            if reset_min_max:
+                h.reset_min_max()
+    return out
+
+
+def _rare_after_fork():
+    global _rare_lock
+    _rare_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_rare_after_fork)

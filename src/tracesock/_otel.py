@@ -30,11 +30,14 @@ and :class:`MetricsBridge` hands the totals over at collection time:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 from bisect import bisect_left
 import socket as _stdsocket
 import threading
+
+_CSOCKET = __import__("_socket").socket  # socket.socket may be replaced (gevent)
 import time
 
 from opentelemetry import context as otel_context
@@ -43,7 +46,7 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import __version__
-from ._events import BOUNDS_S, Hist, Stats, Step, merge_stats, snapshot
+from ._events import BOUNDS_S, RARE_HISTOGRAMS, Hist, Stats, Step, merge_stats, rare_snapshot, snapshot
 from ._syscall import errno_name
 
 __all__ = ["Recorder", "MetricsBridge", "RECORDER", "configure", "parent_recording", "dropped"]
@@ -57,6 +60,9 @@ try:
 except ImportError:  # pragma: no cover - very old API
     _SPAN_KEY = "current-span"
 _SUPPRESS = getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", "suppress_instrumentation")
+# While socket.create_connection runs, the spans of its steps (its lookup, each
+# connect attempt) are held here and made as its children at its end (_dns).
+PENDING = contextvars.ContextVar("tracesock_pending", default=None)
 
 _dropped = [0]
 _EMPTY = Stats("none")
@@ -151,7 +157,7 @@ def _split_address(addr):
 def socket_attributes(sock, call):
     """Connection attributes of a call span (syscalls only happen here, off the hot path)."""
     attrs = {"network.transport": call.stats.transport}
-    family = _stdsocket.socket.__mro__[1].family.__get__(sock)
+    family = _CSOCKET.family.__get__(sock)
     ntype = _network_type(family)
     if ntype:
         attrs["network.type"] = ntype
@@ -298,6 +304,10 @@ class Recorder:
     def emit(self, call, sock, ctx):
         """Make the spans for a finished call, if it qualifies.  Never raises."""
         try:
+            pending = PENDING.get()
+            if pending is not None:  # inside socket.create_connection: decided at its end
+                pending.hold_call(self, call, sock, ctx)
+                return
             parent = ctx.get(_SPAN_KEY) if ctx else None
             in_trace = parent is not None and parent.is_recording()
             failed = call.error is not None and not isinstance(call.error, BlockingIOError)
@@ -323,12 +333,12 @@ class Recorder:
             swallow(exc)
             _log.debug("tracesock: span emission failed", exc_info=True)
 
-    def _spans(self, call, sock, parent_ctx):
+    def _spans(self, call, sock, parent_ctx, attrs=None):
         span = self.tracer.start_span(
             "socket." + call.method,
             context=parent_ctx,
             kind=SpanKind.INTERNAL,
-            attributes=call_attributes(sock, call),
+            attributes=attrs if attrs is not None else call_attributes(sock, call),
             start_time=self._epoch(call.start),
         )
         if call.error is not None and not isinstance(call.error, BlockingIOError):
@@ -471,6 +481,14 @@ class MetricsBridge:
             self.call_duration = meter.create_histogram("tracesock.call.duration", **hist)
             self.syscall_duration = meter.create_histogram("tracesock.syscall.duration", **hist)
             self.wait_duration = meter.create_histogram("tracesock.wait.duration", **hist)
+        self.rare = {}  # DNS lookups, connection set-up (process-wide aggregates)
+        for key, (name, description) in RARE_HISTOGRAMS.items():
+            try:
+                self.rare[key] = meter.create_histogram(
+                    name, description=description,
+                    explicit_bucket_boundaries_advisory=list(BOUNDS_S), **hist)
+            except TypeError:  # API older than explicit_bucket_boundaries_advisory
+                self.rare[key] = meter.create_histogram(name, description=description, **hist)
         # A provider sees what happened since it was attached, not before.
         self._base = self._totals()
         self._base_dropped = dropped_count()
@@ -577,6 +595,8 @@ class MetricsBridge:
                 add("syscall", {"tracesock.syscall": name, **t}, h)
             for outcome, h in s.waits.items():
                 add("wait", {"tracesock.wait.outcome": outcome, **t}, h)
+        for (key, attrs), h in rare_snapshot(reset_min_max).items():
+            add(key, dict(attrs), h)
         return out
 
     def flush(self):
@@ -584,6 +604,7 @@ class MetricsBridge:
         with self._lock:
             instruments = {"call": self.call_duration, "syscall": self.syscall_duration,
                            "wait": self.wait_duration}
+            instruments.update(self.rare)
             for key, (attrs, h) in self._series().items():
                 prev_counts, prev_total = self._flushed.get(key, (None, 0))
                 counts = list(h.counts)

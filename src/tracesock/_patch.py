@@ -18,6 +18,8 @@ import socket
 import threading
 
 from . import _otel
+from . import _coexist, _dns
+from ._coexist import STD_SOCKET
 from ._socket import METHODS
 
 __all__ = ["instrument", "uninstrument", "instrumented", "is_instrumented"]
@@ -65,10 +67,12 @@ def instrument(tracer_provider=None, meter_provider=None, *, detail="calls", slo
         if _saved is None:
             saved = {}
             for name, fn in METHODS.items():
-                saved[name] = socket.socket.__dict__.get(name, _MISSING)
+                saved[name] = STD_SOCKET.__dict__.get(name, _MISSING)
             for name, fn in METHODS.items():
-                setattr(socket.socket, name, fn)
+                setattr(STD_SOCKET, name, fn)
             _saved = saved
+            _dns.install()
+            _coexist.install()
 
 
 def uninstrument():
@@ -77,12 +81,14 @@ def uninstrument():
     with _lock:
         if _saved is None:
             return
+        _coexist.uninstall()
+        _dns.uninstall()
         for name, original in _saved.items():
             if original is _MISSING:
-                if name in socket.socket.__dict__:
-                    delattr(socket.socket, name)
+                if name in STD_SOCKET.__dict__:
+                    delattr(STD_SOCKET, name)
             else:
-                setattr(socket.socket, name, original)
+                setattr(STD_SOCKET, name, original)
         _saved = None
 
 

@@ -28,6 +28,7 @@ import socket as _stdsocket
 from opentelemetry import context as _otel_context
 
 from . import _otel, _tcpinfo
+from ._coexist import STD_SOCKET
 from ._events import _BOUNDS_NS, INTERRUPTED, Call, _local, fast_hist, stats_for, thread_stats
 from ._syscall import Deadline, blocking_send, fd_blocks, now, sock_call, timed_out
 
@@ -592,6 +593,8 @@ def _plain(sock, m, args, kwargs, ctx, name=None):
         call.error = exc
         if isinstance(exc, OSError):
             call.syscall(m.syscall, start, now(), -1, _otel.errno_name(exc.errno))
+        if m.address_of is not None:  # a refused connect still names its peer
+            call.address = _safe(m.address_of, args, None)
         _finish(call, sock, ctx)
         raise
     call.syscall(m.syscall, start, now(), _safe(m.size_of, result))
@@ -872,7 +875,7 @@ def connect_ex(self, *args, **kwargs):
     return _plain(self, CONNECT_EX, args, kwargs, ctx)
 
 
-_sendfile = _stdsocket.socket.sendfile
+_sendfile = STD_SOCKET.sendfile
 
 
 def sendfile(self, file, offset=0, count=None):
@@ -943,7 +946,7 @@ METHODS = {
 
 def _dress(name, fn):
     """Give ``fn`` the identity of the method it replaces (doc, name, signature)."""
-    original = getattr(_stdsocket.socket, name)
+    original = getattr(STD_SOCKET, name)
     for attr in ("__doc__", "__name__", "__qualname__", "__module__"):
         try:
             setattr(fn, attr, getattr(original, attr))
@@ -959,7 +962,7 @@ for _name, _fn in METHODS.items():
     _dress(_name, _fn)
 
 
-class TracedSocket(_stdsocket.socket):
+class TracedSocket(STD_SOCKET):
     """A ``socket.socket`` whose I/O is traced, usable without patching."""
 
     __slots__ = ()

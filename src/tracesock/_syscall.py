@@ -104,8 +104,9 @@ _SOL_SOCKET = _stdsocket.SOL_SOCKET
 _SO_RCVTIMEO = getattr(_stdsocket, "SO_RCVTIMEO", 20)
 _SO_SNDTIMEO = getattr(_stdsocket, "SO_SNDTIMEO", 21)
 _TIMEVAL = struct.Struct("@ll")
-_getsockopt = _stdsocket.socket.__mro__[1].getsockopt  # _socket.socket.getsockopt
-_fileno = _stdsocket.socket.__mro__[1].fileno
+# _socket.socket's own methods (socket.socket may have been replaced by gevent & co)
+_getsockopt = __import__("_socket").socket.getsockopt
+_fileno = __import__("_socket").socket.fileno
 
 
 def errno_name(code):

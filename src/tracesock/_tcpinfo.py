@@ -32,6 +32,7 @@ uses none, which is how time lost to signals is told apart.
 
 from __future__ import annotations
 
+import _socket
 import fcntl
 import resource
 import socket
@@ -69,7 +70,7 @@ def snapshot(sock):
     if not _LINUX:
         return None
     try:
-        raw = socket.socket.__mro__[1].getsockopt(sock, socket.IPPROTO_TCP, _TCP_INFO, _BUFLEN)
+        raw = _socket.socket.getsockopt(sock, socket.IPPROTO_TCP, _TCP_INFO, _BUFLEN)
     except (OSError, ValueError):
         return None
     out = {}
@@ -78,7 +79,7 @@ def snapshot(sock):
         if len(raw) >= end:
             out[name] = struct.unpack_from("=" + fmt, raw, offset)[0]
     try:
-        out["sndbuf"] = socket.socket.__mro__[1].getsockopt(sock, socket.SOL_SOCKET, socket.SO_SNDBUF)
+        out["sndbuf"] = _socket.socket.getsockopt(sock, socket.SOL_SOCKET, socket.SO_SNDBUF)
     except OSError:
         pass
     if _RUSAGE_THREAD is not None:

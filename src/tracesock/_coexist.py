@@ -1,0 +1,297 @@
+"""Living with other socket patchers and event loops.
+
+* **The standard socket class.**  gevent's and eventlet's monkey-patching
+  replace the module attribute ``socket.socket`` with their own classes; what
+  tracesock patches is the standard library's class (``STD_SOCKET``), found
+  even when the module attribute has been replaced.  eventlet's green sockets
+  do their I/O through a standard socket (non-blocking), so they are traced
+  as is; gevent's do it on a ``_socket.socket`` subclass of their own
+  (``gevent._socket3._wrefsocket``), which is patched with the same methods
+  while instrumented -- now if gevent is imported, or when it is.  Any other
+  replacement of ``socket.socket`` is reported once with a warning.
+
+* **asyncio.**  The selector event loop's transports and ``loop.sock_*`` call
+  the socket methods on non-blocking sockets: traced as they are.  Two places
+  lose the caller's span, and are patched while instrumented:
+  ``loop.getaddrinfo``/``getnameinfo`` run ``socket.getaddrinfo`` in an
+  executor thread without the caller's context (``run_in_executor`` does not
+  copy it), and a transport's read callback runs in the context captured when
+  the transport was created.  ``StreamReader`` waits therefore hand the
+  waiting task's OpenTelemetry context to the transport's read callback.
+
+Modules imported after ``instrument()`` are patched when they are imported
+(a ``sys.meta_path`` finder that only watches these few names).
+"""
+
+from __future__ import annotations
+
+import _socket
+import socket as _stdsocket
+import sys
+import threading
+import warnings
+
+__all__ = ["STD_SOCKET", "install", "uninstall"]
+
+
+def _std_socket_class():
+    cls = _stdsocket.socket
+    if isinstance(cls, type) and issubclass(cls, _socket.socket) and cls.__module__ == "socket":
+        return cls
+    for sub in _socket.socket.__subclasses__():  # replaced: the original is still a subclass
+        if sub.__module__ == "socket" and sub.__qualname__ == "socket":
+            return sub
+    return cls
+
+
+STD_SOCKET = _std_socket_class()
+
+_MISSING = object()
+_lock = threading.RLock()
+_active = False
+_saved = []  # (owner, name, original entry in owner.__dict__ or _MISSING)
+_warned = set()
+
+
+def _set(owner, name, value):
+    _saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
+    setattr(owner, name, value)
+
+
+def _restore():
+    while _saved:
+        owner, name, original = _saved.pop()
+        try:
+            if original is _MISSING:
+                if name in owner.__dict__:
+                    delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+        except Exception:
+            pass
+
+
+def warn_once(key, message):
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# --- patches, per module -----------------------------------------------------
+
+def _patch_gevent_socket3(module):
+    cls = getattr(module, "_wrefsocket", None)
+    if not (isinstance(cls, type) and issubclass(cls, _socket.socket)):
+        warn_once("gevent", "tracesock: this gevent version's sockets are not traced "
+                  "(no gevent._socket3._wrefsocket to patch)")
+        return
+    from ._socket import METHODS
+
+    for name, fn in METHODS.items():
+        if hasattr(_socket.socket, name):  # only what gevent can call on its inner socket
+            _set(cls, name, fn)
+
+
+def _otel_var():
+    from opentelemetry import context as otel_context
+
+    return otel_context._RUNTIME_CONTEXT._current_context
+
+
+def _reparent_reader(reader):
+    """Run the transport's read callback in the waiting task's OpenTelemetry context."""
+    try:
+        transport = reader._transport
+        loop = reader._loop
+        selector = getattr(loop, "_selector", None)
+        if transport is None or selector is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        key = selector.get_map().get(sock.fileno())
+        if key is None:
+            return
+        handle = key.data[0]
+        ctx = getattr(handle, "_context", None)
+        if ctx is None:
+            return
+        var = _otel_var()
+        current = var.get(None)
+        if current is None:
+            return
+        if ctx.get(var, None) is not current:
+            ctx.run(var.set, current)
+    except Exception:
+        pass  # a loop or transport of another shape: parenting stays as it was
+
+
+def _patch_asyncio_streams(module):
+    reader_cls = getattr(module, "StreamReader", None)
+    original = getattr(reader_cls, "_wait_for_data", None)
+    if original is None:
+        return
+
+    async def _wait_for_data(self, func_name):
+        _reparent_reader(self)
+        return await original(self, func_name)
+
+    _dress(_wait_for_data, original)
+    _set(reader_cls, "_wait_for_data", _wait_for_data)
+
+
+def _in_context(otel_ctx, fn):
+    from opentelemetry import context as otel_context
+
+    def run(*args):
+        token = otel_context.attach(otel_ctx)
+        try:
+            return fn(*args)
+        finally:
+            otel_context.detach(token)
+
+    return run
+
+
+def _patch_asyncio_base_events(module):
+    loop_cls = getattr(module, "BaseEventLoop", None)
+    getaddrinfo = getattr(loop_cls, "getaddrinfo", None)
+    getnameinfo = getattr(loop_cls, "getnameinfo", None)
+    from ._otel import parent_recording
+    from ._socket import _current_context
+
+    if getaddrinfo is not None:
+        async def traced_getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
+            ctx = _current_context()
+            if not (ctx and parent_recording(ctx)):
+                return await getaddrinfo(self, host, port, family=family, type=type,
+                                         proto=proto, flags=flags)
+            # asyncio's call, with the caller's span current in the executor thread.
+            func = self._getaddrinfo_debug if self._debug else _stdsocket.getaddrinfo
+            return await self.run_in_executor(
+                None, _in_context(ctx, func), host, port, family, type, proto, flags)
+
+        _dress(traced_getaddrinfo, getaddrinfo)
+        _set(loop_cls, "getaddrinfo", traced_getaddrinfo)
+    if getnameinfo is not None:
+        async def traced_getnameinfo(self, sockaddr, flags=0):
+            ctx = _current_context()
+            if not (ctx and parent_recording(ctx)):
+                return await getnameinfo(self, sockaddr, flags)
+            return await self.run_in_executor(
+                None, _in_context(ctx, _stdsocket.getnameinfo), sockaddr, flags)
+
+        _dress(traced_getnameinfo, getnameinfo)
+        _set(loop_cls, "getnameinfo", traced_getnameinfo)
+
+
+def _dress(fn, original):
+    for attr in ("__doc__", "__name__", "__qualname__", "__module__"):
+        try:
+            setattr(fn, attr, getattr(original, attr))
+        except (AttributeError, TypeError):
+            pass
+    fn.__wrapped__ = original
+    return fn
+
+
+_PATCHERS = {
+    "gevent._socket3": _patch_gevent_socket3,
+    "asyncio.streams": _patch_asyncio_streams,
+    "asyncio.base_events": _patch_asyncio_base_events,
+}
+_pending = set()  # module names still to patch when imported
+
+
+def _apply(name, module):
+    with _lock:
+        if not _active or name not in _pending:
+            return
+        _pending.discard(name)
+        try:
+            _PATCHERS[name](module)
+        except Exception:
+            from ._otel import dropped
+
+            dropped()
+
+
+class _ImportWatcher:
+    """A ``sys.meta_path`` finder that finds nothing itself: for the few watched
+    modules it asks the other finders and patches the module once it has run."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in _pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self:
+                continue
+            find = getattr(finder, "find_spec", None)
+            if find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = getattr(loader, "exec_module", None)
+        if exec_module is None or "exec_module" in getattr(loader, "__dict__", {"exec_module": 1}):
+            return spec
+
+        def exec_and_patch(module):
+            try:
+                del loader.exec_module  # one module per loader: back to the class's method
+            except AttributeError:
+                pass
+            exec_module(module)
+            _apply(name, module)
+
+        try:
+            loader.exec_module = exec_and_patch
+        except Exception:
+            pass
+        return spec
+
+    def invalidate_caches(self):
+        pass
+
+
+_watcher = _ImportWatcher()
+
+
+def install():
+    """Patch what is imported, watch for the rest; warn about unknown socket classes."""
+    global _active
+    with _lock:
+        if _active:
+            return
+        _active = True
+        _pending.update(_PATCHERS)
+        for name in list(_PATCHERS):
+            module = sys.modules.get(name)
+            if module is not None:
+                _apply(name, module)
+        if _pending and _watcher not in sys.meta_path:
+            sys.meta_path.insert(0, _watcher)
+        current = _stdsocket.socket
+        if current is not STD_SOCKET:
+            owner = getattr(current, "__module__", "") or ""
+            if not owner.startswith(("gevent", "eventlet")):
+                warn_once("socket.socket", (
+                    f"tracesock: socket.socket has been replaced by {owner}.{getattr(current, '__qualname__', current)};"
+                    " its sockets are traced only where they do their I/O through the standard"
+                    " socket class"))
+
+
+def uninstall():
+    global _active
+    with _lock:
+        _active = False
+        _pending.clear()
+        try:
+            sys.meta_path.remove(_watcher)
+        except ValueError:
+            pass
+        _restore()

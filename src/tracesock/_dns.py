@@ -1,0 +1,351 @@
+"""Name resolution and connection set-up: ``dns.lookup`` and ``socket.create_connection``.
+
+While tracesock is instrumented, ``socket.getaddrinfo``, ``gethostbyname``,
+``gethostbyname_ex``, ``getnameinfo`` and ``create_connection`` -- module
+functions of :mod:`socket` -- are replaced by the functions here (see
+``_patch``).  Each calls the original with the caller's arguments unchanged
+and records what happened, like the socket methods: duration into the
+``tracesock.dns.duration`` / ``tracesock.connect.duration`` histograms always,
+a span only if the call qualifies (decided after it, by the same rules as a
+socket call: inside a recording parent, slow, or failed).
+
+``create_connection`` holds back the spans of what it does -- its
+``getaddrinfo`` and each ``socket.connect`` attempt -- in a context variable
+(``_otel.PENDING``) and, at its end, makes one ``socket.create_connection``
+span with all of them as children if it qualifies: it ran inside a recording
+span, was slow, raised, or any of its steps qualified on its own (a refused
+first attempt is a failed call, so the set-up it belongs to is shown whole).
+Otherwise nothing is made, as for any fast call outside a trace.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket as _stdsocket
+import time
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import _otel
+from ._events import record_rare
+from ._socket import _SUPPRESS, _current_context
+from ._syscall import now
+
+__all__ = ["FUNCTIONS", "install", "uninstall"]
+
+_on = False  # instrumented: a replacement someone else kept a reference to goes quiet after
+_saved = {}  # name -> (original, replacement)
+
+_EAI_NAMES = {}
+for _n in dir(_stdsocket):
+    if _n.startswith("EAI_"):
+        _EAI_NAMES.setdefault(getattr(_stdsocket, _n), _n)
+
+
+def _failed(exc):
+    return exc is not None and not isinstance(exc, BlockingIOError)
+
+
+def _status(exc):
+    return Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def _host_text(host):
+    if isinstance(host, str):
+        return host
+    if isinstance(host, (bytes, bytearray)):
+        return bytes(host).decode("utf-8", "backslashreplace")
+    return None
+
+
+def _arg(args, kwargs, i, name):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name) if kwargs else None
+
+
+# --- held items: what a span is made of, decided later -------------------------
+
+class _Item:
+    """One finished operation that may become a span (under a parent, or alone)."""
+
+    __slots__ = ()
+
+    def qualifies(self, rec):
+        """Worth a span on its own (outside a recording parent): slow or failed."""
+        raise NotImplementedError
+
+    def emit(self, rec, parent_ctx):
+        raise NotImplementedError
+
+
+class _Lookup(_Item):
+    __slots__ = ("function", "args", "kwargs", "start", "end", "result", "error", "attrs")
+
+    def __init__(self, function, args, kwargs, start, end, result, error):
+        self.function = function
+        self.args = args
+        self.kwargs = kwargs
+        self.start = start
+        self.end = end
+        self.result = result
+        self.error = error
+
+    def qualifies(self, rec):
+        return self.end - self.start >= rec.slow_ns or _failed(self.error)
+
+    def attributes(self):
+        f = self.function
+        attrs = {"tracesock.dns.function": f}
+        args, kwargs = self.args, self.kwargs
+        if f == "getnameinfo":
+            sockaddr = _arg(args, kwargs, 0, "sockaddr")
+            host = sockaddr[0] if isinstance(sockaddr, tuple) and sockaddr else None
+            port = sockaddr[1] if isinstance(sockaddr, tuple) and len(sockaddr) > 1 else None
+        else:
+            host = _arg(args, kwargs, 0, "host")
+            port = _arg(args, kwargs, 1, "port") if f == "getaddrinfo" else None
+        host = _host_text(host)
+        if host is not None:
+            attrs["server.address"] = host
+        if isinstance(port, int) and not isinstance(port, bool):
+            attrs["server.port"] = port
+        result = self.result
+        if self.error is None and result is not None:
+            if f == "getaddrinfo":
+                attrs["tracesock.dns.answers"] = len(result)
+            elif f == "gethostbyname_ex":
+                attrs["tracesock.dns.answers"] = len(result[2])
+            else:
+                attrs["tracesock.dns.answers"] = 1
+        if self.error is not None:
+            attrs["error.type"] = type(self.error).__name__
+            code = getattr(self.error, "errno", None)
+            if isinstance(self.error, _stdsocket.gaierror) and code in _EAI_NAMES:
+                attrs["tracesock.dns.error"] = _EAI_NAMES[code]
+        return attrs
+
+    def emit(self, rec, parent_ctx):
+        span = rec.tracer.start_span("dns.lookup", context=parent_ctx, kind=SpanKind.INTERNAL,
+                                     attributes=self.attributes(), start_time=rec._epoch(self.start))
+        if _failed(self.error):
+            span.set_status(_status(self.error))
+        span.end(end_time=rec._epoch(self.end))
+
+
+class _HeldCall(_Item):
+    """A socket call (``socket.connect``) made inside ``create_connection``."""
+
+    __slots__ = ("call", "attrs", "alone", "error")
+
+    def __init__(self, rec, call, sock, ctx):
+        self.call = call
+        self.error = call.error  # the caller clears call.error once this returns
+        # Now, while the socket is open: a failed attempt's socket is closed next.
+        self.attrs = _otel.call_attributes(sock, call)
+        self.alone = (call.end - call.start >= rec.slow_ns or _failed(call.error)
+                      or bool(ctx and _otel.parent_recording(ctx)))
+
+    def qualifies(self, rec):
+        return self.alone
+
+    def emit(self, rec, parent_ctx):
+        self.call.error = self.error
+        try:
+            rec._spans(self.call, None, parent_ctx, self.attrs)
+        finally:
+            self.call.error = self.error = None
+
+
+class _Pending(list):
+    """The items held back by one ``create_connection`` (a list of ``_Item``)."""
+
+    __slots__ = ()
+
+    def hold_call(self, rec, call, sock, ctx):
+        self.append(_HeldCall(rec, call, sock, ctx))
+
+
+class _Connection(_Item):
+    __slots__ = ("args", "kwargs", "start", "end", "sock", "error", "children", "attrs")
+
+    def __init__(self, args, kwargs, start, end, sock, error, children):
+        self.args = args
+        self.kwargs = kwargs
+        self.start = start
+        self.end = end
+        self.error = error
+        self.children = children
+        attrs = {}
+        address = _arg(args, kwargs, 0, "address")
+        if isinstance(address, tuple) and len(address) >= 2:
+            host = _host_text(address[0])
+            if host is not None:
+                attrs["server.address"] = host
+            if isinstance(address[1], int) and not isinstance(address[1], bool):
+                attrs["server.port"] = address[1]
+        attrs["tracesock.connect.attempts"] = sum(
+            1 for c in children if isinstance(c, _HeldCall) and c.call.method in ("connect", "connect_ex"))
+        timeout = _arg(args, kwargs, 1, "timeout")
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+            attrs["tracesock.timeout"] = float(timeout)
+        if sock is not None:
+            try:
+                peer = sock.getpeername()
+                if isinstance(peer, tuple) and len(peer) >= 2:
+                    attrs["network.peer.address"] = str(peer[0])
+                    attrs["network.peer.port"] = peer[1]
+            except (OSError, ValueError):
+                pass
+        if error is not None:
+            attrs["error.type"] = type(error).__name__
+        self.attrs = attrs
+
+    def qualifies(self, rec):
+        return (self.end - self.start >= rec.slow_ns or _failed(self.error)
+                or any(c.qualifies(rec) for c in self.children))
+
+    def emit(self, rec, parent_ctx):
+        span = rec.tracer.start_span("socket.create_connection", context=parent_ctx,
+                                     kind=SpanKind.INTERNAL, attributes=self.attrs,
+                                     start_time=rec._epoch(self.start))
+        if _failed(self.error):
+            span.set_status(_status(self.error))
+        child_ctx = otel_trace.set_span_in_context(span, parent_ctx)
+        for child in self.children:
+            try:
+                child.emit(rec, child_ctx)
+            except Exception as exc:
+                _otel.swallow(exc)
+        span.end(end_time=rec._epoch(self.end))
+
+
+def _deliver(rec, item, ctx):
+    """Make ``item``'s spans now, hold it for an enclosing create_connection, or drop it."""
+    pending = _otel.PENDING.get()
+    if pending is not None:
+        pending.append(item)
+        return
+    in_trace = bool(ctx and _otel.parent_recording(ctx))
+    if not (in_trace or item.qualifies(rec)):
+        return
+    rec._offset = time.time_ns() - time.perf_counter_ns()
+    parent_ctx = ctx if in_trace else otel_context.Context()
+    token = otel_context.attach(otel_context.set_value(_SUPPRESS, True, parent_ctx))
+    try:
+        item.emit(rec, parent_ctx)
+    finally:
+        otel_context.detach(token)
+
+
+# --- the replacements -----------------------------------------------------------
+
+def _record_lookup(function, args, kwargs, start, end, result, error, ctx):
+    try:
+        attrs = {"tracesock.dns.function": function}
+        if error is not None:
+            attrs["error.type"] = type(error).__name__
+        record_rare("dns", attrs, end - start)
+        rec = _otel.RECORDER
+        if rec.detail:
+            _deliver(rec, _Lookup(function, args, kwargs, start, end, result, error), ctx)
+    except Exception as exc:
+        _otel.swallow(exc)
+
+
+def _lookup_function(function, original):
+    def lookup(*args, **kwargs):
+        ctx = _current_context()
+        if not _on or (ctx and ctx.get(_SUPPRESS)):
+            return original(*args, **kwargs)
+        start = now()
+        try:
+            result = original(*args, **kwargs)
+        except BaseException as exc:
+            _record_lookup(function, args, kwargs, start, now(), None, exc, ctx)
+            raise
+        _record_lookup(function, args, kwargs, start, now(), result, None, ctx)
+        return result
+
+    return _dress(lookup, original)
+
+
+def _connection_function(original):
+    def create_connection(*args, **kwargs):
+        ctx = _current_context()
+        if not _on or (ctx and ctx.get(_SUPPRESS)):
+            return original(*args, **kwargs)
+        pending = _Pending()
+        token = _otel.PENDING.set(pending)
+        start = now()
+        try:
+            sock = original(*args, **kwargs)
+        except BaseException as exc:
+            end = now()
+            _otel.PENDING.reset(token)
+            _record_connection(args, kwargs, start, end, None, exc, pending, ctx)
+            raise
+        end = now()
+        _otel.PENDING.reset(token)
+        _record_connection(args, kwargs, start, end, sock, None, pending, ctx)
+        return sock
+
+    return _dress(create_connection, original)
+
+
+def _record_connection(args, kwargs, start, end, sock, error, pending, ctx):
+    try:
+        record_rare("connect", {"error.type": type(error).__name__} if error is not None else {},
+                    end - start)
+        rec = _otel.RECORDER
+        if rec.detail:
+            _deliver(rec, _Connection(args, kwargs, start, end, sock, error, list(pending)), ctx)
+    except Exception as exc:
+        _otel.swallow(exc)
+    finally:
+        pending.clear()  # held calls keep their exceptions (and tracebacks): let them go
+
+
+def _dress(fn, original):
+    """``fn`` with the identity of ``original`` (doc, name, signature; pickled as socket.<name>)."""
+    functools.update_wrapper(fn, original)
+    fn.__module__ = "socket"
+    fn.__qualname__ = original.__name__
+    return fn
+
+
+FUNCTIONS = ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "getnameinfo", "create_connection")
+
+
+def replacements(current):
+    """``{name: replacement}`` for the socket module functions in ``current`` ({name: original})."""
+    out = {}
+    for name, original in current.items():
+        if name == "create_connection":
+            out[name] = _connection_function(original)
+        else:
+            out[name] = _lookup_function(name, original)
+    return out
+
+
+def install():
+    """Replace the socket module's resolver and create_connection functions."""
+    global _on
+    if not _saved:
+        current = {name: getattr(_stdsocket, name) for name in FUNCTIONS if hasattr(_stdsocket, name)}
+        for name, fn in replacements(current).items():
+            _saved[name] = (current[name], fn)
+            setattr(_stdsocket, name, fn)
+    _on = True
+
+
+def uninstall():
+    """Put them back -- each only if it is still ours (gevent & co may have replaced it since)."""
+    global _on
+    _on = False
+    for name, (original, fn) in _saved.items():
+        if getattr(_stdsocket, name, None) is fn:
+            setattr(_stdsocket, name, original)
+    _saved.clear()
