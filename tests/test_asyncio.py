@@ -1,0 +1,348 @@
+"""asyncio over traced sockets: streams (plain and TLS), loop.sock_*, loop.getaddrinfo.
+
+Real event loops, real sockets on loopback, real TLS (trustme certificates).
+The selector event loop calls the socket methods on non-blocking sockets:
+EAGAIN outcomes are counted (``tracesock.eagain``) and never failures, and
+spans are parented to the span current in the task that does the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import tracesock
+
+BAD = "tracesock-test.invalid"
+MiB = 1 << 20
+
+
+def _parent_name(telemetry, span):
+    if span.parent is None:
+        return None
+    by_id = {s.context.span_id: s.name for s in telemetry.spans()}
+    return by_id.get(span.parent.span_id, "?")
+
+
+def _under(telemetry, parent_name, name=None):
+    names = ("socket.recv", "socket.recv_into") if name == "socket.recv" else (name,)
+    return [s for s in telemetry.spans() if (name is None or s.name in names)
+            and _parent_name(telemetry, s) == parent_name]
+
+
+# --- an echo server and client with streams -------------------------------------
+
+async def _echo_session(tracer, server_ssl=None, client_ssl=None, messages=(b"hello", b"x" * 100_000)):
+    async def handle(reader, writer):
+        with tracer.start_as_current_span("handler"):
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ssl)
+    port = server.sockets[0].getsockname()[1]
+    replies = []
+    with tracer.start_as_current_span("connect"):
+        reader, writer = await asyncio.open_connection(
+            "localhost", port, ssl=client_ssl, server_hostname="localhost" if client_ssl else None)
+    for message in messages:
+        with tracer.start_as_current_span("request"):
+            writer.write(message)
+            await writer.drain()
+            got = b""
+            while len(got) < len(message):
+                chunk = await reader.read(65536)
+                assert chunk
+                got += chunk
+            replies.append(got)
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+    return replies
+
+
+@pytest.fixture(scope="module")
+def tls():
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+def test_streams_echo_plain(traced):
+    tracesock.uninstrument()
+    plain = asyncio.run(_echo_session(traced.tracer))
+    traced.clear()
+    traced.instrument(detail="syscalls", slow_threshold=None)
+    replies = asyncio.run(_echo_session(traced.tracer))
+    assert replies == plain == [b"hello", b"x" * 100_000]
+    # connection set-up belongs to the task's "connect" span: the lookup ran in an
+    # executor thread, the connect is asyncio's non-blocking one (EINPROGRESS)
+    (lookup,) = _under(traced, "connect", "dns.lookup")
+    assert lookup.attributes["server.address"] == "localhost"
+    (connect,) = _under(traced, "connect", "socket.connect")
+    assert connect.attributes["error.type"] == "BlockingIOError"
+    assert connect.status.is_unset if hasattr(connect.status, "is_unset") else connect.status.is_ok
+    # the client's sends and receives are children of the request that made them,
+    # reads too (done by the transport's read callback while the task waits)
+    sends = _under(traced, "request", "socket.send")
+    recvs = _under(traced, "request", "socket.recv")
+    assert sum(s.attributes["tracesock.bytes.transferred"] for s in sends) == 100_005
+    assert sum(s.attributes["tracesock.bytes.transferred"] for s in recvs) == 100_005
+    # the server handler's I/O is under its own span
+    assert sum(s.attributes["tracesock.bytes.transferred"]
+               for s in _under(traced, "handler", "socket.recv")) == 100_005
+    assert _under(traced, "handler", "socket.send")
+    # nothing failed, and no socket span without a parent (no span was slow)
+    for s in traced.spans():
+        if s.name.startswith(("socket.", "dns.", "syscall.")):
+            assert s.parent is not None, s.name
+            assert s.status.is_ok or s.attributes.get("error.type") == "BlockingIOError"
+    m = traced.metrics()
+    assert traced.value(m, "tracesock.io", network_io_direction="transmit") >= 2 * 100_005
+
+
+def test_streams_echo_tls(traced, tls):
+    server_ctx, client_ctx = tls
+    tracesock.uninstrument()
+    plain = asyncio.run(_echo_session(traced.tracer, server_ctx, client_ctx))
+    traced.clear()
+    traced.instrument(detail="syscalls", slow_threshold=None)
+    replies = asyncio.run(_echo_session(traced.tracer, server_ctx, client_ctx))
+    assert replies == plain == [b"hello", b"x" * 100_000]
+    # asyncio's TLS (SSLProtocol: ssl.SSLObject over memory BIOs) writes and reads
+    # ciphertext through the traced plain socket (reads with recv_into, a buffered
+    # protocol, on 3.11+): the handshake under "connect"...
+    handshake_out = _under(traced, "connect", "socket.send")
+    handshake_in = _under(traced, "connect", "socket.recv")
+    assert handshake_out and handshake_in
+    assert all(s.attributes["tracesock.bytes.transferred"] > 0 for s in handshake_out)
+    # ...the records under "request": ciphertext is more than the plaintext
+    sent = sum(s.attributes["tracesock.bytes.transferred"] for s in _under(traced, "request", "socket.send"))
+    received = sum(s.attributes["tracesock.bytes.transferred"]
+                   for s in _under(traced, "request", "socket.recv"))
+    assert sent > 100_005
+    assert received > 100_005
+    assert _under(traced, "handler", "socket.recv")
+
+
+# --- loop.sock_* ------------------------------------------------------------------
+
+def test_loop_sock_methods_under_the_task_span(traced):
+    async def main():
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        csock = socket.socket()
+        csock.setblocking(False)
+        with traced.tracer.start_as_current_span("io"):
+            (conn, _), _ = await asyncio.gather(
+                loop.sock_accept(lsock), loop.sock_connect(csock, lsock.getsockname()))
+            conn.setblocking(False)
+            recv = asyncio.ensure_future(loop.sock_recv(conn, 100))
+            await asyncio.sleep(0)  # the first recv finds nothing: EAGAIN, then a wait
+            await loop.sock_sendall(csock, b"ping")
+            data = await recv
+        for s in (conn, csock, lsock):
+            s.close()
+        return data
+
+    assert asyncio.run(main()) == b"ping"
+    names = {s.name for s in _under(traced, "io")}
+    assert {"socket.accept", "socket.connect", "socket.send", "socket.recv"} <= names
+    would_block = [s for s in _under(traced, "io") if s.attributes.get("error.type") == "BlockingIOError"]
+    assert {s.name for s in would_block} >= {"socket.accept", "socket.recv"}
+    for s in would_block:  # the loop's normal flow: not an error
+        assert not s.status.status_code.name == "ERROR"
+    (got,) = [s for s in _under(traced, "io", "socket.recv") if "error.type" not in s.attributes]
+    assert got.attributes["tracesock.bytes.transferred"] == 4
+    m = traced.metrics()
+    assert traced.value(m, "tracesock.eagain", network_transport="tcp") >= 2
+    assert traced.value(m, "tracesock.call.duration", **{"error.type": "BlockingIOError"}) >= 2
+
+
+def test_eagain_outside_a_trace_makes_no_span(traced):
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        recv = asyncio.ensure_future(loop.sock_recv(a, 10))
+        await asyncio.sleep(0)
+        await loop.sock_sendall(b, b"x")
+        data = await recv
+        a.close()
+        b.close()
+        return data
+
+    assert asyncio.run(main()) == b"x"
+    assert traced.spans() == []
+    assert traced.value(traced.metrics(), "tracesock.eagain") >= 1
+
+
+# --- 16 MiB through a slow reader ---------------------------------------------------
+
+PAYLOAD = os.urandom(1 << 16) * 256  # 16 MiB
+
+
+def test_16mib_sock_sendall_to_a_slow_reader(traced):
+    async def main():
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        writer = socket.socket()
+        writer.setblocking(False)
+        await loop.sock_connect(writer, lsock.getsockname())
+        reader, _ = await loop.sock_accept(lsock)
+        reader.setblocking(False)
+        digest = hashlib.sha256()
+
+        async def slow_read():
+            total = 0
+            while total < len(PAYLOAD):
+                chunk = await loop.sock_recv(reader, 1 << 16)
+                assert chunk
+                digest.update(chunk)
+                total += len(chunk)
+                await asyncio.sleep(0.001)  # the deliberately slow reader
+            return total
+
+        async def upload():
+            with traced.tracer.start_as_current_span("upload"):
+                # pieces smaller than the socket buffer: once the reader has let it
+                # fill, a piece's first try finds it full (EAGAIN) and the loop waits
+                view = memoryview(PAYLOAD)
+                for i in range(0, len(PAYLOAD), 1 << 14):
+                    await loop.sock_sendall(writer, view[i:i + (1 << 14)])
+
+        total, _ = await asyncio.gather(slow_read(), upload())
+        for s in (lsock, writer, reader):
+            s.close()
+        return total, digest.hexdigest()
+
+    total, digest = asyncio.run(main())
+    assert total == len(PAYLOAD)
+    assert digest == hashlib.sha256(PAYLOAD).hexdigest()
+    sends = _under(traced, "upload", "socket.send")
+    assert sum(s.attributes["tracesock.bytes.transferred"] for s in sends) == len(PAYLOAD)
+    # the socket buffer filled: sends that found it full (EAGAIN, the loop then waited
+    # for writability) and sends that queued only part
+    blocked = [s for s in sends if s.attributes.get("error.type") == "BlockingIOError"]
+    assert blocked
+    for s in blocked:
+        assert s.attributes["tracesock.eagain"] == 1
+        assert s.status.status_code.name != "ERROR"
+    assert any(s.attributes["tracesock.partial_sends"] for s in sends)
+    m = traced.metrics()
+    assert traced.value(m, "tracesock.eagain", network_transport="tcp") >= len(blocked)
+    assert traced.value(m, "tracesock.partial_sends", network_transport="tcp") >= 1
+    assert traced.value(m, "tracesock.io", network_io_direction="transmit",
+                        network_transport="tcp") >= len(PAYLOAD)
+
+
+def test_16mib_streams_to_a_slow_reader(traced):
+    async def main():
+        digest = hashlib.sha256()
+        done = asyncio.get_running_loop().create_future()
+
+        async def handle(reader, writer):
+            total = 0
+            with traced.tracer.start_as_current_span("slow-reader"):
+                while total < len(PAYLOAD):
+                    chunk = await reader.read(1 << 16)
+                    assert chunk
+                    digest.update(chunk)
+                    total += len(chunk)
+                    await asyncio.sleep(0.001)
+            writer.close()
+            done.set_result(total)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with traced.tracer.start_as_current_span("upload"):
+            writer.write(PAYLOAD)
+            await writer.drain()
+        total = await done
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return total, digest.hexdigest()
+
+    total, digest = asyncio.run(main())
+    assert total == len(PAYLOAD)
+    assert digest == hashlib.sha256(PAYLOAD).hexdigest()
+    # the transport's first send and its writable-callback sends, all under "upload"
+    sends = _under(traced, "upload", "socket.send")
+    assert sum(s.attributes["tracesock.bytes.transferred"] for s in sends) == len(PAYLOAD)
+    assert len(sends) > 1 and sends[0].attributes["tracesock.partial_sends"] == 1
+    recvs = _under(traced, "slow-reader", "socket.recv")
+    assert sum(s.attributes["tracesock.bytes.transferred"] for s in recvs) == len(PAYLOAD)
+    m = traced.metrics()
+    assert traced.value(m, "tracesock.partial_sends", network_transport="tcp") >= 1
+
+
+# --- name resolution through the loop -------------------------------------------------
+
+def test_loop_getaddrinfo_parented_to_the_task(traced):
+    async def main():
+        loop = asyncio.get_running_loop()
+        with traced.tracer.start_as_current_span("resolve"):
+            infos = await loop.getaddrinfo("localhost", 80, type=socket.SOCK_STREAM)
+            name = await loop.getnameinfo(("127.0.0.1", 80))
+            with pytest.raises(socket.gaierror):
+                await loop.getaddrinfo(BAD, 80)
+        outside = await loop.getaddrinfo("localhost", 80)
+        return infos, name, outside
+
+    infos, name, outside = asyncio.run(main())
+    assert infos and name and outside
+    lookups = traced.spans("dns.lookup")
+    assert [(_parent_name(traced, s), s.attributes["tracesock.dns.function"]) for s in lookups] == [
+        ("resolve", "getaddrinfo"), ("resolve", "getnameinfo"), ("resolve", "getaddrinfo")]
+    assert lookups[0].attributes["tracesock.dns.answers"] == len(infos)
+    assert lookups[2].attributes["error.type"] == "gaierror"
+    m = traced.metrics()
+    assert traced.value(m, "tracesock.dns.duration") == 4  # the one outside a span too
+
+
+def test_asyncio_imported_after_instrument_is_patched_and_restored():
+    code = textwrap.dedent("""
+        import sys
+        assert "asyncio" not in sys.modules
+        import tracesock
+        tracesock.instrument()
+        import asyncio
+        patched = asyncio.StreamReader._wait_for_data
+        assert patched.__wrapped__ is not None
+        assert asyncio.base_events.BaseEventLoop.getaddrinfo.__wrapped__ is not None
+        import inspect
+        assert inspect.iscoroutinefunction(asyncio.StreamReader._wait_for_data)
+        assert inspect.iscoroutinefunction(asyncio.base_events.BaseEventLoop.getaddrinfo)
+        tracesock.uninstrument()
+        assert not hasattr(asyncio.StreamReader._wait_for_data, "__wrapped__")
+        assert not hasattr(asyncio.base_events.BaseEventLoop.getaddrinfo, "__wrapped__")
+        assert "_wait_for_data" in asyncio.StreamReader.__dict__
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
