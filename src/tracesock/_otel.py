@@ -47,7 +47,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import __version__
 from ._events import BOUNDS_S, RARE_HISTOGRAMS, Hist, Stats, Step, merge_stats, rare_snapshot, snapshot
+from ._syscall import block_signals as _block_signals
 from ._syscall import errno_name
+from ._syscall import restore_signals as _restore_signals
+from ._syscall import signal_mask as _signal_mask
 
 __all__ = ["Recorder", "MetricsBridge", "RECORDER", "configure", "parent_recording", "dropped"]
 
@@ -213,6 +216,8 @@ def _kind(filename):
         path = os.path.realpath(filename) if not filename.startswith("<") else filename
         if path.startswith(_OWN_DIR):
             kind = "own"
+        elif path.startswith("<frozen "):  # frozen stdlib modules (runpy, importlib, ...)
+            kind = "library"
         elif path.startswith(_STDLIB_DIRS) and (
                 os.path.basename(path) in _SOCKET_LAYERS or os.sep + "asyncio" + os.sep in path):
             kind = "layer"
@@ -252,6 +257,18 @@ def _site_attributes(attrs):
         attrs["code.function.name"] = getattr(code, "co_qualname", code.co_name)
         attrs["code.file.path"] = code.co_filename
         attrs["code.line.number"] = frame.f_lineno
+    if RECORDER.stacktrace:  # opt-in: instrument(code_stacktrace=True); large
+        attrs["code.stacktrace"] = _stacktrace()
+
+
+def _stacktrace():
+    """The stack from the innermost frame outside tracesock, as Python prints it."""
+    import traceback
+
+    frame = sys._getframe(1)
+    while frame is not None and _kind(frame.f_code.co_filename) == "own":
+        frame = frame.f_back
+    return "".join(traceback.format_stack(frame, limit=64)) if frame is not None else ""
 
 
 def call_attributes(sock, call):
@@ -287,8 +304,11 @@ def call_attributes(sock, call):
 class Recorder:
     """The active configuration: which spans to make and where they go."""
 
-    def __init__(self, tracer_provider=None, detail="calls", slow_threshold=0.1):
+    def __init__(self, tracer_provider=None, detail="calls", slow_threshold=0.1, profile=None,
+                 stacktrace=False):
         self.detail = DETAILS[detail]
+        self.profile = profile  # a _profile.Profile recording every call, or None
+        self.stacktrace = stacktrace  # code.stacktrace on call spans
         self.detail_name = detail
         self.slow_threshold = slow_threshold
         # Decided after the call: a huge number disables "slow" spans.
@@ -302,7 +322,21 @@ class Recorder:
         return ns + self._offset
 
     def emit(self, call, sock, ctx):
-        """Make the spans for a finished call, if it qualifies.  Never raises."""
+        """Make the spans for a finished call, if it qualifies.  Never raises
+        (but a signal handler's exception, held back while the spans were
+        made, may surface right after: it belongs to the program)."""
+        if not (ctx and ctx.get(_SPAN_KEY) is not None) and call.end - call.start < self.slow_ns \
+                and (call.error is None or isinstance(call.error, BlockingIOError)):
+            if PENDING.get() is None:
+                return  # does not qualify: no need to hold signals back
+        mask = _signal_mask()
+        try:
+            _block_signals(mask)
+            self._emit(call, sock, ctx)
+        finally:
+            _restore_signals(mask)
+
+    def _emit(self, call, sock, ctx):
         try:
             pending = PENDING.get()
             if pending is not None:  # inside socket.create_connection: decided at its end
@@ -477,10 +511,15 @@ class MetricsBridge:
             self.wait_duration = meter.create_histogram(
                 "tracesock.wait.duration", description="Duration of readiness waits (poll)",
                 explicit_bucket_boundaries_advisory=list(BOUNDS_S), **hist)
+            self.tls_handshake_duration = meter.create_histogram(
+                "tracesock.tls.handshake.duration", description="Duration of TLS handshakes",
+                explicit_bucket_boundaries_advisory=list(BOUNDS_S), **hist)
         except TypeError:  # API older than explicit_bucket_boundaries_advisory
             self.call_duration = meter.create_histogram("tracesock.call.duration", **hist)
             self.syscall_duration = meter.create_histogram("tracesock.syscall.duration", **hist)
             self.wait_duration = meter.create_histogram("tracesock.wait.duration", **hist)
+            self.tls_handshake_duration = meter.create_histogram(
+                "tracesock.tls.handshake.duration", **hist)
         self.rare = {}  # DNS lookups, connection set-up (process-wide aggregates)
         for key, (name, description) in RARE_HISTOGRAMS.items():
             try:
@@ -595,6 +634,8 @@ class MetricsBridge:
                 add("syscall", {"tracesock.syscall": name, **t}, h)
             for outcome, h in s.waits.items():
                 add("wait", {"tracesock.wait.outcome": outcome, **t}, h)
+            for err, h in s.handshakes.items():
+                add("tls_handshake", {"error.type": err, **t} if err else t, h)
         for (key, attrs), h in rare_snapshot(reset_min_max).items():
             add(key, dict(attrs), h)
         return out
@@ -603,7 +644,7 @@ class MetricsBridge:
         """Push what was aggregated since the last flush into the SDK histograms."""
         with self._lock:
             instruments = {"call": self.call_duration, "syscall": self.syscall_duration,
-                           "wait": self.wait_duration}
+                           "wait": self.wait_duration, "tls_handshake": self.tls_handshake_duration}
             instruments.update(self.rare)
             for key, (attrs, h) in self._series().items():
                 prev_counts, prev_total = self._flushed.get(key, (None, 0))
@@ -728,7 +769,8 @@ def set_recorder(recorder):
         listener(recorder)
 
 
-def configure(tracer_provider=None, meter_provider=None, detail="calls", slow_threshold=0.1):
+def configure(tracer_provider=None, meter_provider=None, detail="calls", slow_threshold=0.1,
+              profile=None, stacktrace=False):
     bridge = bridge_for(meter_provider)
-    set_recorder(Recorder(tracer_provider, detail, slow_threshold))
+    set_recorder(Recorder(tracer_provider, detail, slow_threshold, profile, stacktrace))
     return RECORDER, bridge

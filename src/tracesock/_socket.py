@@ -24,6 +24,7 @@ import errno as _errno
 import math
 import os
 import socket as _stdsocket
+import sys as _sys
 
 from opentelemetry import context as _otel_context
 
@@ -312,6 +313,8 @@ def _fast_done(sock, m, start, end, n, requested, args, kwargs, result, ctx):
         if requested is not None and n != requested:
             h.odd += 1  # a partial send, or a recv buffer shrunk to what arrived
         rec = _otel.RECORDER
+        if rec.profile is not None:
+            rec.profile.fast(m.name, d, n, m.writing, requested is not None and n < requested)
         if d >= rec.slow_ns or (ctx and _otel.parent_recording(ctx)):
             if rec.detail:
                 rec.emit(_fast_call(_stats(sock), m, start, end, n, args, kwargs, result), sock, ctx)
@@ -352,6 +355,8 @@ def _fast_failed(sock, m, start, end, exc, args, kwargs, ctx):
             if isinstance(exc, BlockingIOError):
                 st.eagain += 1
         rec = _otel.RECORDER
+        if rec.profile is not None:
+            rec.profile.failed(m.name, end - start, exc)
         if not rec.detail:
             return
         # EAGAIN on a non-blocking socket is an event loop's normal flow: no root span.
@@ -378,6 +383,8 @@ def _finish(call, sock, ctx):
         if call.waits or call.tcp_before is not None:
             _diagnose(call, sock)
         rec = _otel.RECORDER
+        if rec.profile is not None:
+            rec.profile.call(call)
         if rec.detail:
             rec.emit(call, sock, ctx)
     except Exception as exc:
@@ -388,7 +395,11 @@ def _finish(call, sock, ctx):
 
 
 def _new_call(sock, m_name, start):
-    call = Call(m_name, _stats(sock), start, _otel.RECORDER.detail > 0)
+    rec = _otel.RECORDER
+    if rec.profile is None:
+        call = Call(m_name, _stats(sock), start, rec.detail > 0)
+    else:  # sums its syscall time for the profile
+        call = rec.profile.new_call(m_name, _stats(sock), start, rec.detail > 0, sock)
     if m_name in _SENDS and call.stats.transport == "tcp":
         call.tcp_probe = lambda: _tcpinfo.snapshot(sock)
     return call
@@ -579,8 +590,10 @@ def _after(call, m, args, result):
 def _safe(fn, *args):
     try:
         return fn(*args)
-    except Exception:
-        return None
+    except Exception as exc:
+        if _otel._from_signal_handler(exc):
+            raise  # a signal handler's exception belongs to the program
+        return None  # odd arguments: CPython's method will say what is wrong
 
 
 def _plain(sock, m, args, kwargs, ctx, name=None):
@@ -628,6 +641,12 @@ _C_METHODS = ("recv", "recv_into", "send", "sendall")
 
 def _c_slow(index, sock, start, end, n, result, args):
     """The C path's call reached the slow threshold: make its span (never raises)."""
+    rec = _otel.RECORDER
+    if rec.profile is not None:  # while profiling, the C path reports every call here
+        # frames: 0 this, 1 the method (_accelerated), 2 its caller
+        rec.profile.fast(_C_METHODS[index], end - start, n, index >= 2, False, _sys._getframe(2))
+        if end - start < rec.slow_ns or not rec.detail:
+            return
     m = _BY_NAME[_C_METHODS[index]]
     _hot_span(sock, m, start, end, n, args, result)
 
@@ -921,7 +940,10 @@ if _speedups is not None:
     sendall = _accelerated(3, SENDALL, sendall)
 if _speedups is not None:
     def _sync_threshold(recorder):
-        _speedups.set_slow_ns(recorder.slow_ns if recorder.detail else 1 << 62)
+        if recorder.profile is not None:  # profiling: every C-path call reports to _c_slow
+            _speedups.set_slow_ns(0)
+        else:
+            _speedups.set_slow_ns(recorder.slow_ns if recorder.detail else 1 << 62)
 
     _otel._listeners.append(_sync_threshold)
     _sync_threshold(_otel.RECORDER)

@@ -57,6 +57,8 @@ import errno as _errno
 import os
 import socket as _stdsocket
 import struct
+import signal as _signal
+import threading
 import time
 
 from ._events import INTERRUPTED, READY, TIMEOUT
@@ -107,6 +109,68 @@ _TIMEVAL = struct.Struct("@ll")
 # _socket.socket's own methods (socket.socket may have been replaced by gevent & co)
 _getsockopt = __import__("_socket").socket.getsockopt
 _fileno = __import__("_socket").socket.fileno
+
+
+# --- keeping signal handlers out of span making -------------------------------
+#
+# A Python signal handler runs in the main thread wherever the interpreter
+# happens to be -- inside OpenTelemetry's code too, which catches what it
+# raises (SimpleSpanProcessor.on_end logs and drops exceptions) or is left
+# half done by it (context.attach without its detach).  So span making in the
+# main thread runs with the asynchronous signals blocked at the OS level:
+# their C handlers run when the mask is restored, and the Python handlers at
+# the next bytecode after it, in the program's own flow.  Pending standard
+# signals coalesce exactly as they do untraced while Python's C handler only
+# sets a flag.  Synchronous signals (SIGSEGV, ...) must never be blocked.
+
+_pthread_sigmask = getattr(_libc, "pthread_sigmask", None)
+_SIGSET_BYTES = 128  # glibc and musl sigset_t
+_MAIN_THREAD = threading.main_thread().ident
+_blockable = None
+if _pthread_sigmask is not None and hasattr(_signal, "valid_signals"):
+    _sync = {getattr(_signal, n) for n in ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE",
+                                           "SIGILL", "SIGTRAP", "SIGSYS", "SIGABRT") if hasattr(_signal, n)}
+    _blockable = ctypes.create_string_buffer(_SIGSET_BYTES)
+    for _sig in _signal.valid_signals():
+        if _sig not in _sync and 0 < _sig <= _SIGSET_BYTES * 8:
+            _blockable[(_sig - 1) // 8] = bytes([_blockable[(_sig - 1) // 8][0] | 1 << ((_sig - 1) % 8)])
+    _pthread_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    _pthread_sigmask.restype = ctypes.c_int
+_SIG_BLOCK = getattr(_signal, "SIG_BLOCK", 0)
+_KILL_BYTE, _KILL_BIT = (int(_signal.SIGKILL) - 1) // 8, 1 << ((int(_signal.SIGKILL) - 1) % 8)
+_NOT_YET = bytes(_KILL_BYTE) + bytes([_KILL_BIT])
+
+
+def _main_after_fork():
+    global _MAIN_THREAD
+    _MAIN_THREAD = threading.get_ident()  # the forking thread is the child's main thread
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_main_after_fork)
+_SIG_SETMASK = getattr(_signal, "SIG_SETMASK", 2)
+
+
+def signal_mask():
+    """A buffer for the main thread's signal mask, to give to ``block_signals``
+    and ``restore_signals``; ``None`` elsewhere (Python runs signal handlers
+    only in the main thread).  Made *before* blocking and outside the ``try``
+    whose ``finally`` restores it: a handler already due may run after any
+    bytecode and must never leave the signals blocked.  It starts with the
+    SIGKILL bit set, which no real mask has: "not blocked yet"."""
+    if _blockable is None or threading.get_ident() != _MAIN_THREAD:
+        return None
+    return ctypes.create_string_buffer(_NOT_YET, _SIGSET_BYTES)
+
+
+def block_signals(old):
+    if old is not None:
+        _pthread_sigmask(_SIG_BLOCK, _blockable, old)
+
+
+def restore_signals(old):
+    if old is not None and not old.raw[_KILL_BYTE] & _KILL_BIT:
+        _pthread_sigmask(_SIG_SETMASK, old, None)
 
 
 def errno_name(code):
