@@ -11,12 +11,15 @@ __version__ = "0.1.0"
 
 from ._patch import instrument, instrumented, is_instrumented, uninstrument  # noqa: E402
 from ._socket import TracedSocket  # noqa: E402
+from ._profile import Profile, write_profile  # noqa: E402
 
 __all__ = [
+    "Profile",
     "TracedSocket",
     "instrument",
     "instrumented",
     "is_instrumented",
     "uninstrument",
+    "write_profile",
     "__version__",
 ]

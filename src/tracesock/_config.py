@@ -34,6 +34,8 @@ ENV = {
     "TRACESOCK_MAX_SPANS": "max_spans",
     "TRACESOCK_SUMMARY": "summary",
     "TRACESOCK_CHILDREN": "children",
+    "TRACESOCK_PROFILE": "profile",
+    "TRACESOCK_OVERWRITE": "overwrite",
 }
 
 
@@ -53,6 +55,8 @@ class Settings:
     max_spans: int = DEFAULT_MAX_SPANS
     summary: bool = True
     children: bool = False
+    profile: str | None = None  # tracesock run --profile FILE (this process only, not --children)
+    overwrite: bool = False  # replace existing output files (otherwise refuse)
     sources: dict = field(default_factory=dict, compare=False)  # field -> where it came from
 
     def output_path(self, pid=None):
@@ -169,7 +173,18 @@ PARSERS = {
     "max_spans": parse_max_spans,
     "summary": parse_bool,
     "children": parse_bool,
+    "profile": parse_output,
+    "overwrite": parse_bool,
 }
+
+DISABLED_ENV = "TRACESOCK_DISABLED"
+
+
+def disabled(environ=None):
+    """``TRACESOCK_DISABLED`` set to a true value: tracesock does nothing at all."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(DISABLED_ENV, "")
+    return bool(raw.strip()) and parse_bool(raw, DISABLED_ENV)
 
 
 def from_env(environ=None, base=None):
@@ -212,6 +227,7 @@ def to_env(settings):
         "TRACESOCK_MAX_SPANS": str(settings.max_spans),
         "TRACESOCK_SUMMARY": "1" if settings.summary else "0",
         "TRACESOCK_CHILDREN": "1" if settings.children else "0",
+        "TRACESOCK_OVERWRITE": "1" if settings.overwrite else "0",
     }
     if settings.service_name:
         out["TRACESOCK_SERVICE_NAME"] = settings.service_name

@@ -50,7 +50,8 @@ def _check(detail, slow_threshold):
             raise ValueError(f"tracesock: slow_threshold must be >= 0 seconds, not {slow_threshold!r}")
 
 
-def instrument(tracer_provider=None, meter_provider=None, *, detail="calls", slow_threshold=0.1):
+def instrument(tracer_provider=None, meter_provider=None, *, detail="calls", slow_threshold=0.1,
+               profile=False, code_stacktrace=False):
     """Trace every socket of the process.
 
     ``detail``: ``"metrics"`` (no spans), ``"calls"`` (a span per qualifying
@@ -59,11 +60,21 @@ def instrument(tracer_provider=None, meter_provider=None, *, detail="calls", slo
     Spans are made for calls inside a recording span, calls slower than
     ``slow_threshold`` seconds (``None``: never for slowness) and failed
     calls.  Idempotent: calling it again only changes the configuration.
+
+    ``profile=True`` also adds every call to the process's profile (socket
+    time by Python stack, see docs/profiling.md; ``tracesock.write_profile``
+    writes it); a ``tracesock.Profile`` records into that one.
+    ``code_stacktrace=True`` puts the caller's stack on call spans.
     """
     _check(detail, slow_threshold)
     global _saved
     with _lock:
-        _otel.configure(tracer_provider, meter_provider, detail, slow_threshold)
+        prof = None
+        if profile is not False and profile is not None:
+            from . import _profile
+            prof = _profile.enable(profile if isinstance(profile, _profile.Profile) else None)
+        _otel.configure(tracer_provider, meter_provider, detail, slow_threshold, prof,
+                        bool(code_stacktrace))
         if _saved is None:
             saved = {}
             for name, fn in METHODS.items():
@@ -97,12 +108,14 @@ def is_instrumented():
 
 
 @contextlib.contextmanager
-def instrumented(tracer_provider=None, meter_provider=None, *, detail="calls", slow_threshold=0.1):
+def instrumented(tracer_provider=None, meter_provider=None, *, detail="calls", slow_threshold=0.1,
+                 profile=False, code_stacktrace=False):
     """``with tracesock.instrumented(...):`` -- instrument for the block, then restore."""
     with _lock:
         was = is_instrumented()
         previous = _otel.RECORDER
-        instrument(tracer_provider, meter_provider, detail=detail, slow_threshold=slow_threshold)
+        instrument(tracer_provider, meter_provider, detail=detail, slow_threshold=slow_threshold,
+                   profile=profile, code_stacktrace=code_stacktrace)
     try:
         yield
     finally:

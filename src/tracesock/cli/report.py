@@ -25,7 +25,9 @@ def parser():
                "How to read it: docs/diagnosing-slow-sendall.md",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", metavar="FILE",
-                    help="trace files (several: the processes of a --children run); '-': stdin")
+                    help="trace files (several: the processes of a --children run); '-': stdin; "
+                         "profiles written by `tracesock run --profile` (*.speedscope.json) add "
+                         "exact top call sites and a flame graph")
     ap.add_argument("--top", type=int, default=10, metavar="N",
                     help="how many of the slowest calls to show (default 10)")
     ap.add_argument("--html", metavar="OUT.html",
@@ -41,8 +43,10 @@ def main(argv):
     from ..report import analyze, load
     from ..report import text
 
+    traces, profiles = _split_profiles(opts.files)
     try:
-        spans, warnings = load(opts.files)
+        spans, warnings = load(traces)
+        profile = _load_profiles(profiles)
     except OSError as e:
         sys.stderr.write(f"{PROG}: error: FILE: cannot read {getattr(e, 'filename', None) or opts.files[0]!r}: "
                          f"{e.strerror or e}\n")
@@ -54,6 +58,10 @@ def main(argv):
         sys.stderr.write(f"{PROG}: error: FILE: not a trace file ({type(e).__name__}: {e})\n")
         return 2
     report = analyze(spans, top=opts.top, sources=opts.files, warnings=warnings)
+    if profile is not None:
+        from ..exporters.profile import sites
+        report.profile = profile
+        report.sites = sites(profile)
     try:
         sys.stdout.write(text.render(report))
         sys.stdout.flush()
@@ -73,3 +81,25 @@ def main(argv):
             return 2
         sys.stderr.write(f"HTML report: {opts.html}\n")
     return 0
+
+
+def _split_profiles(paths):
+    """(trace files, profile files): a profile is speedscope JSON written by tracesock."""
+    traces, profiles = [], []
+    for path in paths:
+        head = b""
+        if path != "-":
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(256)
+            except OSError:
+                pass  # reported by load() with the others
+        (profiles if b"speedscope.app/file-format-schema" in head else traces).append(path)
+    return traces, profiles
+
+
+def _load_profiles(paths):
+    if not paths:
+        return None
+    from ..exporters.profile import load as load_profile, merge
+    return merge([load_profile(p) for p in paths])

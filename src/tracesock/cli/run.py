@@ -30,13 +30,14 @@ examples:
   tracesock run client.py --url http://localhost:8000/
   tracesock run --exporter otlp --service-name uploader -m myapp.upload big.iso
   tracesock run --children --prometheus-port 9464 -m http.server 8000
+  tracesock run --profile out.speedscope.json client.py   # + out.folded; docs/profiling.md
 
 Default: the trace goes to ./{DEFAULT_OUTPUT.replace('{pid}', '<pid>')} (Jaeger JSON: Jaeger UI >
 Search > JSON File) and a summary is printed on stderr at exit.
 """
 
 VALUE_OPTIONS = {"--detail", "--slow-threshold", "--exporter", "--output", "-o", "--service-name",
-                 "--prometheus-port", "--prometheus-host", "--max-spans"}
+                 "--prometheus-port", "--prometheus-host", "--max-spans", "--profile"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +75,10 @@ def parser():
     ap.add_argument("--no-summary", action="store_true", help="do not print the summary at exit")
     ap.add_argument("--children", action="store_true",
                     help="also trace Python subprocesses (through PYTHONPATH and TRACESOCK_* variables)")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="also profile socket time by Python stack; at exit write FILE as speedscope "
+                         "JSON and the collapsed stacks next to it (FILE ending in .folded: those only); "
+                         "{pid} is replaced. This process only, not --children")
     return ap
 
 
@@ -114,6 +119,7 @@ def settings_from(opts, environ=None):
         max_spans=opt(opts.max_spans, parse_max_spans, "--max-spans"),
         summary=(False, "--no-summary") if opts.no_summary else None,
         children=(True, "--children") if opts.children else None,
+        profile=opt(opts.profile, parse_output, "--profile"),
     )
 
 
@@ -159,6 +165,12 @@ def main(argv):
     if session.prometheus is not None:
         sys.stderr.write(f"tracesock: Prometheus metrics at {session.prometheus.url}\n")
         sys.stderr.flush()
+    if settings.profile:
+        try:
+            _start_profile(session, settings)
+        except ConfigError as e:
+            sys.stderr.write(f"{PROG}: error: {e}\n")
+            return 2
     try:
         if module is None:
             _run_script(script, args)
@@ -176,6 +188,45 @@ def main(argv):
         raise
     session.exit_code = 0
     return 0
+
+
+def _start_profile(session, settings):
+    """Profile from the program's first line; write the files at exit (before the trace)."""
+    import atexit
+
+    import tracesock
+    from .. import _profile
+
+    path = os.path.abspath(settings.profile.replace("{pid}", str(os.getpid())))
+    directory = os.path.dirname(path)
+    source = settings.sources.get("profile", "--profile")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{source}: directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise ConfigError(f"{source}: directory {directory!r} is not writable")
+    profile = _profile.enable()
+    tracesock.instrument(session.wrapper, session.meter_provider, detail=settings.detail,
+                         slow_threshold=settings.slow_threshold, profile=profile)
+    pid = os.getpid()
+
+    def write():
+        if os.getpid() != pid:  # a fork()ed copy: the parent writes
+            return
+        from ..exporters.profile import write as write_files
+        try:
+            written = write_files(profile, path)
+        except Exception as e:  # never turn the program's exit into a traceback
+            message = f"tracesock: cannot write the profile: {type(e).__name__}: {e}\n"
+        else:
+            message = f"tracesock: profile: {' and '.join(written)} (docs/profiling.md)\n"
+        try:
+            sys.stderr.flush()
+            sys.stderr.write(message)
+            sys.stderr.flush()
+        except Exception:
+            pass
+
+    atexit.register(write)  # runs before the session's shutdown (registered earlier)
 
 
 def _module_exists(module):

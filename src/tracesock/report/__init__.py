@@ -147,6 +147,10 @@ class Report:
     recv_under_filled: int
     recv_fill_sum: float
     warnings: list
+    # top call sites (exporters.profile.Site): from the profile when one is given
+    # (every call), else from the call spans' code.* attributes (calls with spans)
+    sites: list = field(default_factory=list)
+    profile: object = None  # exporters.profile.ProfileData, for the flame graph
 
     @property
     def recv_average_fill(self):
@@ -249,11 +253,13 @@ def analyze(spans, *, top=10, sources=(), warnings=()):
                     r.under_filled += 1
                     recv_under += 1
     connections = sorted(conns.values(), key=lambda c: (-(c.sent + c.received), -c.calls, c.local, c.peer))
+    from ..exporters.profile import span_sites
+    top_sites = span_sites(calls)
     recv_sites = sorted(sites.values(), key=lambda r: (-r.resized, -r.calls, r.site, r.buffer_size))
     return Report(sources=list(sources), spans=len(spans), calls=len(calls), slowest=slowest,
                   connections=connections, recv_sites=recv_sites, recv_calls=recv_calls,
                   recv_resized=recv_resized, recv_under_filled=recv_under, recv_fill_sum=recv_fill,
-                  warnings=list(warnings))
+                  warnings=list(warnings), sites=top_sites)
 
 
 def tcp_fields(span):

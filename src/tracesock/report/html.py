@@ -286,12 +286,24 @@ def _call_card(index, span):
 def render(report, *, title="tracesock report"):
     o = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
          '<meta name="viewport" content="width=device-width, initial-scale=1">',
-         f'<title>{escape(title)}</title><style>{CSS}</style></head><body>']
+         f'<title>{escape(title)}</title><style>{CSS}{FLAME_CSS}</style></head><body>']
     o.append(f'<h1>{escape(title)}</h1>')
     o.append(f'<p class="sub">{escape(", ".join(report.sources))} &middot; {report.calls} socket calls '
              f'in {report.spans} spans</p>')
     for w in report.warnings:
         o.append(f'<p class="sub">warning: {escape(w)}</p>')
+
+    o.append('<h2>Top call sites</h2>')
+    if report.profile is None:
+        o.append('<p class="sub">From the call spans\' code.* attributes (calls that got a span). '
+                 'Run with <code>tracesock run --profile FILE</code> and give FILE to the report for '
+                 'every call and a flame graph.</p>')
+    if report.sites:
+        o.append(sites_table(report.sites))
+    else:
+        o.append('<p class="empty">No call sites.</p>')
+    if report.profile is not None:
+        o.append(flame_section(report.profile))
 
     o.append('<h2>Slowest calls</h2>')
     if not report.slowest:
@@ -345,5 +357,202 @@ def render(report, *, title="tracesock report"):
                      f'<td class="n">{r.calls}</td><td class="n">{r.resized}</td><td class="n">{fill}</td>'
                      f'<td class="n">{r.under_filled}</td></tr>')
         o.append('</table>')
-    o.append(f'<script>{JS}</script></body></html>\n')
+    o.append(f'<script>{JS}</script>')
+    if report.profile is not None:
+        o.append(f'<script>{FLAME_JS}</script>')
+    o.append('</body></html>\n')
     return "".join(o)
+
+
+# --- profile: top call sites and the flame graph -------------------------------------
+
+FLAME_WIDTH = 1000  # px
+FLAME_ROW = 18  # px
+FLAME_MIN = 0.0005  # nodes narrower than this share of the total are left out
+
+FLAME_CSS = """
+#flamegraph{border:1px solid #dde3ea;border-radius:6px;background:#fcfdfe}
+#flamegraph .f rect{stroke:#fff;stroke-width:.5;cursor:pointer}
+#flamegraph .f text{font:11px ui-monospace,Menlo,Consolas,monospace;fill:#1d2430;pointer-events:none}
+#flamegraph .k-user rect{fill:#f2a65a}#flamegraph .k-library rect{fill:#9cc3e6}
+#flamegraph .k-thread rect{fill:#c9d3de}#flamegraph .k-method rect{fill:#b79ce6}
+#flamegraph .k-syscalls rect{fill:#2f6fd0}#flamegraph .k-waiting rect{fill:#c2304a}
+#flamegraph .k-other rect{fill:#aab4bf}#flamegraph .k-synthetic rect{fill:#e8e2c8}
+#flamegraph .k-syscalls text,#flamegraph .k-waiting text{fill:#fff}
+"""
+
+FLAME_JS = """
+(function(){
+  var svg=document.getElementById('flamegraph');
+  if(!svg){return;}
+  var W=+svg.getAttribute('data-width'), out=document.getElementById('flame-hover');
+  var nodes=svg.querySelectorAll('g.f');
+  function draw(x0,w0,d0){
+    for(var i=0;i<nodes.length;i++){
+      var g=nodes[i], x=+g.getAttribute('data-x'), w=+g.getAttribute('data-w'), d=+g.getAttribute('data-d');
+      var r=g.querySelector('rect'), t=g.querySelector('text');
+      var inside=x>=x0-1e-9 && x+w<=x0+w0+1e-9 && (d>=d0 || (x<=x0+1e-9 && x+w>=x0+w0-1e-9));
+      if(!inside){g.style.display='none';continue;}
+      g.style.display='';
+      var px=(x-x0)/w0*W, pw=Math.max(w/w0*W,0.5);
+      r.setAttribute('x',px.toFixed(2)); r.setAttribute('width',pw.toFixed(2));
+      var label=g.getAttribute('data-label'), n=Math.floor((pw-6)/6.6);
+      t.setAttribute('x',(px+3).toFixed(2));
+      t.textContent = n<3 ? '' : (label.length>n ? label.slice(0,n-1)+'\\u2026' : label);
+    }
+  }
+  svg.addEventListener('click',function(e){
+    var g=e.target.closest('g.f'); if(!g){return;}
+    draw(+g.getAttribute('data-x'),+g.getAttribute('data-w'),+g.getAttribute('data-d'));
+  });
+  svg.addEventListener('mouseover',function(e){
+    var g=e.target.closest('g.f'); if(g&&out){out.textContent=g.querySelector('title').textContent;}
+  });
+  var reset=document.getElementById('flame-reset');
+  if(reset){reset.addEventListener('click',function(){draw(0,1,0);});}
+  draw(0,1,0);
+  document.body.setAttribute('data-ready','1');
+})();
+"""
+
+
+class _Node:
+    __slots__ = ("name", "kind", "ns", "calls", "bytes", "children")
+
+    def __init__(self, name, kind):
+        self.name = name
+        self.kind = kind
+        self.ns = 0
+        self.calls = 0
+        self.bytes = 0
+        self.children = {}
+
+    def child(self, name, kind):
+        node = self.children.get(name)
+        if node is None:
+            node = self.children[name] = _Node(name, kind)
+        return node
+
+
+def _frame_kind(frame):
+    from .._otel import _kind
+
+    name, path, line = frame
+    if not path:
+        return "synthetic"
+    return "user" if _kind(path) == "user" else "library"
+
+
+def flame_tree(data):
+    """All threads' socket time as one tree: thread > frames > socket.<method> > time split."""
+    from ..exporters.profile import LEAVES, OVER_CAP, frame_text
+
+    root = _Node("all threads", "thread")
+    stacks = list(data.stacks) + ([data.overflow] if data.overflow is not None else [])
+    for s in stacks:
+        path = [("thread " + s.thread, "thread")]
+        path += [(frame_text(f), _frame_kind(f)) for f in s.frames]
+        path.append(("socket." + s.method if s.method else OVER_CAP, "method"))
+        nodes = [root]
+        for name, kind in path:
+            nodes.append(nodes[-1].child(name, kind))
+        for n in nodes:
+            n.calls += s.calls
+            n.bytes += s.sent + s.received
+            n.ns += s.total_ns
+        for leaf, ns in zip(LEAVES, (s.syscall_ns, s.wait_ns, s.other_ns)):
+            if ns > 0:
+                node = nodes[-1].child(leaf, leaf.strip("[]"))
+                node.ns += ns
+                node.calls += s.calls
+    return root
+
+
+def flame_svg(data):
+    root = flame_tree(data)
+    total = root.ns or 1
+    rows = []
+
+    def place(node, x, depth):
+        w = node.ns / total
+        if w < FLAME_MIN and depth > 0:
+            return 0
+        rows.append((node, x, w, depth))
+        cx = x
+        for child in sorted(node.children.values(), key=lambda c: (-c.ns, c.name)):
+            place(child, cx, depth + 1)
+            cx += child.ns / total
+        return depth
+
+    place(root, 0.0, 0)
+    depth = max(d for _, _, _, d in rows) + 1
+    height = depth * FLAME_ROW + 2
+    out = [f'<svg id="flamegraph" data-width="{FLAME_WIDTH}" width="{FLAME_WIDTH}" height="{height}" '
+           f'viewBox="0 0 {FLAME_WIDTH} {height}" role="img" aria-label="socket time by Python stack">']
+    for node, x, w, d in rows:
+        share = node.ns / total
+        title = f"{node.name} \u2014 {_ms(node.ns / 1e3)} ({share:.1%} of socket time), {node.calls} calls"
+        if node.bytes and node.kind not in ("syscalls", "waiting", "other"):
+            title += f", {format_bytes(node.bytes)}"
+        px, pw = x * FLAME_WIDTH, max(w * FLAME_WIDTH, 0.5)
+        label = node.name if d else f"all threads: {_ms(node.ns / 1e3)} of socket time"
+        out.append(f'<g class="f k-{node.kind}" data-x="{x:.6f}" data-w="{w:.6f}" data-d="{d}" '
+                   f'data-label="{escape(label)}"><title>{escape(title)}</title>'
+                   f'<rect x="{px:.2f}" y="{d * FLAME_ROW}" width="{pw:.2f}" height="{FLAME_ROW - 1}"/>'
+                   f'<text x="{px + 3:.2f}" y="{d * FLAME_ROW + 12}"></text></g>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+FLAME_LEGEND = ('<p class="legend">'
+                '<span><i class="sw" style="background:#f2a65a"></i>your code</span>'
+                '<span><i class="sw" style="background:#9cc3e6"></i>standard library / packages</span>'
+                '<span><i class="sw" style="background:#b79ce6"></i>socket call</span>'
+                '<span><i class="sw" style="background:#2f6fd0"></i>in syscalls</span>'
+                '<span><i class="sw" style="background:#c2304a"></i>waiting (poll, blocking send)</span>'
+                '<span><i class="sw" style="background:#aab4bf"></i>other (Python, signal handlers)</span>'
+                '</p>')
+
+
+def sites_table(sites, limit=20):
+    o = ['<table id="sites"><tr><th>call site</th><th>function</th><th class="n">calls</th>'
+         '<th class="n">sent</th><th class="n">received</th><th class="n">total time</th>'
+         '<th class="n">waiting</th><th class="n">syscalls</th><th class="n">EINTR retries</th></tr>']
+    for r in sites[:limit]:
+        o.append(f'<tr><td class="mono" title="{escape(str(r.file))}">{escape(r.label)}</td>'
+                 f'<td class="mono">{escape(r.function)}</td><td class="n">{r.calls}</td>'
+                 f'<td class="n">{format_bytes(r.sent)}</td><td class="n">{format_bytes(r.received)}</td>'
+                 f'<td class="n">{_ms(r.total_ns / 1e3)}</td><td class="n">{_ms(r.wait_ns / 1e3)}</td>'
+                 f'<td class="n">{r.syscalls}</td><td class="n">{r.eintr_retries}</td></tr>')
+    o.append('</table>')
+    if len(sites) > limit:
+        o.append(f'<p class="sub">({len(sites) - limit} more call sites)</p>')
+    return "".join(o)
+
+
+def flame_section(data):
+    o = ['<h2>Socket time by Python stack</h2>',
+         '<p class="sub">Every socket call of the program, by the Python stack that made it '
+         '(one block per thread at the top); each call\'s time split into syscalls, waiting and '
+         'the rest. Width is time. Click a frame to zoom, '
+         '<a href="#" id="flame-reset" onclick="return false">reset</a>.</p>',
+         FLAME_LEGEND, flame_svg(data),
+         '<div id="flame-hover" class="mono">(point at a frame for its time, calls and bytes)</div>']
+    if data.over_cap_calls or data.truncated_stacks:
+        o.append(f'<p class="sub">Bounds: {data.over_cap_calls} calls over the cap of {data.max_stacks} '
+                 f'distinct stacks (counted in "[stacks over the cap]"), {data.truncated_stacks} stacks '
+                 f'cut at {data.max_depth} frames.</p>')
+    return "".join(o)
+
+
+def flame_page(data, *, title="tracesock profile"):
+    """A self-contained page with only the top call sites and the flame graph of a profile."""
+    from ..exporters.profile import sites
+
+    return "".join([
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        f'<title>{escape(title)}</title><style>{CSS}{FLAME_CSS}</style></head><body>',
+        f'<h1>{escape(title)}</h1>',
+        '<h2>Top call sites</h2>', sites_table(sites(data)),
+        flame_section(data),
+        f'<script>{FLAME_JS}</script></body></html>\n'])

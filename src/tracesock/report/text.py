@@ -33,6 +33,8 @@ def render(report, *, title=None, max_connections=20, max_sites=10):
     for w in report.warnings:
         lines.append(f"  warning: {w}")
 
+    lines += _sites(report, max_sites)
+
     lines.append("")
     lines.append("slowest calls")
     if not report.slowest:
@@ -93,3 +95,31 @@ def render(report, *, title=None, max_connections=20, max_sites=10):
                          str(r.under_filled)])
         lines += _table(headers, rows, right={1, 2, 3, 4, 5})
     return "\n".join(lines) + "\n"
+
+
+def _sites(report, max_sites):
+    """The "top call sites" table: where the program spent its socket time."""
+    lines = [""]
+    if report.profile is not None:
+        lines.append("top call sites (from the profile: every call; waiting = readiness waits + "
+                     "blocking sends held by the kernel)")
+    else:
+        lines.append("top call sites (from call spans: only calls that got one; "
+                     "run with --profile for every call)")
+    if not report.sites:
+        lines.append("  none")
+        return lines
+    headers = ["call site", "function", "calls", "sent", "received", "total", "waiting", "syscalls",
+               "eintr"]
+    rows = []
+    for r in report.sites[:max_sites]:
+        rows.append([r.label, r.function, str(r.calls), format_bytes(r.sent), format_bytes(r.received),
+                     _ms(r.total_ns / 1e3), _ms(r.wait_ns / 1e3), str(r.syscalls), str(r.eintr_retries)])
+    lines += _table(headers, rows, right=set(range(2, 9)))
+    if len(report.sites) > max_sites:
+        lines.append(f"  ({len(report.sites) - max_sites} more)")
+    p = report.profile
+    if p is not None and (p.over_cap_calls or p.truncated_stacks):
+        lines.append(f"  bounds: {p.over_cap_calls} calls over the cap of {p.max_stacks} stacks "
+                     f"(counted, not attributed), {p.truncated_stacks} stacks cut at {p.max_depth} frames")
+    return lines
