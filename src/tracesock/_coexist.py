@@ -5,7 +5,8 @@
   tracesock patches is the standard library's class (``STD_SOCKET``), found
   even when the module attribute has been replaced.  eventlet's green sockets
   do their I/O through a standard socket (non-blocking), so they are traced
-  as is; gevent's do it on a ``_socket.socket`` subclass of their own
+  as is (eventlet's copy of the class, from a fresh import of ``socket``, is
+  patched too); gevent's do it on a ``_socket.socket`` subclass of their own
   (``gevent._socket3._wrefsocket``), which is patched with the same methods
   while instrumented -- now if gevent is imported, or when it is.  Any other
   replacement of ``socket.socket`` is reported once with a warning.
@@ -79,6 +80,31 @@ def warn_once(key, message):
 
 
 # --- patches, per module -----------------------------------------------------
+
+_patched_classes = set()  # ids of extra socket classes patched now
+
+
+def _patch_socket_class(cls):
+    """Another copy of the standard class (eventlet re-imports ``socket`` for its own use)."""
+    if cls is STD_SOCKET or id(cls) in _patched_classes:
+        return
+    if not (isinstance(cls, type) and issubclass(cls, _socket.socket)):
+        return
+    from ._socket import METHODS
+
+    _patched_classes.add(id(cls))
+    for name, fn in METHODS.items():
+        _set(cls, name, fn)
+
+
+def _copies_of_the_socket_class():
+    return [c for c in _socket.socket.__subclasses__()
+            if c is not STD_SOCKET and c.__module__ == "socket" and c.__qualname__ == "socket"]
+
+
+def _patch_socket_module(module):
+    _patch_socket_class(getattr(module, "socket", None))
+
 
 def _patch_gevent_socket3(module):
     cls = getattr(module, "_wrefsocket", None)
@@ -197,6 +223,7 @@ def _dress(fn, original):
 
 
 _PATCHERS = {
+    "socket": _patch_socket_module,  # a fresh import of socket (eventlet's patcher.original)
     "gevent._socket3": _patch_gevent_socket3,
     "asyncio.streams": _patch_asyncio_streams,
     "asyncio.base_events": _patch_asyncio_base_events,
@@ -208,7 +235,8 @@ def _apply(name, module):
     with _lock:
         if not _active or name not in _pending:
             return
-        _pending.discard(name)
+        if name != "socket":  # socket may be imported afresh again
+            _pending.discard(name)
         try:
             _PATCHERS[name](module)
         except Exception:
@@ -271,8 +299,10 @@ def install():
         _pending.update(_PATCHERS)
         for name in list(_PATCHERS):
             module = sys.modules.get(name)
-            if module is not None:
+            if module is not None and name != "socket":
                 _apply(name, module)
+        for cls in _copies_of_the_socket_class():
+            _patch_socket_class(cls)
         if _pending and _watcher not in sys.meta_path:
             sys.meta_path.insert(0, _watcher)
         current = _stdsocket.socket
@@ -295,3 +325,4 @@ def uninstall():
         except ValueError:
             pass
         _restore()
+        _patched_classes.clear()
