@@ -31,7 +31,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "pip install 'tracesock[instrumentation]'") from e
 
 from . import _patch
-from ._config import ConfigError, parse_detail, parse_threshold
+from ._config import DISABLED_ENV, ConfigError, parse_bool, parse_detail, parse_threshold
 
 __all__ = ["SocketInstrumentor"]
 
@@ -58,6 +58,8 @@ class SocketInstrumentor(BaseInstrumentor):
         return ()
 
     def _instrument(self, **kwargs):
+        if _from_env(DISABLED_ENV, parse_bool, False):
+            return  # TRACESOCK_DISABLED=1: nothing patched
         detail = kwargs.get("detail")
         if detail is None:
             detail = _from_env("TRACESOCK_DETAIL", parse_detail, "calls")

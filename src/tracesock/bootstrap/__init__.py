@@ -51,10 +51,12 @@ def propagate(session, environ=None):
 
 def activate():
     """Start tracing this process from the ``TRACESOCK_*`` environment (called by sitecustomize)."""
-    from .._config import ConfigError, check_otel_env, from_env
+    from .._config import ConfigError, check_otel_env, disabled, from_env
     from ..exporters import start
 
     try:
+        if disabled():
+            return  # TRACESOCK_DISABLED=1 in a child: untouched
         settings = from_env()
         check_otel_env(exporters=settings.exporters)
         start(settings, list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv),

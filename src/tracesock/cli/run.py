@@ -15,7 +15,7 @@ import os
 import sys
 
 from .._config import (DEFAULT_MAX_SPANS, DEFAULT_OUTPUT, DETAILS, EXPORTERS, ConfigError, Settings,
-                       check_otel_env, from_env, override, parse_detail, parse_exporters,
+                       check_otel_env, disabled, from_env, override, parse_detail, parse_exporters,
                        parse_max_spans, parse_output, parse_port, parse_text, parse_threshold)
 
 PROG = "tracesock run"
@@ -73,6 +73,8 @@ def parser():
     ap.add_argument("--max-spans", metavar="N",
                     help=f"spans kept for the file; the rest are counted as dropped (default {DEFAULT_MAX_SPANS})")
     ap.add_argument("--no-summary", action="store_true", help="do not print the summary at exit")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace existing output files (default: refuse; files are created mode 0600)")
     ap.add_argument("--children", action="store_true",
                     help="also trace Python subprocesses (through PYTHONPATH and TRACESOCK_* variables)")
     ap.add_argument("--profile", metavar="FILE",
@@ -119,6 +121,7 @@ def settings_from(opts, environ=None):
         max_spans=opt(opts.max_spans, parse_max_spans, "--max-spans"),
         summary=(False, "--no-summary") if opts.no_summary else None,
         children=(True, "--children") if opts.children else None,
+        overwrite=(True, "--overwrite") if opts.overwrite else None,
         profile=opt(opts.profile, parse_output, "--profile"),
     )
 
@@ -130,10 +133,19 @@ def main(argv):
         ap.print_help()
         return 0
     opts = ap.parse_args(prefix)
+    try:
+        off = disabled()
+    except ConfigError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
     if module == "":
         ap.error("argument -m: expected a module name")
     if module is None and not program:
         ap.error("no program given: tracesock run [options] script.py [args...] or -m module [args...]")
+    if off:
+        # TRACESOCK_DISABLED=1: a pure pass-through -- the program as under
+        # plain python: nothing patched, no provider, no exporter, no file.
+        return _run_untraced(module, program)
     try:
         settings = settings_from(opts)
         check_otel_env(exporters=settings.exporters)
@@ -241,6 +253,27 @@ def _module_exists(module):
         sys.stderr.write(f"{sys.executable}: No module named {module}\n")
         return False
     return True
+
+
+def _run_untraced(module, program):
+    if module is None:
+        if not os.path.exists(program[0]):
+            sys.stderr.write(f"{PROG}: error: can't open file {os.path.abspath(program[0])!r}: "
+                             f"[Errno 2] No such file or directory\n")
+            return 2
+        run = lambda: _run_script(program[0], program[1:])  # noqa: E731
+    else:
+        if not _module_exists(module):
+            return 1
+        run = lambda: _run_module(module, program)  # noqa: E731
+    try:
+        run()
+    except SystemExit:
+        raise
+    except BaseException:
+        _trim_traceback_when_printed()
+        raise
+    return 0
 
 
 def _run_script(script, args):

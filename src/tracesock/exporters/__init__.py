@@ -255,7 +255,10 @@ class Session:
                 raise ConfigError(f"{source}: directory {directory!r} does not exist")
             if not os.access(directory, os.W_OK):
                 raise ConfigError(f"{source}: directory {directory!r} is not writable")
-            self.file_exporter = _file_exporter(path, s.max_spans)
+            if os.path.lexists(path) and not s.overwrite:
+                raise ConfigError(f"{source}: {path!r} exists; pass --overwrite (or "
+                                  f"TRACESOCK_OVERWRITE=1) to replace it")
+            self.file_exporter = _file_exporter(path, s.max_spans, s.overwrite)
             exporters.append(("simple", self.file_exporter))
         if "console" in s.exporters:
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
@@ -383,9 +386,9 @@ class Session:
         return self.summary.render(header, footer)
 
 
-def _file_exporter(path, max_spans):
+def _file_exporter(path, max_spans, overwrite=False):
     from .file import JaegerFileExporter
-    return JaegerFileExporter(path, max_spans)
+    return JaegerFileExporter(path, max_spans, overwrite=overwrite)
 
 
 def start(settings, argv, *, environ=None, children_env=None, register_atexit=True):

@@ -18,12 +18,39 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from .formats import otlp_to_jaeger, spans_to_otlp
 
-__all__ = ["JaegerFileExporter"]
+__all__ = ["JaegerFileExporter", "write_private"]
+
+
+def write_private(path, text, overwrite=False):
+    """Write ``text`` to ``path`` readable by its owner only (mode 0600).
+
+    Telemetry files name hosts, ports and code paths: nobody else should read
+    them.  An existing file is never replaced unless ``overwrite``
+    (``FileExistsError``).  The text goes to a new temporary file first, so a
+    reader never sees half a file; the temporary name is created exclusively
+    (``O_EXCL``), so a planted file or symlink is never written through.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path exists, atomically
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 class JaegerFileExporter(SpanExporter):
-    def __init__(self, path, max_spans=10_000, *, keep=None):
+    def __init__(self, path, max_spans=10_000, *, keep=None, overwrite=False):
         self.path = path
+        self.overwrite = overwrite
         self.max_spans = max_spans
         self.keep = keep  # predicate: spans that always get a place (the run span)
         self._spans = []
@@ -91,11 +118,7 @@ class JaegerFileExporter(SpanExporter):
         doc, count = self.document()
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, separators=(",", ":"))
-            f.write("\n")
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(doc, separators=(",", ":")) + "\n", self.overwrite)
         self.written = count
         return count
 
@@ -105,6 +128,8 @@ class JaegerFileExporter(SpanExporter):
                 return
         try:
             self.write()
+        except FileExistsError:
+            self.error = f"{self.path}: exists, not replaced (--overwrite / TRACESOCK_OVERWRITE=1 replaces it)"
         except OSError as e:
             self.error = f"{self.path}: {e.strerror or e}"
         with self._lock:
