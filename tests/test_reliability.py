@@ -2105,3 +2105,27 @@ def test_otlp_http_export_while_tracing_is_not_traced():
     assert len(socket_spans) == 2 * n
     assert all(s.attributes["network.transport"] == "unix" for s in socket_spans)
     assert total(pts, "tracesock.telemetry.dropped") == 0
+
+
+# === 9. bad configuration fails fast, naming the setting ======================
+
+@pytest.mark.parametrize("kwargs, error, names", [
+    (dict(tracer_provider="x"), TypeError, "tracer_provider"),
+    (dict(meter_provider=5), TypeError, "meter_provider"),
+    (dict(detail="Calls"), ValueError, "detail"),
+    (dict(detail=None), ValueError, "detail"),
+    (dict(slow_threshold="1"), TypeError, "slow_threshold"),
+    (dict(slow_threshold=True), TypeError, "slow_threshold"),
+    (dict(slow_threshold=-1), ValueError, "slow_threshold"),
+    (dict(slow_threshold=float("nan")), ValueError, "slow_threshold"),
+    (dict(profile="yes"), TypeError, "profile"),
+    (dict(code_stacktrace=1), TypeError, "code_stacktrace"),
+])
+def test_bad_instrument_argument_raises_at_once_and_changes_nothing(kwargs, error, names):
+    before = dict(socket.socket.__dict__)
+    with pytest.raises(error) as info:
+        tracesock.instrument(**kwargs)
+    message = str(info.value)
+    assert names in message and "\n" not in message and message.startswith("tracesock: ")
+    assert not tracesock.is_instrumented()
+    assert dict(socket.socket.__dict__) == before

@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 
-from . import _otel
+from . import _otel, _tls
 from . import _coexist, _dns
 from ._coexist import STD_SOCKET
 from ._socket import METHODS
@@ -36,6 +36,23 @@ def _reinit_after_fork():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+def _check_settings(tracer_provider, meter_provider, profile, code_stacktrace):
+    # Caught here, not at the first traced call (or never, inside recording
+    # code that must not raise): one clear message naming the argument.
+    if tracer_provider is not None and not callable(getattr(tracer_provider, "get_tracer", None)):
+        raise TypeError("tracesock: tracer_provider must be an OpenTelemetry TracerProvider "
+                        f"or None, not {tracer_provider!r}")
+    if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
+        raise TypeError("tracesock: meter_provider must be an OpenTelemetry MeterProvider "
+                        f"or None, not {meter_provider!r}")
+    if not isinstance(profile, bool) and profile is not None:
+        from . import _profile
+        if not isinstance(profile, _profile.Profile):
+            raise TypeError(f"tracesock: profile must be True, False or a tracesock.Profile, not {profile!r}")
+    if not isinstance(code_stacktrace, bool):
+        raise TypeError(f"tracesock: code_stacktrace must be True or False, not {code_stacktrace!r}")
 
 
 def _check(detail, slow_threshold):
@@ -67,6 +84,7 @@ def instrument(tracer_provider=None, meter_provider=None, *, detail="calls", slo
     ``code_stacktrace=True`` puts the caller's stack on call spans.
     """
     _check(detail, slow_threshold)
+    _check_settings(tracer_provider, meter_provider, profile, code_stacktrace)
     global _saved
     with _lock:
         prof = None
@@ -84,6 +102,7 @@ def instrument(tracer_provider=None, meter_provider=None, *, detail="calls", slo
             _saved = saved
             _dns.install()
             _coexist.install()
+            _tls.install()
 
 
 def uninstrument():
@@ -94,6 +113,7 @@ def uninstrument():
             return
         _coexist.uninstall()
         _dns.uninstall()
+        _tls.uninstall()
         for name, original in _saved.items():
             if original is _MISSING:
                 if name in STD_SOCKET.__dict__:
