@@ -210,3 +210,43 @@ def test_bottleneck_link_is_network():
     verdict, retrans = run.stdout.split()
     assert verdict == "network"
     assert int(retrans) > 0
+
+
+@linux_only
+def test_slow_sendfile_to_a_slow_reader_gets_tcp_state_and_verdict(telemetry, tmp_path):
+    """os.sendfile blocks inside the kernel: the snapshot is taken up front and kept
+    because the call ran past slow_threshold."""
+    telemetry.instrument(detail="calls", slow_threshold=0.05)
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(1 << 20) * 8)
+    cli, conn = _tcp_pair()
+    t = threading.Thread(target=_reader, args=(conn, 0.005, 65536))
+    t.start()
+    try:
+        with open(path, "rb") as f:
+            assert cli.sendfile(f) == 8 << 20
+        cli.shutdown(socket.SHUT_WR)
+    finally:
+        t.join(30)
+        cli.close()
+        conn.close()
+    (span,) = telemetry.spans("socket.sendfile")
+    a = span.attributes
+    assert a["tracesock.diagnosis"] == "receiver_slow"
+    assert a["tracesock.tcp.rwnd_limited"] > 0 and a["tracesock.tcp.rtt"] > 0
+    m = telemetry.metrics()
+    assert telemetry.value(m, "tracesock.slow_calls", **{"tracesock.diagnosis": "receiver_slow"}) == 1
+
+
+@linux_only
+def test_fast_sendfile_gets_no_verdict(telemetry, tmp_path):
+    telemetry.instrument(detail="calls", slow_threshold=10)
+    path = tmp_path / "small.bin"
+    path.write_bytes(b"z" * 1000)
+    cli, conn = _tcp_pair()
+    with cli, conn, open(path, "rb") as f:
+        with telemetry.tracer.start_as_current_span("parent"):
+            assert cli.sendfile(f) == 1000
+        assert conn.recv(2000) == b"z" * 1000
+    (span,) = telemetry.spans("socket.sendfile")
+    assert "tracesock.diagnosis" not in span.attributes

@@ -903,15 +903,27 @@ def sendfile(self, file, offset=0, count=None):
         return _sendfile(self, file, offset, count)
     start = now()
     call = _new_call(self, "sendfile", start)
+    # os.sendfile blocks inside the kernel where no wait can be seen: take the
+    # TCP snapshot up front (one getsockopt) and keep it if the call was slow.
+    if call.tcp_probe is not None:
+        call.tcp_before = _safe(call.tcp_probe)
+        call.tcp_probe = None
     try:
         sent = _sendfile(self, file, offset, count)
     except BaseException as exc:
         call.error = exc
+        _sendfile_verdict(call)
         _finish(call, self, ctx)
         raise
     call.transferred = sent
+    _sendfile_verdict(call)
     _finish(call, self, ctx)
     return sent
+
+
+def _sendfile_verdict(call):
+    if now() - call.start < _otel.RECORDER.slow_ns and not call.waits:
+        call.tcp_before = None  # fast: no verdict, as for a send that never waited
 
 
 def _accelerated(index, m, python_method):
