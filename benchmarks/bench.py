@@ -7,7 +7,9 @@ Modes are interleaved round by round and the best round of each is kept, so
 a noisy neighbour slows every mode alike instead of one of them.  Targets (from
 issue 4): pingpong metrics <= 1.5x, calls (no active trace) <= 1.6x,
 syscalls-in-a-trace <= 1/4 of strace's slowdown, bulk sendall >= 0.95x
-throughput in every mode.
+throughput in every mode.  Profile mode (issue 9: calls plus
+instrument(profile=True), every call added to the profile by Python stack):
+pingpong <= 3x, bulk sendall >= 0.95x.
 """
 
 from __future__ import annotations
@@ -102,8 +104,10 @@ class Modes:
         if mode == "plain":
             tracesock.uninstrument()
             return fn(*args)
-        detail = {"metrics": "metrics", "calls": "calls", "syscalls-in-trace": "syscalls"}[mode]
-        tracesock.instrument(self.tracers, self.meters, detail=detail, slow_threshold=None)
+        detail = {"metrics": "metrics", "calls": "calls", "syscalls-in-trace": "syscalls",
+                  "profile": "calls"}[mode]
+        tracesock.instrument(self.tracers, self.meters, detail=detail, slow_threshold=None,
+                             profile=mode == "profile")
         try:
             if mode == "syscalls-in-trace":
                 with self.tracer.start_as_current_span("bench"):
@@ -142,7 +146,7 @@ def main(argv=None):
     rounds = 3 if opts.quick else 7
     n = 30_000 if opts.quick else 100_000
     modes = Modes()
-    names = ["plain", "metrics", "calls", "syscalls-in-trace"]
+    names = ["plain", "metrics", "calls", "syscalls-in-trace", "profile"]
 
     best = {m: float("inf") for m in names}
     for _ in range(rounds):
@@ -150,7 +154,8 @@ def main(argv=None):
             best[m] = min(best[m], modes.run(m, pingpong, n))
     print(f"64 B send+recv pingpong on a socketpair, {n} iterations x {rounds} rounds (best round)")
     print(f"  {'mode':20s} {'us/iter':>9s} {'ratio':>7s}  target")
-    targets = {"metrics": "<= 1.5x", "calls": "<= 1.6x (no active trace)", "syscalls-in-trace": "<= strace/4"}
+    targets = {"metrics": "<= 1.5x", "calls": "<= 1.6x (no active trace)", "syscalls-in-trace": "<= strace/4",
+               "profile": "<= 3x (every call by Python stack)"}
     for m in names:
         print(f"  {m:20s} {best[m] * 1e6:9.2f} {best[m] / best['plain']:6.2f}x  {targets.get(m, '')}")
     st = strace_ratio(n // 5)
@@ -162,7 +167,7 @@ def main(argv=None):
         print("  strace -f: not available")
 
     total, chunk = (64 << 20, 16 << 20) if opts.quick else (256 << 20, 16 << 20)
-    bulk_names = ["plain", "metrics", "calls", "syscalls-in-trace"]
+    bulk_names = ["plain", "metrics", "calls", "syscalls-in-trace", "profile"]
     rate = {m: 0.0 for m in bulk_names}
     for _ in range(max(2, rounds // 2)):
         for m in bulk_names:

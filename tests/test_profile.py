@@ -463,9 +463,9 @@ def test_http_client_call_points_at_the_tests_line_and_stacktrace_is_opt_in(tele
         tracesock.uninstrument()
         t.join()
         server.server_close()
+    # the client's request; the server's handler (do_GET, in this file too) runs in its own thread
     sends = [s for s in telemetry.spans() if s.name in ("socket.sendall", "socket.send")
-             and s.attributes.get("code.function.name") != "BaseHTTPRequestHandler.handle_one_request"
-             and "server" not in str(s.attributes.get("code.function.name"))]
+             and not str(s.attributes.get("code.function.name")).endswith("do_GET")]
     mine = [s for s in sends if s.attributes.get("code.file.path") == HERE]
     assert mine, [dict(s.attributes) for s in sends]
     span = mine[0]
@@ -522,3 +522,21 @@ def test_flame_graph_renders_in_headless_chromium(profile, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'data-ready="1"' in r.stdout
     assert "reader-thread" in r.stdout
+
+
+def test_run_profile_never_replaces_an_existing_file_without_overwrite(tmp_path):
+    script = tmp_path / "p.py"
+    script.write_text("import socket\na, b = socket.socketpair()\na.send(b'x')\nprint(b.recv(1))\n")
+    out = tmp_path / "p.speedscope.json"
+    out.write_text("keep me")
+    cmd = [PY, "-m", "tracesock", "run", "--no-summary", "--exporter", "none", "--profile", str(out)]
+    r = subprocess.run(cmd + [str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                       timeout=LIMIT)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "--profile" in r.stderr and "exists" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert out.read_text() == "keep me"
+    r = subprocess.run(cmd[:4] + ["--overwrite"] + cmd[4:] + [str(script)], cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=LIMIT)
+    assert r.returncode == 0, r.stderr
+    assert load(str(out)).stacks
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o600)

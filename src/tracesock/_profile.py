@@ -202,7 +202,7 @@ class Profile:
         """The entry of this thread for the stack from frame ``f``, or ``None`` (overflow)."""
         key = self._key(method, f)
         try:
-            return self._local.table.entries[key]
+            return self._local.entries[key]
         except (AttributeError, KeyError):
             return self._new_entry(method, f, key)
 
@@ -221,6 +221,7 @@ class Profile:
                 thread = threading._active.get(ident)
                 name = thread.name if thread is not None else f"thread {ident}"
                 table = self._local.table = _Table(ident, name, len(self.tables))
+                self._local.entries = table.entries  # what the hot path reads
                 self.tables.append(table)
             codes = {}
             key = self._key(method, f, codes)
@@ -268,7 +269,7 @@ class Profile:
             if self._hrun_id in key:  # an event loop callback: maybe a task's I/O
                 key = self._key(method, f)
             try:
-                e = self._local.table.entries[key]
+                e = self._local.entries[key]
             except (AttributeError, KeyError):
                 e = self._new_entry(method, f, key)
                 if e is None:

@@ -216,6 +216,11 @@ def _start_profile(session, settings):
         raise ConfigError(f"{source}: directory {directory!r} does not exist")
     if not os.access(directory, os.W_OK):
         raise ConfigError(f"{source}: directory {directory!r} is not writable")
+    from ..exporters.profile import paths_for
+    overwrite = getattr(settings, "overwrite", False)
+    for target in paths_for(path):
+        if os.path.exists(target) and not overwrite:
+            raise ConfigError(f"{source}: {target!r} exists (--overwrite replaces it)")
     profile = _profile.enable()
     tracesock.instrument(session.wrapper, session.meter_provider, detail=settings.detail,
                          slow_threshold=settings.slow_threshold, profile=profile)
@@ -226,7 +231,7 @@ def _start_profile(session, settings):
             return
         from ..exporters.profile import write as write_files
         try:
-            written = write_files(profile, path)
+            written = write_files(profile, path, overwrite=overwrite)
         except Exception as e:  # never turn the program's exit into a traceback
             message = f"tracesock: cannot write the profile: {type(e).__name__}: {e}\n"
         else:

@@ -153,17 +153,40 @@ def collect(profile):
                        async_stacks=profile.async_attributed, overflow=over)
 
 
+_short = {}
+
+
+def _short_path(path):
+    """Relative to the working directory, the standard library or site-packages when under one."""
+    short = _short.get(path)
+    if short is None:
+        short = path
+        if not path.startswith("<"):
+            from .._otel import _PACKAGE_DIRS, _STDLIB_DIRS
+
+            real = os.path.realpath(path)
+            for base in sorted(_PACKAGE_DIRS + _STDLIB_DIRS, key=len, reverse=True):
+                if real.startswith(base):
+                    short = real[len(base):]
+                    break
+            else:
+                try:
+                    rel = os.path.relpath(path)
+                    if not rel.startswith(".." + os.sep) and not os.path.isabs(rel):
+                        short = rel
+                except ValueError:
+                    pass
+        if len(_short) < 10_000:
+            _short[path] = short
+    return short
+
+
 def frame_text(frame):
     """``function (file:line)`` -- the text of a frame in folded stacks and the flame graph."""
     name, path, line = frame
     if not path:
         return name
-    try:
-        rel = os.path.relpath(path)
-        if not rel.startswith(".." + os.sep) and not os.path.isabs(rel):
-            path = rel
-    except ValueError:
-        pass
+    path = _short_path(path)
     return f"{name} ({path}:{line})" if line is not None else f"{name} ({path})"
 
 
@@ -347,30 +370,43 @@ def folded_path(path):
     return path + ".folded"
 
 
-def _atomic_write(path, text):
+def paths_for(path, folded=True):
+    """The files ``write(profile, path)`` writes."""
+    if path.endswith(".folded"):
+        return [path]
+    return [path, folded_path(path)] if folded else [path]
+
+
+def _atomic_write(path, text, overwrite):
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a profile names the code
+    with open(fd, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if the file appeared meanwhile: never replaced
+    finally:
+        os.unlink(tmp)
 
 
-def write(profile, path, *, folded=True):
+def write(profile, path, *, folded=True, overwrite=True):
     """Write ``profile`` (a live Profile or ProfileData) to ``path``.
 
     ``*.folded``: collapsed stacks only.  Anything else: speedscope JSON, and
     (``folded=True``) the collapsed stacks next to it (``.speedscope.json`` /
-    ``.json`` replaced by ``.folded``).  Returns the paths written.
+    ``.json`` replaced by ``.folded``).  Files are created mode 0600; with
+    ``overwrite=False`` an existing file is not replaced (FileExistsError).
+    Returns the paths written.
     """
     data = profile if isinstance(profile, ProfileData) else collect(profile)
-    if path.endswith(".folded"):
-        _atomic_write(path, to_folded(data))
-        return [path]
-    _atomic_write(path, json.dumps(to_speedscope(data), separators=(",", ":")))
-    written = [path]
-    if folded:
-        other = folded_path(path)
-        _atomic_write(other, to_folded(data))
-        written.append(other)
+    written = []
+    for target in paths_for(path, folded):
+        text = (to_folded(data) if target.endswith(".folded")
+                else json.dumps(to_speedscope(data), separators=(",", ":")))
+        _atomic_write(target, text, overwrite)
+        written.append(target)
     return written
 
 
