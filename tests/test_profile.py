@@ -29,7 +29,11 @@ from tracesock.exporters.profile import (collect, folded_path, load, load_doc, s
 PY = sys.executable
 LIMIT = 120  # a bound against a hung child only
 HERE = os.path.abspath(__file__)
-SCHEMA = os.path.join(os.path.dirname(HERE), "data", "speedscope-file-format-schema.json")
+# speedscope's own schema: a copy of dist/release/file-format-schema.json from the npm package
+# `speedscope` (1.25.0, MIT); CI may point TRACESOCK_SPEEDSCOPE_SCHEMA at a freshly fetched one
+# (npm pack speedscope && tar xzf speedscope-*.tgz package/dist/release/file-format-schema.json).
+SCHEMA = os.environ.get("TRACESOCK_SPEEDSCOPE_SCHEMA") or os.path.join(
+    os.path.dirname(HERE), "data", "speedscope-file-format-schema.json")
 
 
 def _env(**extra):

@@ -58,6 +58,9 @@ MAX_DEPTH = 64
 FIELDS = ("calls", "total_ns", "syscall_ns", "wait_ns", "sent", "received", "partial_sends",
           "eintr_retries", "errors", "syscalls")
 _N = len(FIELDS)
+# An entry is FIELDS plus two counters only the hot path adds to (fewer increments
+# per call): calls done in one syscall without waiting, and their time.
+_FAST_CALLS, _FAST_NS = _N, _N + 1
 
 # Synthetic frames in a key: (0, index).
 TRUNCATED = 0
@@ -228,7 +231,7 @@ class Profile:
             e = table.entries.get(key)
             if e is None:
                 self.codes.update(codes)
-                e = table.entries[key] = [0] * _N
+                e = table.entries[key] = [0] * (_N + 2)
                 self.count += 1
                 if _has_synthetic(key, TRUNCATED):
                     self.truncated += 1
@@ -276,10 +279,8 @@ class Profile:
                     self._add_overflow((1, d, d, 0, n if writing else 0, 0 if writing else n,
                                         1 if partial else 0, 0, 0, 1))
                     return
-            e[0] += 1
-            e[1] += d
-            e[2] += d
-            e[9] += 1
+            e[10] += 1  # _FAST_CALLS: calls and syscalls, folded in by snapshot()
+            e[11] += d  # _FAST_NS: total and syscall time
             if writing:
                 e[4] += n
                 if partial:
@@ -297,11 +298,9 @@ class Profile:
             if e is None:
                 self._add_overflow((1, d, d, 0, 0, 0, 0, 0, err, 1))
                 return
-            e[0] += 1
-            e[1] += d
-            e[2] += d
+            e[10] += 1
+            e[11] += d
             e[8] += err
-            e[9] += 1
         except Exception as exc2:
             _otel.swallow(exc2)
 
@@ -357,7 +356,7 @@ class Profile:
                 name = thread.name
             for _ in range(3):  # the owning thread may insert while we copy
                 try:
-                    entries = {k: list(v) for k, v in list(t.entries.items())}
+                    entries = {k: _canonical(v) for k, v in list(t.entries.items())}
                     break
                 except RuntimeError:
                     continue
@@ -374,6 +373,17 @@ class Profile:
         if code is None:
             return "?", "", None
         return getattr(code, "co_qualname", code.co_name), code.co_filename, line_of(code, lasti)
+
+
+def _canonical(e):
+    """An entry as FIELDS, the hot path's own counters folded in."""
+    out = e[:_N]
+    fast, ns = e[_FAST_CALLS], e[_FAST_NS]
+    out[0] += fast
+    out[1] += ns
+    out[2] += ns
+    out[9] += fast
+    return out
 
 
 def _has_synthetic(key, which):
@@ -480,6 +490,17 @@ def enable(profile=None, *, max_stacks=MAX_STACKS, max_depth=MAX_DEPTH):
 def disable():
     global _current
     _current = None
+
+
+def _after_fork_in_child():
+    # A fork while another thread held the profile's lock (adding a stack)
+    # would leave the child's copy locked forever.
+    if _current is not None:
+        _current._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def write_profile(path, *, folded=True):

@@ -100,9 +100,11 @@ def render(report, *, title=None, max_connections=20, max_sites=10):
 def _sites(report, max_sites):
     """The "top call sites" table: where the program spent its socket time."""
     lines = [""]
-    if report.profile is not None:
-        lines.append("top call sites (from the profile: every call; waiting = readiness waits + "
-                     "blocking sends held by the kernel)")
+    p = report.profile
+    if p is not None:
+        calls = sum(s.calls for s in p.stacks) + (p.overflow.calls if p.overflow else 0)
+        lines.append(f"top call sites (from the profile: all {calls} socket calls, {len(p.threads)} "
+                     f"threads; waiting = readiness waits + blocking sends held by the kernel)")
     else:
         lines.append("top call sites (from call spans: only calls that got one; "
                      "run with --profile for every call)")
@@ -118,7 +120,6 @@ def _sites(report, max_sites):
     lines += _table(headers, rows, right=set(range(2, 9)))
     if len(report.sites) > max_sites:
         lines.append(f"  ({len(report.sites) - max_sites} more)")
-    p = report.profile
     if p is not None and (p.over_cap_calls or p.truncated_stacks):
         lines.append(f"  bounds: {p.over_cap_calls} calls over the cap of {p.max_stacks} stacks "
                      f"(counted, not attributed), {p.truncated_stacks} stacks cut at {p.max_depth} frames")
