@@ -399,17 +399,18 @@ _lines = {}
 def line_of(code, lasti):
     """The line of bytecode offset ``lasti`` in ``code`` (what ``f_lineno`` said)."""
     k = (id(code), lasti)
-    line = _lines.get(k)
-    if line is None:
-        line = code.co_firstlineno
-        if lasti >= 0:
-            for start, end, ln in code.co_lines():
-                if start <= lasti < end:
-                    if ln is not None:
-                        line = ln
-                    break
-        if len(_lines) < 100_000:
-            _lines[k] = line
+    hit = _lines.get(k)
+    if hit is not None and hit[0] is code:  # (ids of freed code objects are reused)
+        return hit[1]
+    line = code.co_firstlineno
+    if lasti >= 0:
+        for start, end, ln in code.co_lines():
+            if start <= lasti < end:
+                if ln is not None:
+                    line = ln
+                break
+    if len(_lines) < 100_000:
+        _lines[k] = (code, line)
     return line
 
 
