@@ -107,8 +107,7 @@ def test_run_profile_two_sites(tmp_path):
                         "--profile", str(out), str(script)], cwd=tmp_path, env=_env(),
                        capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "done\n"  # the program's output is its own
-    assert f"tracesock: profile: {out}" in r.stderr
+    assert r.stdout == "done\n" and r.stderr == ""  # the program's output is its own (--no-summary)
     data = load(str(out))
     path = os.path.realpath(str(script))
     slow_line, send_line, recv_line = (_line_of(m, str(script)) for m in ("SLOW-SITE", "FAST-SEND", "FAST-RECV"))
@@ -544,3 +543,19 @@ def test_run_profile_never_replaces_an_existing_file_without_overwrite(tmp_path)
     assert r.returncode == 0, r.stderr
     assert load(str(out)).stacks
     assert oct(os.stat(out).st_mode & 0o777) == oct(0o600)
+
+
+def test_run_profile_says_where_it_wrote_with_the_summary(tmp_path):
+    script = tmp_path / "p.py"
+    script.write_text("import socket\na, b = socket.socketpair()\na.send(b'x')\nprint(b.recv(1))\n")
+    out = tmp_path / "p.folded"
+    r = subprocess.run([PY, "-m", "tracesock", "run", "--exporter", "none", "--profile", str(out),
+                        str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                       timeout=LIMIT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "b'x'\n"
+    assert f"tracesock: profile: {out} (docs/profiling.md)" in r.stderr
+    assert not (tmp_path / "p.speedscope.json").exists()  # a .folded FILE: the collapsed stacks only
+    lines = _parse_folded(str(out))
+    assert {f[-2] for f, _ in lines} == {"socket.send", "socket.recv"}
+    assert all(f[1] == "<module> (p.py:3)" or f[1] == "<module> (p.py:4)" for f, _ in lines)

@@ -235,6 +235,8 @@ def _start_profile(session, settings):
         except Exception as e:  # never turn the program's exit into a traceback
             message = f"tracesock: cannot write the profile: {type(e).__name__}: {e}\n"
         else:
+            if not settings.summary:  # --no-summary: the program's stderr stays its own
+                return
             message = f"tracesock: profile: {' and '.join(written)} (docs/profiling.md)\n"
         try:
             sys.stderr.flush()
