@@ -330,11 +330,20 @@ class Recorder:
             if PENDING.get() is None:
                 return  # does not qualify: no need to hold signals back
         mask = _signal_mask()
+        handler_exc = None
         try:
-            _block_signals(mask)
+            try:
+                _block_signals(mask)
+            except BaseException as exc:  # a signal handler, due before the block
+                handler_exc = exc  # the program gets it right after the spans
             self._emit(call, sock, ctx)
         finally:
             _restore_signals(mask)
+        if handler_exc is not None:
+            try:
+                raise handler_exc
+            finally:
+                handler_exc = None  # no frame -> exception -> traceback -> frame cycle
 
     def _emit(self, call, sock, ctx):
         try:

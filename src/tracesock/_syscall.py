@@ -137,6 +137,9 @@ if _pthread_sigmask is not None and hasattr(_signal, "valid_signals"):
     _pthread_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     _pthread_sigmask.restype = ctypes.c_int
 _SIG_BLOCK = getattr(_signal, "SIG_BLOCK", 0)
+_check_signals = ctypes.pythonapi.PyErr_CheckSignals  # raises what a handler raised
+_check_signals.argtypes = []
+_check_signals.restype = ctypes.c_int
 _KILL_BYTE, _KILL_BIT = (int(_signal.SIGKILL) - 1) // 8, 1 << ((int(_signal.SIGKILL) - 1) % 8)
 _NOT_YET = bytes(_KILL_BYTE) + bytes([_KILL_BIT])
 
@@ -164,8 +167,12 @@ def signal_mask():
 
 
 def block_signals(old):
+    """Block them, then run the Python handlers of signals that arrived before
+    (their C handler only set a flag): what they raise goes to the caller now,
+    and none can become due while the mask holds."""
     if old is not None:
         _pthread_sigmask(_SIG_BLOCK, _blockable, old)
+        _check_signals()
 
 
 def restore_signals(old):
