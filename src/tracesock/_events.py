@@ -115,6 +115,7 @@ class Stats:
         "calls",
         "syscalls",
         "waits",
+        "handshakes",
     )
 
     def __init__(self, transport):
@@ -131,6 +132,7 @@ class Stats:
         self.calls = {}  # (method, error.type or None) -> Hist
         self.syscalls = {}  # syscall name -> Hist
         self.waits = {}  # outcome -> Hist
+        self.handshakes = {}  # TLS handshakes: error.type or None -> Hist (see _tls)
 
     def hist(self, table, key):
         h = table.get(key)
@@ -400,7 +402,7 @@ def _fold(into, stats, fast, reset_min_max):
     for key, s in list(stats.items()):
         merge_stats(stats_for(into, *key), s)
         if reset_min_max:
-            for table in (s.calls, s.syscalls, s.waits):
+            for table in (s.calls, s.syscalls, s.waits, s.handshakes):
                 for h in list(table.values()):
                     h.reset_min_max()
     for (method, family, type_), h in list(fast.items()):
@@ -460,7 +462,7 @@ def merge_stats(into, s):
         setattr(into, name, getattr(into, name) + getattr(s, name))
     for verdict, count in list(s.slow_calls.items()):
         into.slow_calls[verdict] = into.slow_calls.get(verdict, 0) + count
-    for table in ("fast", "calls", "syscalls", "waits"):
+    for table in ("fast", "calls", "syscalls", "waits", "handshakes"):
         dst = getattr(into, table)
         for key, h in list(getattr(s, table).items()):
             into.hist(dst, key).merge(h)

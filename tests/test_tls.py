@@ -1,0 +1,626 @@
+"""TLS: tls.* spans, tls.handshake, the handshake metric, and same behaviour traced/untraced.
+
+Real TLS (trustme certificates) over real loopback sockets with real servers.
+Each behaviour test runs the same scenario untraced and traced and compares
+what the program saw (bytes, exception type and message).
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import pytest
+import trustme
+
+import tracesock
+from tracesock import _tls
+
+ENGINES = ["native", "bio"]
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_ctx(ca):
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def client_ctx(ca):
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, monkeypatch):
+    monkeypatch.setenv("TRACESOCK_TLS_ENGINE", request.param)
+    return request.param
+
+
+class Server:
+    """A TLS server on loopback running ``handler(conn)`` for each connection, in a thread."""
+
+    def __init__(self, ctx, handler, wrap=True):
+        self.ctx = ctx
+        self.handler = handler
+        self.wrap = wrap
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.errors = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        self._untraced()
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    @staticmethod
+    def _untraced():
+        # The server's own calls are never traced: suppressed context in its threads.
+        from opentelemetry import context
+        context.attach(context.set_value(context._SUPPRESS_INSTRUMENTATION_KEY, True))
+
+    def _serve(self, raw):
+        self._untraced()
+        try:
+            if self.wrap:
+                conn = self.ctx.wrap_socket(raw, server_side=True)
+            else:
+                conn = raw
+            with conn:
+                self.handler(conn)
+        except Exception as exc:  # handshake refused by the client, resets...
+            self.errors.append(exc)
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self.listener.close()
+        self.thread.join(5)
+
+
+def echo(conn):
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            return
+        conn.sendall(data)
+
+
+@pytest.fixture
+def echo_server(server_ctx):
+    s = Server(server_ctx, echo)
+    yield s
+    s.close()
+
+
+def outcome(fn):
+    """What the program sees: the result, or (exception type, message)."""
+    try:
+        return ("ok", fn())
+    except Exception as exc:
+        return ("raised", type(exc).__name__, str(exc))
+
+
+def both(telemetry, scenario, **kwargs):
+    """Run ``scenario`` untraced, then traced: (untraced outcome, traced outcome)."""
+    plain = outcome(scenario)
+    telemetry.instrument(detail="syscalls", slow_threshold=None, **kwargs)
+    try:
+        traced = outcome(scenario)
+    finally:
+        tracesock.uninstrument()
+    return plain, traced
+
+
+def span_names(telemetry):
+    return [s.name for s in telemetry.spans()]
+
+
+# --- spans ------------------------------------------------------------------------------------
+
+def test_handshake_and_io_spans(telemetry, engine, echo_server, client_ctx):
+    traced = telemetry
+    traced.instrument(detail="syscalls", slow_threshold=None)
+    with traced.tracer.start_as_current_span("app"):
+        with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(b"x" * 100_000)
+                got = b""
+                while len(got) < 100_000:
+                    got += s.recv(65536)
+    assert got == b"x" * 100_000
+    hs = traced.spans("tls.handshake")
+    assert len(hs) == 1
+    a = hs[0].attributes
+    assert a["server.address"] == "localhost"
+    assert a["tls.protocol.name"] == "tls"
+    assert a["tls.protocol.version"] in ("1.2", "1.3")
+    assert a["tls.cipher"]
+    assert a["tls.resumed"] is False
+    assert a["tracesock.tls.side"] == "client"
+    assert a["network.peer.port"] == echo_server.port
+    assert "error.type" not in a
+    assert a["tracesock.tls.engine"] == engine
+    (sendall,) = traced.spans("tls.sendall")
+    assert sendall.attributes["tracesock.bytes.transferred"] == 100_000
+    recvs = traced.spans("tls.recv")
+    assert sum(r.attributes["tracesock.bytes.transferred"] for r in recvs) == 100_000
+    app = traced.spans("app")[0]
+    for span in [sendall, hs[0]] + recvs:
+        assert span.parent.span_id == app.context.span_id
+    # sendall -> send inside it is one span, not two
+    assert not traced.spans("tls.send")
+    if engine == "bio":
+        # wire level: ciphertext syscalls as children, ciphertext >= plaintext
+        assert sendall.attributes["tracesock.wire.bytes.sent"] > 100_000
+        children = [c for c in traced.spans() if c.parent and c.parent.span_id == sendall.context.span_id]
+        assert children and all(c.name.startswith("syscall.") for c in children)
+        assert sum(c.attributes["tracesock.syscall.result"] for c in children
+                   if c.name == "syscall.send" and c.attributes["tracesock.syscall.result"] > 0) \
+            == sendall.attributes["tracesock.wire.bytes.sent"]
+        hs_children = [c for c in traced.spans() if c.parent and c.parent.span_id == hs[0].context.span_id]
+        assert {c.name for c in hs_children} >= {"syscall.send", "syscall.recv"}
+        assert sum(r.attributes["tracesock.wire.bytes.received"] for r in recvs) > 100_000
+    else:
+        assert "tracesock.wire.bytes.sent" not in sendall.attributes
+    # no plaintext socket.* spans for the TLS data (the wire goes under tls.*)
+    assert not [s for s in traced.spans() if s.name in ("socket.send", "socket.sendall")]
+
+
+def test_handshake_metric(traced, echo_server, client_ctx, ca):
+    with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+        with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"hi")
+            assert s.recv(10) == b"hi"
+    bad = ssl.create_default_context()  # does not trust the test CA
+    with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            bad.wrap_socket(raw, server_hostname="localhost")
+    m = traced.metrics()
+    points = m["tracesock.tls.handshake.duration"]
+    by_error = {dict(k).get("error.type"): p for k, p in points.items()}
+    assert by_error[None].count == 1
+    assert by_error["SSLCertVerificationError"].count == 1
+    for key in points:
+        assert dict(key)["network.transport"] == "tcp"
+    assert by_error[None].sum > 0
+
+
+@pytest.mark.parametrize("case", ["hostname", "untrusted"])
+def test_handshake_failure_span(telemetry, engine, echo_server, client_ctx, case):
+    if case == "hostname":
+        ctx, host = client_ctx, "wrong.example"
+    else:
+        ctx, host = ssl.create_default_context(), "localhost"
+
+    def scenario():
+        with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host):
+                return "connected"
+
+    plain, traced_ = both(telemetry, scenario)
+    assert plain == traced_
+    assert plain[:2] == ("raised", "SSLCertVerificationError")
+    (hs,) = telemetry.spans("tls.handshake")  # a failed call: a root span even outside a trace
+    assert hs.attributes["error.type"] == "SSLCertVerificationError"
+    assert hs.attributes["server.address"] == host
+    assert hs.status.status_code.name == "ERROR"
+
+
+def test_ssl_imported_after_instrument(tmp_path, ca):
+    """A fresh interpreter: instrument() first, then import ssl; spans appear; uninstrument restores."""
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert = ca.issue_cert("localhost")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    script = tmp_path / "late.py"
+    script.write_text(f"""
+import sys, socket, threading
+assert "ssl" not in sys.modules, "ssl already imported"
+import tracesock
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exp = InMemorySpanExporter()
+tp = TracerProvider(); tp.add_span_processor(SimpleSpanProcessor(exp))
+tracesock.instrument(tp, detail="syscalls", slow_threshold=None)
+assert "ssl" not in sys.modules, "instrument() imported ssl"
+import ssl
+original = ssl.SSLSocket.__dict__["recv"].__wrapped__
+sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); sctx.load_cert_chain({str(tmp_path / 'server.pem')!r})
+cctx = ssl.create_default_context(cafile={str(tmp_path / 'ca.pem')!r})
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen()
+def serve():
+    c, _ = ls.accept()
+    with sctx.wrap_socket(c, server_side=True) as t:
+        t.sendall(t.recv(100))
+threading.Thread(target=serve, daemon=True).start()
+tracer = tp.get_tracer("t")
+with tracer.start_as_current_span("app"):
+    with cctx.wrap_socket(socket.create_connection(ls.getsockname()), server_hostname="localhost") as s:
+        s.sendall(b"ping"); assert s.recv(100) == b"ping"
+names = [s.name for s in exp.get_finished_spans()]
+assert "tls.handshake" in names and "tls.sendall" in names and "tls.recv" in names, names
+assert ssl.__spec__.loader.__class__.__name__ != "_PatchingLoader"
+tracesock.uninstrument()
+assert ssl.SSLSocket.__dict__["recv"] is original
+print("OK")
+""")
+    env = dict(os.environ)
+    env.pop("TRACESOCK_TLS_ENGINE", None)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "OK"
+
+
+def test_uninstrument_restores_ssl(telemetry):
+    before = dict(ssl.SSLSocket.__dict__)
+    ctx_before = ssl.SSLContext.__dict__.get("_wrap_socket")
+    telemetry.instrument()
+    assert ssl.SSLSocket.__dict__["recv"] is not before["recv"]
+    tracesock.uninstrument()
+    assert dict(ssl.SSLSocket.__dict__) == before
+    assert ssl.SSLContext.__dict__.get("_wrap_socket") is ctx_before
+    assert not _tls.is_installed()
+
+
+# --- same behaviour ------------------------------------------------------------------------------
+
+def test_same_bytes_and_eof(telemetry, engine, echo_server, client_ctx):
+    def scenario():
+        with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                payload = bytes(range(256)) * 4096
+                s.sendall(payload)
+                buf = bytearray(70000)
+                got = b""
+                while len(got) < len(payload):
+                    n = s.recv_into(buf)
+                    got += bytes(buf[:n])
+                out = (got == payload, s.version(), s.pending())
+                s.unwrap().close() if False else None
+                return out
+
+    plain, traced_ = both(telemetry, scenario)
+    assert plain == traced_
+    assert plain[1][0] is True
+
+
+def test_non_blocking_want_read(telemetry, engine, server_ctx, client_ctx):
+    ready = threading.Event()
+    done = threading.Event()
+
+    def slow(conn):
+        ready.wait(10)
+        conn.sendall(b"late")
+        done.wait(10)
+
+    server = Server(server_ctx, slow)
+    try:
+        def scenario():
+            ready.clear()
+            done.clear()
+            with socket.create_connection(("127.0.0.1", server.port)) as raw:
+                with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                    s.setblocking(False)
+                    first = outcome(lambda: s.recv(10))
+                    first_into = outcome(lambda: s.recv_into(bytearray(10)))
+                    first_read = outcome(lambda: s.read(10))
+                    ready.set()
+                    s.setblocking(True)
+                    got = s.recv(10)
+                    done.set()
+                    return first, first_into, first_read, got
+
+        plain, traced_ = both(telemetry, scenario)
+    finally:
+        done.set()
+        server.close()
+    assert plain == traced_
+    assert plain[1][0][:2] == ("raised", "SSLWantReadError")
+    # would-block on a non-blocking socket is flow: no error spans outside a trace
+    assert not [s for s in telemetry.spans() if s.attributes.get("error.type") == "SSLWantReadError"]
+
+
+def test_non_blocking_handshake(telemetry, engine, echo_server, client_ctx):
+    import select
+
+    def scenario():
+        with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+            raw.setblocking(False)
+            s = client_ctx.wrap_socket(raw, server_hostname="localhost", do_handshake_on_connect=False)
+            with s:
+                kinds = set()
+                while True:
+                    try:
+                        s.do_handshake()
+                        break
+                    except ssl.SSLWantReadError as e:
+                        kinds.add(("read", str(e)))
+                        select.select([s], [], [], 5)
+                    except ssl.SSLWantWriteError as e:
+                        kinds.add(("write", str(e)))
+                        select.select([], [s], [], 5)
+                s.setblocking(True)
+                s.sendall(b"abc")
+                # whether an attempt would block is a race with the server thread:
+                # only the messages are compared
+                return sorted({k[1].split(" (_ssl")[0] for k in kinds} - {
+                    "The operation did not complete (read)",
+                    "The operation did not complete (write)"}), s.recv(10), s.version()
+
+    plain, traced_ = both(telemetry, scenario)
+    assert plain == traced_
+    assert plain[0] == "ok"
+    telemetry.clear()
+    with tracesock.instrumented(telemetry.tracer_provider, detail="syscalls", slow_threshold=None):
+        with telemetry.tracer.start_as_current_span("app"):
+            scenario()
+    (hs,) = telemetry.spans("tls.handshake")
+    assert "error.type" not in hs.attributes
+    assert hs.attributes["tls.protocol.version"]
+
+
+def test_read_timeout(telemetry, engine, server_ctx, client_ctx):
+    release = threading.Event()
+
+    def silent(conn):
+        release.wait(10)
+
+    server = Server(server_ctx, silent)
+    try:
+        def scenario():
+            with socket.create_connection(("127.0.0.1", server.port)) as raw:
+                with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                    s.settimeout(0.05)
+                    return s.recv(10)
+
+        plain, traced_ = both(telemetry, scenario)
+    finally:
+        release.set()
+        server.close()
+    assert plain == traced_
+    assert plain == ("raised", "TimeoutError", "The read operation timed out")
+    (recv,) = telemetry.spans("tls.recv")
+    assert recv.attributes["error.type"] == "TimeoutError"
+
+
+def test_handshake_timeout(telemetry, engine, client_ctx):
+    # A server that accepts but never speaks TLS.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    try:
+        def scenario():
+            with socket.create_connection(listener.getsockname()) as raw:
+                raw.settimeout(0.05)
+                client_ctx.wrap_socket(raw, server_hostname="localhost")
+
+        plain, traced_ = both(telemetry, scenario)
+    finally:
+        listener.close()
+    assert plain == traced_
+    assert plain[:2] == ("raised", "TimeoutError")
+    assert "The handshake operation timed out" in plain[2]
+    (hs,) = telemetry.spans("tls.handshake")
+    assert hs.attributes["error.type"] == "TimeoutError"
+
+
+def test_peer_closes_mid_transfer(telemetry, engine, server_ctx, client_ctx):
+    def half(conn):
+        conn.recv(10)
+        conn.sendall(b"y" * 1000)
+        conn.recv(10)
+        # reset the TCP connection in the middle of the TLS stream
+        raw = socket.socket(fileno=os.dup(conn.fileno()))
+        conn.close()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        raw.close()
+
+    server = Server(server_ctx, half)
+    try:
+        def scenario():
+            results = []
+            with socket.create_connection(("127.0.0.1", server.port)) as raw:
+                with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                    s.sendall(b"go")
+                    got = b""
+                    while len(got) < 1000:
+                        more = s.recv(1000)
+                        if not more:
+                            break
+                        got += more
+                    results.append(len(got))
+                    s.sendall(b"now")
+                    for _ in range(3):
+                        results.append(outcome(lambda: s.recv(100)))
+            return results
+
+        plain, traced_ = both(telemetry, scenario)
+    finally:
+        server.close()
+    assert plain == traced_
+    assert plain[1][0] == 1000
+
+
+def test_ragged_eof(telemetry, engine, server_ctx, client_ctx):
+    def abrupt(conn):
+        conn.recv(10)
+        conn.sendall(b"bye")
+        s = socket.socket(fileno=os.dup(conn.fileno()))
+        s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+    server = Server(server_ctx, abrupt)
+    try:
+        def scenario():
+            out = []
+            for suppress in (True, False):
+                with socket.create_connection(("127.0.0.1", server.port)) as raw:
+                    with client_ctx.wrap_socket(raw, server_hostname="localhost",
+                                                suppress_ragged_eofs=suppress) as s:
+                        s.sendall(b"x")
+                        out.append(s.recv(10))
+                        out.append(outcome(lambda: s.recv(10)))
+            return out
+
+        plain, traced_ = both(telemetry, scenario)
+    finally:
+        server.close()
+    assert plain == traced_
+
+
+def test_unwrap_then_plaintext(telemetry, engine, server_ctx, client_ctx):
+    """STARTTLS/ENDTLS: after unwrap() the rest of the stream is plaintext, not lost in a buffer."""
+    def starttls(conn):
+        assert conn.recv(10) == b"bye"
+        conn.sendall(b"ok")
+        plain = conn.unwrap()
+        plain.sendall(b"plaintext after TLS")
+        plain.recv(10)
+
+    server = Server(server_ctx, starttls)
+    try:
+        def scenario():
+            with socket.create_connection(("127.0.0.1", server.port)) as raw:
+                s = client_ctx.wrap_socket(raw, server_hostname="localhost")
+                s.sendall(b"bye")
+                got = s.recv(10)
+                plain = s.unwrap()
+                rest = b""
+                while len(rest) < 19:
+                    more = plain.recv(100)
+                    if not more:
+                        break
+                    rest += more
+                plain.sendall(b"k")
+                plain.close()
+                return got, rest
+
+        plain, traced_ = both(telemetry, scenario)
+    finally:
+        server.close()
+    assert plain == traced_
+    assert plain == ("ok", (b"ok", b"plaintext after TLS"))
+
+
+def test_makefile_and_sendfile(telemetry, engine, echo_server, client_ctx, tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"z" * 50_000)
+
+    def scenario():
+        with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                with open(path, "rb") as f:
+                    sent = s.sendfile(f)
+                r = s.makefile("rb")
+                got = r.read(50_000)
+                r.close()
+                return sent, len(got), got == path.read_bytes()
+
+    plain, traced_ = both(telemetry, scenario)
+    assert plain == traced_
+    assert plain == ("ok", (50_000, 50_000, True))
+
+
+# --- http.client / urllib over HTTPS -----------------------------------------------------------
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"hello over tls " * 1000
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def https_server(server_ctx):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
+
+    def serve():
+        from opentelemetry import context
+        context.attach(context.set_value(context._SUPPRESS_INSTRUMENTATION_KEY, True))
+        httpd.serve_forever(poll_interval=0.05)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_http_client_and_urllib(telemetry, engine, https_server, client_ctx):
+    port = https_server.server_address[1]
+
+    def scenario():
+        conn = http.client.HTTPSConnection("localhost", port, context=client_ctx)
+        conn.request("GET", "/")
+        r = conn.getresponse()
+        a = (r.status, r.read())
+        conn.close()
+        with urllib.request.urlopen(f"https://localhost:{port}/", context=client_ctx) as r2:
+            b = (r2.status, r2.read())
+        return a, b
+
+    plain, traced_ = both(telemetry, scenario)
+    assert plain == traced_
+    telemetry.clear()
+    with tracesock.instrumented(telemetry.tracer_provider, detail="syscalls", slow_threshold=None):
+        with telemetry.tracer.start_as_current_span("request"):
+            scenario()
+    names = span_names(telemetry)
+    assert names.count("tls.handshake") == 2
+    recvs = telemetry.spans("tls.recv")
+    body = len(b"hello over tls " * 1000)
+    assert sum(r.attributes["tracesock.bytes.transferred"] for r in recvs) >= 2 * body
+    hs = telemetry.spans("tls.handshake")
+    assert all(h.attributes["server.address"] == "localhost" for h in hs)
+    # the call site is the test, not http.client or ssl
+    assert all(r.attributes["code.file.path"] == __file__ for r in recvs)
+    if engine == "bio":
+        assert sum(r.attributes["tracesock.wire.bytes.received"] for r in recvs) > 2 * body
+
+
+def test_telemetry_failure_never_raises(traced, echo_server, client_ctx, monkeypatch):
+    from tracesock import _otel
+
+    def boom(*a, **k):
+        raise RuntimeError("telemetry broke")
+
+    monkeypatch.setattr(_otel, "socket_attributes", boom)
+    before = _otel.dropped_count()
+    with traced.tracer.start_as_current_span("app"):
+        with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(b"ok")
+                assert s.recv(10) == b"ok"
+    assert _otel.dropped_count() > before
