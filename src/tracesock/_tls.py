@@ -499,13 +499,415 @@ def is_installed():
 
 # --- the bio engine (experimental) -----------------------------------------------------
 
-class _BioSSL:  # defined fully below; placeholder so isinstance() works without the engine
+import _socket as _c_socket  # noqa: E402
+import errno as _errno  # noqa: E402
+import math  # noqa: E402
+
+import ctypes  # noqa: E402
+
+from ._events import INTERRUPTED, TIMEOUT  # noqa: E402
+from ._syscall import blocking_send, errno_name, wait as _wait  # noqa: E402
+
+_C = _c_socket.socket
+_C_RECV = _C.recv
+_C_SEND = _C.send
+_C_GETTIMEOUT = _C.gettimeout
+_C_FILENO = _C.fileno
+_DW = int(getattr(_c_socket, "MSG_DONTWAIT", 0x40))
+_HEADER = 5
+_libc = ctypes.CDLL(None, use_errno=True)
+_lrecv = _libc.recv
+_lrecv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_lrecv.restype = ctypes.c_ssize_t
+_lsend = _libc.send
+_lsend.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_lsend.restype = ctypes.c_ssize_t
+_NOSIGNAL = int(getattr(_c_socket, "MSG_NOSIGNAL", 0x4000))
+
+
+_AGAIN = frozenset({_errno.EAGAIN, _errno.EWOULDBLOCK})
+
+
+def _recv_now(call, fd, n):
+    """One ``recv(fd, n, MSG_DONTWAIT)``: never waits (CPython's method would poll
+    first on a socket with a timeout), recorded.  Returns the bytes, ``None`` for
+    EAGAIN, or the errno of a failure."""
+    buf = ctypes.create_string_buffer(n)
+    start = now()
+    r = _lrecv(fd, buf, n, _DW)
+    end = now()
+    if r < 0:
+        code = ctypes.get_errno()
+        call.syscall("recv", start, end, -1, errno_name(code))
+        return None if code in _AGAIN else code
+    call.syscall("recv", start, end, r)
+    return buf.raw[:r]
+
+
+def _send_now(call, fd, data, offset):
+    """One ``send(fd, data[offset:], MSG_DONTWAIT)``, recorded: the count, ``None``
+    for EAGAIN, or ``-errno`` of a failure."""
+    base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    start = now()
+    r = _lsend(fd, base + offset, len(data) - offset, _DW | _NOSIGNAL)
+    end = now()
+    if r < 0:
+        code = ctypes.get_errno()
+        call.syscall("send", start, end, -1, errno_name(code))
+        return None if code in _AGAIN else -code
+    call.syscall("send", start, end, r)
+    return r
+_messages = {}  # "handshake_timeout" / "<op>_line" -> text learned from _ssl.c
+
+
+def _scratch_call(sock):
+    """Where wire steps go when no tls.* call is being recorded (metrics only)."""
+    return TlsCall("tls.wire", _stats(sock), now(), False)
+
+
+def _handshake_timeout_message(ssl):
+    """``_ssl.c:NNN: The handshake operation timed out`` of this interpreter, learned once
+    from a real native handshake that times out on a socketpair."""
+    msg = _messages.get("handshake_timeout")
+    if msg is None:
+        msg = "The handshake operation timed out"
+        token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
+        a = b = None
+        try:
+            import socket as _std_socket
+            a, b = _std_socket.socketpair()
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            obj = ctx._wrap_socket(a, False, None)  # a plain socket: the native engine
+            a.settimeout(0.001)
+            try:
+                obj.do_handshake()
+            except TimeoutError as exc:
+                msg = str(exc)
+        except Exception:
+            pass
+        finally:
+            for x in (a, b):
+                if x is not None:
+                    x.close()
+            otel_context.detach(token)
+        _messages["handshake_timeout"] = msg
+    return msg
+
+
+def _want_write(ssl, op):
+    """An ``SSLWantWriteError`` as ``_ssl.c`` raises it from ``op`` (same line, same attributes)."""
+    return _ssl_error(ssl, op, ssl.SSLWantWriteError, ssl.SSL_ERROR_WANT_WRITE,
+                      "The operation did not complete (write)")
+
+
+def _eof_error(ssl, op):
+    """What ``_ssl.c`` raises when the socket fails under ``SSL_read_ex``/``SSL_write_ex``:
+    they return 0, so ``SSL_ERROR_SYSCALL`` becomes ``SSLEOFError`` whatever the errno."""
+    return _ssl_error(ssl, op, ssl.SSLEOFError, ssl.SSL_ERROR_EOF,
+                      "EOF occurred in violation of protocol")
+
+
+def _ssl_error(ssl, op, cls, code, text):
+    key = op + "_line"
+    line = _messages.get(key)
+    if line is None:
+        line = ""
+        try:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            obj = ctx._wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), False, None)
+            try:
+                if op == "write":
+                    obj.write(b"x")
+                elif op == "read":
+                    obj.read(1)
+                else:
+                    obj.do_handshake()
+            except ssl.SSLWantReadError as exc:
+                probe = str(exc)
+                line = probe[probe.rfind(" (_ssl.c:"):] if " (_ssl.c:" in probe else ""
+        except Exception:
+            pass
+        _messages[key] = line
+    exc = cls(code, text + line)
+    exc.reason = None
+    exc.library = None
+    return exc
+
+
+class _Timeout(Exception):
     pass
+
+
+class _BioSSL:
+    """The TLS object of one ``SSLSocket``: ``_ssl._SSLSocket`` over two ``MemoryBIO`` s.
+
+    Stands where the C object over the descriptor would be (``SSLSocket._sslobj``):
+    everything but the four I/O operations is the C object's own
+    (``getpeercert``, ``cipher``, ``version``, ``session``, ``context``...).
+    The operations run the C method and move ciphertext between the BIOs and
+    the socket through ``_syscall``, as ``_ssl.c`` drives OpenSSL over the
+    descriptor: a deadline per operation for a socket with a timeout, one try
+    for a non-blocking one, reads of exactly the next record header or body.
+    """
+
+    __slots__ = ("_obj", "_in", "_out", "_sock", "_ssl", "_pending_out", "_pending_write",
+                 "_need", "_header", "__weakref__")
+
+    def __init__(self, ssl, obj, incoming, outgoing, sock):
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_in", incoming)
+        object.__setattr__(self, "_out", outgoing)
+        object.__setattr__(self, "_sock", weakref.ref(sock))
+        object.__setattr__(self, "_ssl", ssl)
+        object.__setattr__(self, "_pending_out", b"")  # ciphertext a non-blocking socket did not take
+        object.__setattr__(self, "_pending_write", None)  # plaintext count of a write still going out
+        object.__setattr__(self, "_need", _HEADER)  # bytes of the current header/body still to read
+        object.__setattr__(self, "_header", b"")  # the record header read so far (None: in a body)
+
+    def __getattr__(self, name):
+        return getattr(self._obj, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._obj, name, value)
+
+    # -- the operations
+
+    def do_handshake(self):
+        return self._run("handshake", self._obj.do_handshake, ())
+
+    def read(self, *args):
+        return self._run("read", self._obj.read, args)
+
+    def write(self, data):
+        return self._run("write", self._obj.write, (data,))
+
+    def shutdown(self):
+        self._run("shutdown", self._obj.shutdown, ())
+        return self._sock()
+
+    def pending(self):
+        return self._obj.pending()
+
+    # -- the pump
+
+    def _run(self, op, fn, args):
+        sock = self._sock()
+        if sock is None:
+            return fn(*args)  # the C object raises what it raises without a socket
+        call = getattr(_tl, "call", None)
+        if call is None:
+            call = _scratch_call(sock)
+        elif call.engine != "bio":
+            call.engine = "bio"
+        timeout = _C_GETTIMEOUT(sock)
+        deadline = None
+        if timeout:
+            deadline = now() + max(1, math.ceil(timeout * 1e9))
+        nonblocking = timeout == 0.0
+        ssl = self._ssl
+        if self._pending_out:
+            if not self._flush(call, sock, op, deadline, nonblocking):
+                raise _want_write(ssl, op)
+        if op == "write" and self._pending_write is not None:
+            n = self._pending_write
+            object.__setattr__(self, "_pending_write", None)
+            return n
+        while True:
+            failure = None
+            try:
+                result = fn(*args)
+            except ssl.SSLWantReadError as exc:
+                failure = exc
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                # Fatal: OpenSSL queued an alert for the peer, which goes out
+                # before the error is raised, as over the descriptor.
+                try:
+                    self._flush(call, sock, op, deadline, True)
+                except Exception:
+                    pass
+                raise
+            else:
+                if not self._flush(call, sock, op, deadline, nonblocking):
+                    if op == "write":
+                        object.__setattr__(self, "_pending_write", result)
+                    raise _want_write(ssl, op)
+                return result
+            # OpenSSL needs more ciphertext: send what it queued, then read.
+            if not self._flush(call, sock, op, deadline, nonblocking):
+                failure = None
+                raise _want_write(ssl, op)
+            if not self._fill(call, sock, op, deadline, nonblocking):
+                try:
+                    raise failure  # the operation's own SSLWantReadError
+                finally:
+                    failure = None
+            failure = None
+
+    def _failed(self, op, code):
+        """The exception ``_ssl.c`` raises when a syscall under ``op`` fails with ``code``."""
+        if op in ("read", "write"):
+            return _eof_error(self._ssl, op)
+        return OSError(code, os.strerror(code))
+
+    def _timed_out(self, call, op, reading):
+        call.timed_out = True
+        call.stats.timeouts += 1
+        if op == "handshake":
+            return TimeoutError(_handshake_timeout_message(self._ssl))
+        if op == "shutdown":
+            return TimeoutError("The read operation timed out" if reading else "The write operation timed out")
+        return TimeoutError("The %s operation timed out" % ("read" if op == "read" else "write"))
+
+    def _ready(self, call, sock, fd, writing, op, deadline):
+        """Wait for a socket with a timeout; raise _ssl.c's TimeoutError at the deadline."""
+        while True:
+            left = deadline - now()
+            if left <= 0:
+                raise self._timed_out(call, op, not writing)
+            outcome = _wait(call, fd, writing, left)
+            if outcome is TIMEOUT:
+                raise self._timed_out(call, op, not writing)
+            if outcome is not INTERRUPTED:
+                return
+
+    def _flush(self, call, sock, op, deadline, nonblocking):
+        """Send what OpenSSL queued.  False: a non-blocking socket took only part (kept)."""
+        data = self._pending_out + self._out.read() if self._out.pending else self._pending_out
+        if not data:
+            return True
+        object.__setattr__(self, "_pending_out", b"")
+        data = bytes(data)
+        sent = 0
+        total = len(data)
+        fd = _C_FILENO(sock)
+        while sent < total:
+            n = _send_now(call, fd, data, sent)
+            if n is not None and n < 0:
+                raise self._failed(op, -n)
+            if n is None:
+                if nonblocking:
+                    object.__setattr__(self, "_pending_out", data[sent:])
+                    return False
+                if deadline is not None:
+                    self._ready(call, sock, fd, True, op, deadline)
+                    continue
+                code = None
+                try:
+                    with memoryview(data) as view, view[sent:] as piece:
+                        n = blocking_send(call, sock, piece, _NOSIGNAL)
+                except OSError as exc:
+                    code = exc.errno
+                if code is not None:
+                    raise self._failed(op, code)
+                if n is INTERRUPTED:
+                    continue
+            if n < total - sent:
+                call.partial()
+            sent += n
+            call.wire_tx += n
+            call.stats.tx += n
+        return True
+
+    def _fill(self, call, sock, op, deadline, nonblocking):
+        """Receive the next record header or body into the incoming BIO.
+
+        False: a non-blocking socket had nothing (the caller raises the
+        operation's SSLWantReadError)."""
+        need = self._need
+        fd = _C_FILENO(sock)
+        while True:
+            data = _recv_now(call, fd, need)
+            if isinstance(data, int):
+                raise self._failed(op, data)
+            if data is not None:
+                break
+            if nonblocking:
+                return False
+            if deadline is not None:
+                self._ready(call, sock, fd, False, op, deadline)
+            else:
+                if _wait(call, fd, False, None) is INTERRUPTED:
+                    continue
+        if not data:
+            self._in.write_eof()
+            return True
+        call.wire_rx += len(data)
+        call.stats.rx += len(data)
+        self._in.write(data)
+        self._advance(data)
+        return True
+
+    def _advance(self, data):
+        header = self._header
+        if header is not None:
+            header += data
+            if len(header) < _HEADER:
+                object.__setattr__(self, "_header", header)
+                object.__setattr__(self, "_need", _HEADER - len(header))
+                return
+            length = (header[3] << 8) | header[4]
+            object.__setattr__(self, "_header", None)
+            object.__setattr__(self, "_need", length or _HEADER)
+            if not length:
+                object.__setattr__(self, "_header", b"")
+            return
+        need = self._need - len(data)
+        if need > 0:
+            object.__setattr__(self, "_need", need)
+        else:
+            object.__setattr__(self, "_need", _HEADER)
+            object.__setattr__(self, "_header", b"")
+
+
+_STREAM_FAMILIES = tuple(getattr(_c_socket, n) for n in ("AF_INET", "AF_INET6", "AF_UNIX")
+                         if hasattr(_c_socket, n))
+
+
+def _eligible(ssl, ctx, sock):
+    if not isinstance(sock, ssl.SSLSocket):
+        return False
+    try:
+        if sock.family not in _STREAM_FAMILIES or (sock.type & 0xF) != _c_socket.SOCK_STREAM:
+            return False
+        ktls = getattr(ssl, "OP_ENABLE_KTLS", 0)
+        if ktls and ctx.options & ktls:
+            return False
+    except Exception:
+        return False
+    return True
 
 
 def _install_bio(ssl):
-    pass
+    global _saved_ctx
+    cls = ssl.SSLContext
+    original = cls.__dict__.get("_wrap_socket", _MISSING)
+    inherited = getattr(cls, "_wrap_socket")
+
+    def _wrap_socket(self, sock, server_side, server_hostname=None, *, owner=None, session=None):
+        if not _eligible(ssl, self, sock):
+            return inherited(self, sock, server_side, server_hostname, owner=owner, session=session)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = self._wrap_bio(incoming, outgoing, server_side, server_hostname,
+                             owner=owner, session=session)
+        return _BioSSL(ssl, obj, incoming, outgoing, sock)
+
+    _dress(_wrap_socket, inherited)
+    _saved_ctx = (cls, inherited, original)
+    cls._wrap_socket = _wrap_socket
 
 
 def _uninstall_bio():
-    pass
+    global _saved_ctx
+    if _saved_ctx is None:
+        return
+    cls, _, original = _saved_ctx
+    if original is _MISSING:
+        if "_wrap_socket" in cls.__dict__:
+            delattr(cls, "_wrap_socket")
+    else:
+        cls._wrap_socket = original
+    _saved_ctx = None
