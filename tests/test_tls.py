@@ -624,3 +624,30 @@ def test_telemetry_failure_never_raises(traced, echo_server, client_ctx, monkeyp
                 s.sendall(b"ok")
                 assert s.recv(10) == b"ok"
     assert _otel.dropped_count() > before
+
+
+def test_large_sendall_same_bytes(telemetry, engine, echo_server, client_ctx):
+    """A write larger than the engine's piece size, with a timeout: same bytes back."""
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+
+    def scenario():
+        with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.settimeout(30)
+                got = bytearray()
+
+                def reader():
+                    while len(got) < len(payload):
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            return
+                        got.extend(chunk)
+
+                t = threading.Thread(target=reader)
+                t.start()
+                s.sendall(payload)
+                t.join(30)
+                return bytes(got) == payload
+
+    plain, traced_ = both(telemetry, scenario)
+    assert plain == traced_ == ("ok", True)

@@ -515,6 +515,7 @@ _C_GETTIMEOUT = _C.gettimeout
 _C_FILENO = _C.fileno
 _DW = int(getattr(_c_socket, "MSG_DONTWAIT", 0x40))
 _HEADER = 5
+_CHUNK = 1 << 20  # a write larger than this is encrypted and sent in pieces this size
 _libc = ctypes.CDLL(None, use_errno=True)
 _lrecv = _libc.recv
 _lrecv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -654,7 +655,7 @@ class _BioSSL:
     for a non-blocking one, reads of exactly the next record header or body.
     """
 
-    __slots__ = ("_obj", "_in", "_out", "_sock", "_ssl", "_pending_out", "_pending_write",
+    __slots__ = ("_obj", "_in", "_out", "_sock", "_ssl", "_pending_out", "_pending_write", "_lock",
                  "_need", "_header", "__weakref__")
 
     def __init__(self, ssl, obj, incoming, outgoing, sock):
@@ -665,6 +666,7 @@ class _BioSSL:
         object.__setattr__(self, "_ssl", ssl)
         object.__setattr__(self, "_pending_out", b"")  # ciphertext a non-blocking socket did not take
         object.__setattr__(self, "_pending_write", None)  # plaintext count of a write still going out
+        object.__setattr__(self, "_lock", threading.Lock())  # one sender at a time
         object.__setattr__(self, "_need", _HEADER)  # bytes of the current header/body still to read
         object.__setattr__(self, "_header", b"")  # the record header read so far (None: in a body)
 
@@ -683,6 +685,21 @@ class _BioSSL:
         return self._run("read", self._obj.read, args)
 
     def write(self, data):
+        sock = self._sock()
+        if sock is not None and _C_GETTIMEOUT(sock) != 0.0 and type(data) in (bytes, bytearray, memoryview):
+            with memoryview(data) as view:
+                if view.nbytes > _CHUNK and view.c_contiguous:
+                    # Encrypt and send a large buffer in pieces (bounded memory);
+                    # one deadline for the whole write, as in _ssl.c.
+                    with view.cast("B") as flat:
+                        total = len(flat)
+                        timeout = _C_GETTIMEOUT(sock)
+                        deadline = now() + max(1, math.ceil(timeout * 1e9)) if timeout else None
+                        done = 0
+                        while done < total:
+                            with flat[done:done + _CHUNK] as piece:
+                                done += self._run("write", self._obj.write, (piece,), deadline)
+                        return done
         return self._run("write", self._obj.write, (data,))
 
     def shutdown(self):
@@ -694,7 +711,7 @@ class _BioSSL:
 
     # -- the pump
 
-    def _run(self, op, fn, args):
+    def _run(self, op, fn, args, deadline=False):
         sock = self._sock()
         if sock is None:
             return fn(*args)  # the C object raises what it raises without a socket
@@ -704,9 +721,10 @@ class _BioSSL:
         elif call.engine != "bio":
             call.engine = "bio"
         timeout = _C_GETTIMEOUT(sock)
-        deadline = None
-        if timeout:
-            deadline = now() + max(1, math.ceil(timeout * 1e9))
+        if deadline is False:
+            deadline = None
+            if timeout:
+                deadline = now() + max(1, math.ceil(timeout * 1e9))
         nonblocking = timeout == 0.0
         ssl = self._ssl
         if self._pending_out:
@@ -775,42 +793,62 @@ class _BioSSL:
                 return
 
     def _flush(self, call, sock, op, deadline, nonblocking):
-        """Send what OpenSSL queued.  False: a non-blocking socket took only part (kept)."""
-        data = self._pending_out + self._out.read() if self._out.pending else self._pending_out
-        if not data:
+        """Send what OpenSSL queued.  False: a non-blocking socket took only part (kept).
+
+        One thread sends at a time, in order: the one holding the lock sends
+        until the outgoing BIO is empty, including what other threads queued
+        meanwhile; a read finding the lock taken leaves its bytes to it.
+        """
+        if not self._out.pending and not self._pending_out:
             return True
-        object.__setattr__(self, "_pending_out", b"")
-        data = bytes(data)
+        lock = self._lock
+        if not lock.acquire(op != "read"):
+            return True
+        try:
+            while True:
+                data = self._pending_out + self._out.read() if self._out.pending else self._pending_out
+                if not data:
+                    return True
+                object.__setattr__(self, "_pending_out", b"")
+                if not self._send_all(call, sock, op, deadline, nonblocking, bytes(data)):
+                    return False
+        finally:
+            lock.release()
+
+    def _send_all(self, call, sock, op, deadline, nonblocking, data):
         sent = 0
         total = len(data)
         fd = _C_FILENO(sock)
-        while sent < total:
-            n = _send_now(call, fd, data, sent)
-            if n is not None and n < 0:
-                raise self._failed(op, -n)
-            if n is None:
-                if nonblocking:
-                    object.__setattr__(self, "_pending_out", data[sent:])
-                    return False
-                if deadline is not None:
-                    self._ready(call, sock, fd, True, op, deadline)
-                    continue
-                code = None
-                try:
-                    with memoryview(data) as view, view[sent:] as piece:
-                        n = blocking_send(call, sock, piece, _NOSIGNAL)
-                except OSError as exc:
-                    code = exc.errno
-                if code is not None:
-                    raise self._failed(op, code)
-                if n is INTERRUPTED:
-                    continue
-            if n < total - sent:
-                call.partial()
-            sent += n
-            call.wire_tx += n
-            call.stats.tx += n
-        return True
+        try:
+            while sent < total:
+                n = _send_now(call, fd, data, sent)
+                if n is not None and n < 0:
+                    raise self._failed(op, -n)
+                if n is None:
+                    if nonblocking:
+                        return False
+                    if deadline is not None:
+                        self._ready(call, sock, fd, True, op, deadline)
+                        continue
+                    code = None
+                    try:
+                        with memoryview(data) as view, view[sent:] as piece:
+                            n = blocking_send(call, sock, piece, _NOSIGNAL)
+                    except OSError as exc:
+                        code = exc.errno
+                    if code is not None:
+                        raise self._failed(op, code)
+                    if n is INTERRUPTED:
+                        continue
+                if n < total - sent:
+                    call.partial()
+                sent += n
+                call.wire_tx += n
+                call.stats.tx += n
+            return True
+        finally:
+            if sent < total:  # kept for the next operation, like OpenSSL's write buffer
+                object.__setattr__(self, "_pending_out", data[sent:] + self._pending_out)
 
     def _fill(self, call, sock, op, deadline, nonblocking):
         """Receive the next record header or body into the incoming BIO.

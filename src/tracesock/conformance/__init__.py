@@ -403,6 +403,8 @@ def build_env(mode: str, site_dir: str, src_dir, marker_dir: str, detail: str, e
     env["TRACESOCK_CONFORMANCE_MARKERS"] = marker_dir
     env["TRACESOCK_CONFORMANCE_DETAIL"] = detail
     env["TRACESOCK_CONFORMANCE_SLOW_THRESHOLD"] = slow_threshold
+    if mode == "instrumented" and os.environ.get("TRACESOCK_TLS_ENGINE"):
+        env["TRACESOCK_TLS_ENGINE"] = os.environ["TRACESOCK_TLS_ENGINE"]  # the TLS engine under test
     return env
 
 
