@@ -383,6 +383,12 @@ def test_non_blocking_handshake(telemetry, engine, echo_server, client_ctx):
     (hs,) = telemetry.spans("tls.handshake")
     assert "error.type" not in hs.attributes
     assert hs.attributes["tls.protocol.version"]
+    if engine == "bio":
+        # every attempt's wire traffic is in the one span: ClientHello out, the server's flight in
+        assert hs.attributes["tracesock.wire.bytes.sent"] > 0
+        assert hs.attributes["tracesock.wire.bytes.received"] > 0
+        kids = [c.name for c in telemetry.spans() if c.parent and c.parent.span_id == hs.context.span_id]
+        assert "syscall.send" in kids and "syscall.recv" in kids
 
 
 def test_read_timeout(telemetry, engine, server_ctx, client_ctx):
@@ -651,3 +657,22 @@ def test_large_sendall_same_bytes(telemetry, engine, echo_server, client_ctx):
 
     plain, traced_ = both(telemetry, scenario)
     assert plain == traced_ == ("ok", True)
+
+
+def test_bio_wire_bytes_in_io_metric(telemetry, monkeypatch, echo_server, client_ctx):
+    """bio engine: the ciphertext counts in tracesock.io (plaintext is not counted twice)."""
+    monkeypatch.setenv("TRACESOCK_TLS_ENGINE", "bio")
+    telemetry.instrument(detail="syscalls", slow_threshold=None)
+    before = telemetry.metrics()
+    tx0 = telemetry.value(before, "tracesock.io", network_io_direction="transmit")
+    with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+        with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"a" * 50_000)
+            got = 0
+            while got < 50_000:
+                got += len(s.recv(65536))
+    after = telemetry.metrics()
+    tx = telemetry.value(after, "tracesock.io", network_io_direction="transmit") - tx0
+    # ciphertext: the 50 000 bytes in records, plus the handshake; not 2x the plaintext
+    assert 50_000 < tx < 2 * 50_000
+    assert telemetry.value(after, "tracesock.syscall.duration", tracesock_syscall="recv") > 0

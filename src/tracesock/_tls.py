@@ -51,7 +51,7 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _otel
-from ._events import Call
+from ._events import Call, Stats
 from ._socket import _SUPPRESS, _current_context, _nbytes, _stats
 from ._syscall import now
 
@@ -66,8 +66,6 @@ _finder = None
 _engine = "native"
 _MISSING = object()
 _tl = threading.local()
-# First attempt of a handshake still in progress (non-blocking sockets): sock -> start ns.
-_hs_started = weakref.WeakKeyDictionary()
 
 
 class TlsCall(Call):
@@ -300,8 +298,8 @@ def _handshake_method(original):
         if (ctx and ctx.get(_SUPPRESS)) or getattr(_tl, "call", None) is not None:
             return original(self, *args, **kwargs)
         try:
-            start = _hs_started.pop(self, None) or now()
-            call = _new(self, "tls.handshake", start)
+            # A non-blocking handshake goes on where its last attempt stopped.
+            call = _hs_pending.pop(self, None) or _new(self, "tls.handshake", now())
         except Exception as exc:
             _otel.swallow(exc)
             return original(self, *args, **kwargs)
@@ -312,41 +310,22 @@ def _handshake_method(original):
             _tl.call = None
             if _is_flow(exc):
                 try:  # not done yet: the handshake goes on at the next attempt
-                    _hs_started[self] = start
-                    _carry(call, self)
+                    _hs_pending[self] = call
                 except Exception as err:
                     _otel.swallow(err)
                 raise
             call.error = exc
-            _prepend_carried(call, self)
             _finish(call, self, ctx, handshake=True)
             raise
         _tl.call = None
-        _prepend_carried(call, self)
         _finish(call, self, ctx, handshake=True)
         return result
 
     return do_handshake
 
 
-def _carry(call, sock):
-    """A non-blocking handshake attempt: keep its wire steps for the final span."""
-    if call.steps:
-        pending = _hs_steps.setdefault(sock, [])
-        if len(pending) < 512:
-            pending.extend(call.steps)
-
-
-_hs_steps = weakref.WeakKeyDictionary()
-
-
-def _prepend_carried(call, sock):
-    try:
-        carried = _hs_steps.pop(sock, None)
-        if carried and call.steps is not None:
-            call.steps[:0] = carried
-    except Exception as exc:
-        _otel.swallow(exc)
+# Handshakes of non-blocking sockets in progress: sock -> its TlsCall so far.
+_hs_pending = weakref.WeakKeyDictionary()
 
 _IO_METHODS = {
     "send": ("tls.send", _requested_send),
@@ -509,8 +488,6 @@ from ._events import INTERRUPTED, TIMEOUT  # noqa: E402
 from ._syscall import blocking_send, errno_name, wait as _wait  # noqa: E402
 
 _C = _c_socket.socket
-_C_RECV = _C.recv
-_C_SEND = _C.send
 _C_GETTIMEOUT = _C.gettimeout
 _C_FILENO = _C.fileno
 _DW = int(getattr(_c_socket, "MSG_DONTWAIT", 0x40))
@@ -562,8 +539,14 @@ _messages = {}  # "handshake_timeout" / "<op>_line" -> text learned from _ssl.c
 
 
 def _scratch_call(sock):
-    """Where wire steps go when no tls.* call is being recorded (metrics only)."""
-    return TlsCall("tls.wire", _stats(sock), now(), False)
+    """Where wire steps go when no tls.* call is being recorded: metrics only, and
+    not even those under OpenTelemetry's suppress key (like a suppressed socket call)."""
+    ctx = _current_context()
+    stats = _DISCARD if ctx and ctx.get(_SUPPRESS) else _stats(sock)
+    return TlsCall("tls.wire", stats, now(), False)
+
+
+_DISCARD = Stats("none")  # written to, never read
 
 
 def _handshake_timeout_message(ssl):
@@ -637,10 +620,6 @@ def _ssl_error(ssl, op, cls, code, text):
     exc.reason = None
     exc.library = None
     return exc
-
-
-class _Timeout(Exception):
-    pass
 
 
 class _BioSSL:
