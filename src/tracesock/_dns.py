@@ -257,14 +257,21 @@ def _record_lookup(function, args, kwargs, start, end, result, error, ctx):
 
 def _lookup_function(function, original):
     def lookup(*args, **kwargs):
+        # On an exception the traceback keeps this frame alive, and with it the
+        # caller's arguments (test_socket counts references to them): del first.
         ctx = _current_context()
         if not _on or (ctx and ctx.get(_SUPPRESS)):
-            return original(*args, **kwargs)
+            try:
+                return original(*args, **kwargs)
+            except BaseException:
+                del args, kwargs
+                raise
         start = now()
         try:
             result = original(*args, **kwargs)
         except BaseException as exc:
             _record_lookup(function, args, kwargs, start, now(), None, exc, ctx)
+            del args, kwargs
             raise
         _record_lookup(function, args, kwargs, start, now(), result, None, ctx)
         return result
