@@ -33,8 +33,6 @@ def render(report, *, title=None, max_connections=20, max_sites=10):
     for w in report.warnings:
         lines.append(f"  warning: {w}")
 
-    lines += _sites(report, max_sites)
-
     lines.append("")
     lines.append("slowest calls")
     if not report.slowest:
@@ -94,6 +92,7 @@ def render(report, *, title=None, max_connections=20, max_sites=10):
                          f"{r.average_fill:.0%}" if r.average_fill is not None else "-",
                          str(r.under_filled)])
         lines += _table(headers, rows, right={1, 2, 3, 4, 5})
+    lines += _sites(report, max_sites)
     return "\n".join(lines) + "\n"
 
 
