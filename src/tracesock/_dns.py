@@ -191,14 +191,8 @@ class _Connection(_Item):
         timeout = _arg(args, kwargs, 1, "timeout")
         if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
             attrs["tracesock.timeout"] = float(timeout)
-        if sock is not None:
-            try:
-                peer = sock.getpeername()
-                if isinstance(peer, tuple) and len(peer) >= 2:
-                    attrs["network.peer.address"] = str(peer[0])
-                    attrs["network.peer.port"] = peer[1]
-            except (OSError, ValueError):
-                pass
+        # No network.peer.* here: the connect child that succeeded has them, and
+        # per-connection views (summary, report) count each socket call once.
         if error is not None:
             attrs["error.type"] = type(error).__name__
         self.attrs = attrs
