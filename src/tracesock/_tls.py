@@ -448,6 +448,8 @@ def install(engine=None):
         if engine is None:
             engine = os.environ.get("TRACESOCK_TLS_ENGINE", "").strip().lower() or "native"
         if engine not in ENGINES:
+            _otel._log.warning("tracesock: TRACESOCK_TLS_ENGINE=%r is not one of %s; using 'native'",
+                               engine, ", ".join(ENGINES))
             engine = "native"
         if _saved is not None or _finder is not None:
             return
@@ -492,6 +494,7 @@ _C_GETTIMEOUT = _C.gettimeout
 _C_FILENO = _C.fileno
 _DW = int(getattr(_c_socket, "MSG_DONTWAIT", 0x40))
 _HEADER = 5
+_MAX_RECORD = 16384 + 2048  # largest TLS ciphertext record body
 _CHUNK = 1 << 20  # a write larger than this is encrypted and sent in pieces this size
 _libc = ctypes.CDLL(None, use_errno=True)
 _lrecv = _libc.recv
@@ -635,7 +638,7 @@ class _BioSSL:
     """
 
     __slots__ = ("_obj", "_in", "_out", "_sock", "_ssl", "_pending_out", "_pending_write", "_lock",
-                 "_need", "_header", "__weakref__")
+                 "_need", "_header", "_body", "__weakref__")
 
     def __init__(self, ssl, obj, incoming, outgoing, sock):
         object.__setattr__(self, "_obj", obj)
@@ -648,6 +651,7 @@ class _BioSSL:
         object.__setattr__(self, "_lock", threading.Lock())  # one sender at a time
         object.__setattr__(self, "_need", _HEADER)  # bytes of the current header/body still to read
         object.__setattr__(self, "_header", b"")  # the record header read so far (None: in a body)
+        object.__setattr__(self, "_body", -1)  # length of the body after a plausible header
 
     def __getattr__(self, name):
         return getattr(self._obj, name)
@@ -852,11 +856,25 @@ class _BioSSL:
         if not data:
             self._in.write_eof()
             return True
+        self._feed(call, data)
+        if self._header is None and self._need == self._body:
+            # A whole, plausible header: OpenSSL reads the body at once within the
+            # same call (then waits if it is not there yet); so do we.
+            more = _recv_now(call, fd, self._need)
+            if isinstance(more, int):
+                raise self._failed(op, more)
+            if more is not None:
+                if more:
+                    self._feed(call, more)
+                else:
+                    self._in.write_eof()
+        return True
+
+    def _feed(self, call, data):
         call.wire_rx += len(data)
         call.stats.rx += len(data)
         self._in.write(data)
         self._advance(data)
-        return True
 
     def _advance(self, data):
         header = self._header
@@ -869,6 +887,9 @@ class _BioSSL:
             length = (header[3] << 8) | header[4]
             object.__setattr__(self, "_header", None)
             object.__setattr__(self, "_need", length or _HEADER)
+            # the body is read right away only after a header OpenSSL would accept
+            plausible = 20 <= header[0] <= 24 and header[1] == 3 and 0 < length <= _MAX_RECORD
+            object.__setattr__(self, "_body", length if plausible else -1)
             if not length:
                 object.__setattr__(self, "_header", b"")
             return
