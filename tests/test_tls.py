@@ -63,6 +63,7 @@ class Server:
         self.listener.listen(8)
         self.port = self.listener.getsockname()[1]
         self.errors = []
+        self.handlers = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -73,7 +74,9 @@ class Server:
                 raw, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+            t = threading.Thread(target=self._serve, args=(raw,), daemon=True)
+            self.handlers.append(t)
+            t.start()
 
     @staticmethod
     def _untraced():
@@ -632,47 +635,113 @@ def test_telemetry_failure_never_raises(traced, echo_server, client_ctx, monkeyp
     assert _otel.dropped_count() > before
 
 
-def test_large_sendall_same_bytes(telemetry, engine, echo_server, client_ctx):
-    """A write larger than the engine's piece size, with a timeout: same bytes back."""
+def test_large_sendall_same_bytes(telemetry, engine, server_ctx, client_ctx):
+    """A write larger than the engine's piece size, with a timeout: the server gets the same bytes.
+
+    (One thread per TLS connection: OpenSSL does not allow reading and writing
+    one connection from two threads at once, traced or not.)"""
+    import hashlib
     payload = os.urandom(3 * 1024 * 1024 + 17)
 
-    def scenario():
-        with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
-            with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
-                s.settimeout(30)
-                got = bytearray()
+    def digest(conn):
+        h = hashlib.sha256()
+        n = 0
+        while n < len(payload):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            n += len(chunk)
+            h.update(chunk)
+        conn.sendall(h.digest())
 
-                def reader():
-                    while len(got) < len(payload):
-                        chunk = s.recv(65536)
-                        if not chunk:
-                            return
-                        got.extend(chunk)
+    server = Server(server_ctx, digest)
+    try:
+        def scenario():
+            with socket.create_connection(("127.0.0.1", server.port)) as raw:
+                with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                    s.settimeout(30)
+                    s.sendall(payload)
+                    return s.recv(100) == hashlib.sha256(payload).digest()
 
-                t = threading.Thread(target=reader)
-                t.start()
-                s.sendall(payload)
-                t.join(30)
-                return bytes(got) == payload
-
-    plain, traced_ = both(telemetry, scenario)
+        plain, traced_ = both(telemetry, scenario)
+    finally:
+        server.close()
     assert plain == traced_ == ("ok", True)
 
 
-def test_bio_wire_bytes_in_io_metric(telemetry, monkeypatch, echo_server, client_ctx):
-    """bio engine: the ciphertext counts in tracesock.io (plaintext is not counted twice)."""
-    monkeypatch.setenv("TRACESOCK_TLS_ENGINE", "bio")
-    telemetry.instrument(detail="syscalls", slow_threshold=None)
-    before = telemetry.metrics()
-    tx0 = telemetry.value(before, "tracesock.io", network_io_direction="transmit")
-    with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
-        with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
-            s.sendall(b"a" * 50_000)
-            got = 0
-            while got < 50_000:
-                got += len(s.recv(65536))
-    after = telemetry.metrics()
-    tx = telemetry.value(after, "tracesock.io", network_io_direction="transmit") - tx0
-    # ciphertext: the 50 000 bytes in records, plus the handshake; not 2x the plaintext
-    assert 50_000 < tx < 2 * 50_000
-    assert telemetry.value(after, "tracesock.syscall.duration", tracesock_syscall="recv") > 0
+def test_patched_methods_keep_their_identity(telemetry):
+    import inspect
+    names = ["send", "sendall", "recv", "recv_into", "read", "write", "do_handshake"]
+    before = {n: (inspect.signature(getattr(ssl.SSLSocket, n)), getattr(ssl.SSLSocket, n).__doc__,
+                  getattr(ssl.SSLSocket, n).__qualname__) for n in names}
+    telemetry.instrument()
+    for n in names:
+        fn = getattr(ssl.SSLSocket, n)
+        assert (inspect.signature(fn), fn.__doc__, fn.__qualname__) == before[n]
+
+
+def test_subclass_of_sslsocket(telemetry, engine, echo_server, ca):
+    """A program's own SSLSocket subclass (sslsocket_class) keeps working and is traced."""
+    class Mine(ssl.SSLSocket):
+        def recv(self, buflen=1024, flags=0):
+            return b"<" + super().recv(buflen, flags) + b">"
+
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.sslsocket_class = Mine
+
+    def scenario():
+        with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(b"sub")
+                return type(s).__name__, s.recv(10)
+
+    plain, traced_ = both(telemetry, scenario)
+    assert plain == traced_ == ("ok", ("Mine", b"<sub>"))
+    with tracesock.instrumented(telemetry.tracer_provider, detail="syscalls", slow_threshold=None):
+        with telemetry.tracer.start_as_current_span("app"):
+            scenario()
+    assert telemetry.spans("tls.recv") and telemetry.spans("tls.handshake")
+
+
+@pytest.mark.parametrize("hello", ["sslv2", "http", "short"])
+def test_server_gets_garbage(telemetry, engine, server_ctx, hello):
+    """Non-TLS first bytes on a server socket: the same handshake error, without waiting for
+    bytes that never come (an SSLv2-format ClientHello, an HTTP request, a truncated header)."""
+    import struct
+    if hello == "sslv2":
+        challenge = os.urandom(16)
+        body = b"\x01\x03\x01" + struct.pack(">HHH", 3, 0, 16) + b"\x00\x00\x2f" + challenge
+        data = struct.pack(">H", 0x8000 | len(body)) + body
+    elif hello == "http":
+        data = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    else:
+        data = b"\x16\x03"
+
+    def scenario():
+        errors = []
+
+        def handler(conn):
+            pass
+
+        server = Server(server_ctx, handler)
+        try:
+            with socket.create_connection(("127.0.0.1", server.port)) as c:
+                c.sendall(data)
+                if hello == "short":
+                    c.shutdown(socket.SHUT_WR)
+                c.settimeout(5)
+                try:
+                    while c.recv(4096):
+                        pass
+                except OSError:
+                    pass
+        finally:
+            server.close()
+        for t in server.handlers:
+            t.join(10)
+        return [(type(e).__name__, str(e)) for e in server.errors]
+
+    plain, traced_ = both(telemetry, scenario)
+    assert plain == traced_
+    assert plain[1]  # the server failed

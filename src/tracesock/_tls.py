@@ -509,20 +509,19 @@ _NOSIGNAL = int(getattr(_c_socket, "MSG_NOSIGNAL", 0x4000))
 _AGAIN = frozenset({_errno.EAGAIN, _errno.EWOULDBLOCK})
 
 
-def _recv_now(call, fd, n):
-    """One ``recv(fd, n, MSG_DONTWAIT)``: never waits (CPython's method would poll
-    first on a socket with a timeout), recorded.  Returns the bytes, ``None`` for
-    EAGAIN, or the errno of a failure."""
-    buf = ctypes.create_string_buffer(n)
+def _recv_into_now(call, fd, addr, buf, n):
+    """One ``recv(fd, n, MSG_DONTWAIT)`` into ``buf`` (at ``addr``): never waits
+    (CPython's method would poll first on a socket with a timeout), recorded.
+    Returns a memoryview of the bytes, ``None`` for EAGAIN, or the errno of a failure."""
     start = now()
-    r = _lrecv(fd, buf, n, _DW)
+    r = _lrecv(fd, addr, n, _DW)
     end = now()
     if r < 0:
         code = ctypes.get_errno()
         call.syscall("recv", start, end, -1, errno_name(code))
         return None if code in _AGAIN else code
     call.syscall("recv", start, end, r)
-    return buf.raw[:r]
+    return memoryview(buf)[:r]
 
 
 def _send_now(call, fd, data, offset):
@@ -638,7 +637,7 @@ class _BioSSL:
     """
 
     __slots__ = ("_obj", "_in", "_out", "_sock", "_ssl", "_pending_out", "_pending_write", "_lock",
-                 "_need", "_header", "_body", "__weakref__")
+                 "_need", "_header", "_body", "_first", "_rbuf", "_raddr", "__weakref__")
 
     def __init__(self, ssl, obj, incoming, outgoing, sock):
         object.__setattr__(self, "_obj", obj)
@@ -652,6 +651,9 @@ class _BioSSL:
         object.__setattr__(self, "_need", _HEADER)  # bytes of the current header/body still to read
         object.__setattr__(self, "_header", b"")  # the record header read so far (None: in a body)
         object.__setattr__(self, "_body", -1)  # length of the body after a plausible header
+        object.__setattr__(self, "_first", True)  # no record header seen yet
+        object.__setattr__(self, "_rbuf", None)  # receive buffer, made on first use
+        object.__setattr__(self, "_raddr", 0)
 
     def __getattr__(self, name):
         return getattr(self._obj, name)
@@ -717,6 +719,10 @@ class _BioSSL:
             n = self._pending_write
             object.__setattr__(self, "_pending_write", None)
             return n
+        tried = False
+        if op == "read" and not self._in.pending and not self._obj.pending():
+            # OpenSSL has nothing to work on: it would start by reading the socket.
+            tried = not self._try_fill(call, _C_FILENO(sock), op)
         while True:
             failure = None
             try:
@@ -741,7 +747,9 @@ class _BioSSL:
             if not self._flush(call, sock, op, deadline, nonblocking):
                 failure = None
                 raise _want_write(ssl, op)
-            if not self._fill(call, sock, op, deadline, nonblocking):
+            filled = self._fill(call, sock, op, deadline, nonblocking, tried)
+            tried = False
+            if not filled:
                 try:
                     raise failure  # the operation's own SSLWantReadError
                 finally:
@@ -833,26 +841,32 @@ class _BioSSL:
             if sent < total:  # kept for the next operation, like OpenSSL's write buffer
                 object.__setattr__(self, "_pending_out", data[sent:] + self._pending_out)
 
-    def _fill(self, call, sock, op, deadline, nonblocking):
+    def _fill(self, call, sock, op, deadline, nonblocking, tried=False):
         """Receive the next record header or body into the incoming BIO.
 
         False: a non-blocking socket had nothing (the caller raises the
-        operation's SSLWantReadError)."""
-        need = self._need
+        operation's SSLWantReadError).  ``tried``: a try just found nothing,
+        so wait first."""
         fd = _C_FILENO(sock)
         while True:
-            data = _recv_now(call, fd, need)
-            if isinstance(data, int):
-                raise self._failed(op, data)
-            if data is not None:
-                break
+            if not tried and self._try_fill(call, fd, op):
+                return True
+            tried = False
             if nonblocking:
                 return False
             if deadline is not None:
                 self._ready(call, sock, fd, False, op, deadline)
             else:
-                if _wait(call, fd, False, None) is INTERRUPTED:
-                    continue
+                _wait(call, fd, False, None)
+
+    def _try_fill(self, call, fd, op):
+        """One non-blocking receive of what OpenSSL reads next: True if it got
+        bytes (or the end of the stream), False for EAGAIN."""
+        data = self._recv(call, fd, self._need)
+        if data is None:
+            return False
+        if isinstance(data, int):
+            raise self._failed(op, data)
         if not data:
             self._in.write_eof()
             return True
@@ -860,7 +874,7 @@ class _BioSSL:
         if self._header is None and self._need == self._body:
             # A whole, plausible header: OpenSSL reads the body at once within the
             # same call (then waits if it is not there yet); so do we.
-            more = _recv_now(call, fd, self._need)
+            more = self._recv(call, fd, self._need)
             if isinstance(more, int):
                 raise self._failed(op, more)
             if more is not None:
@@ -869,6 +883,16 @@ class _BioSSL:
                 else:
                     self._in.write_eof()
         return True
+
+    def _recv(self, call, fd, n):
+        """``_recv_into_now`` into this connection's buffer: a memoryview of what came."""
+        buf = self._rbuf
+        if buf is None:
+            buf = bytearray(_HEADER + _MAX_RECORD)
+            object.__setattr__(self, "_rbuf", buf)
+            object.__setattr__(self, "_raddr", ctypes.addressof(
+                (ctypes.c_char * len(buf)).from_buffer(buf)))
+        return _recv_into_now(call, fd, self._raddr, buf, min(n, len(buf)))
 
     def _feed(self, call, data):
         call.wire_rx += len(data)
@@ -885,6 +909,11 @@ class _BioSSL:
                 object.__setattr__(self, "_need", _HEADER - len(header))
                 return
             length = (header[3] << 8) | header[4]
+            if self._first and header[0] & 0x80 and header[2] == 1:
+                # An SSLv2-format ClientHello: a 2-byte header whose length counts
+                # what follows it; 3 of those bytes are already read.
+                length = max((((header[0] & 0x7F) << 8) | header[1]) - 3, 0)
+            object.__setattr__(self, "_first", False)
             object.__setattr__(self, "_header", None)
             object.__setattr__(self, "_need", length or _HEADER)
             # the body is read right away only after a header OpenSSL would accept
