@@ -177,6 +177,21 @@ PARSERS = {
     "overwrite": parse_bool,
 }
 
+def check_output(paths, source, overwrite):
+    """Files about to be written at exit: their directory must exist and be
+    writable, and none may exist yet unless ``overwrite`` -- said now, in one
+    line naming the setting, rather than after the program ran."""
+    for path in paths:
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            raise ConfigError(f"{source}: directory {directory!r} does not exist")
+        if not os.access(directory, os.W_OK):
+            raise ConfigError(f"{source}: directory {directory!r} is not writable")
+        if os.path.lexists(path) and not overwrite:
+            raise ConfigError(f"{source}: {path!r} exists; pass --overwrite (or "
+                              f"TRACESOCK_OVERWRITE=1) to replace it")
+
+
 DISABLED_ENV = "TRACESOCK_DISABLED"
 
 

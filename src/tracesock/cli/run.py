@@ -15,7 +15,7 @@ import os
 import sys
 
 from .._config import (DEFAULT_MAX_SPANS, DEFAULT_OUTPUT, DETAILS, EXPORTERS, ConfigError, Settings,
-                       check_otel_env, disabled, from_env, override, parse_detail, parse_exporters,
+                       check_otel_env, check_output, disabled, from_env, override, parse_detail, parse_exporters,
                        parse_max_spans, parse_output, parse_port, parse_text, parse_threshold)
 
 PROG = "tracesock run"
@@ -210,17 +210,9 @@ def _start_profile(session, settings):
     from .. import _profile
 
     path = os.path.abspath(settings.profile.replace("{pid}", str(os.getpid())))
-    directory = os.path.dirname(path)
-    source = settings.sources.get("profile", "--profile")
-    if not os.path.isdir(directory):
-        raise ConfigError(f"{source}: directory {directory!r} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise ConfigError(f"{source}: directory {directory!r} is not writable")
     from ..exporters.profile import paths_for
-    overwrite = getattr(settings, "overwrite", False)
-    for target in paths_for(path):
-        if os.path.exists(target) and not overwrite:
-            raise ConfigError(f"{source}: {target!r} exists (--overwrite replaces it)")
+    check_output([os.path.abspath(p) for p in paths_for(path)],
+                 settings.sources.get("profile", "--profile"), settings.overwrite)
     profile = _profile.enable()
     tracesock.instrument(session.wrapper, session.meter_provider, detail=settings.detail,
                          slow_threshold=settings.slow_threshold, profile=profile)
@@ -231,7 +223,7 @@ def _start_profile(session, settings):
             return
         from ..exporters.profile import write as write_files
         try:
-            written = write_files(profile, path, overwrite=overwrite)
+            written = write_files(profile, path, overwrite=settings.overwrite)
         except Exception as e:  # never turn the program's exit into a traceback
             message = f"tracesock: cannot write the profile: {type(e).__name__}: {e}\n"
         else:

@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind
 
 from .. import __version__
-from .._config import ConfigError, otlp_protocol
+from .._config import ConfigError, check_output, otlp_protocol
 
 __all__ = ["Session", "start", "program_name"]
 
@@ -249,15 +249,7 @@ class Session:
             exporters.append(("batch", exporter))
         if "file" in s.exporters:
             path = os.path.abspath(s.output_path(self.pid))
-            directory = os.path.dirname(path)
-            source = s.sources.get("output", "--output")
-            if not os.path.isdir(directory):
-                raise ConfigError(f"{source}: directory {directory!r} does not exist")
-            if not os.access(directory, os.W_OK):
-                raise ConfigError(f"{source}: directory {directory!r} is not writable")
-            if os.path.lexists(path) and not s.overwrite:
-                raise ConfigError(f"{source}: {path!r} exists; pass --overwrite (or "
-                                  f"TRACESOCK_OVERWRITE=1) to replace it")
+            check_output([path], s.sources.get("output", "--output"), s.overwrite)
             self.file_exporter = _file_exporter(path, s.max_spans, s.overwrite)
             exporters.append(("simple", self.file_exporter))
         if "console" in s.exporters:
