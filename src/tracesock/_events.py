@@ -193,6 +193,7 @@ class Call:
         "tcp_probe",
         "tcp_before",
         "tcp_attrs",
+        "sent_acc",
     )
 
     def __init__(self, method, stats, start, keep_steps):
@@ -219,6 +220,7 @@ class Call:
         self.tcp_probe = None  # send on TCP: takes a TCP_INFO snapshot, once, before the first real wait
         self.tcp_before = None  # that snapshot
         self.tcp_attrs = None  # span attributes from TCP_INFO deltas (and the verdict)
+        self.sent_acc = None  # blocking sends: the C extension's running tally (_syscall.sent_counter)
 
     def _keep(self, step):
         if self.steps is not None:

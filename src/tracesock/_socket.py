@@ -31,7 +31,7 @@ from opentelemetry import context as _otel_context
 from . import _otel, _tcpinfo
 from ._coexist import STD_SOCKET
 from ._events import _BOUNDS_NS, INTERRUPTED, Call, _local, fast_hist, stats_for, thread_stats
-from ._syscall import Deadline, blocking_send, fd_blocks, now, sock_call, timed_out
+from ._syscall import Deadline, blocking_send, fd_blocks, now, sent_counter, sock_call, timed_out
 
 __all__ = ["TracedSocket", "METHODS"]
 
@@ -522,14 +522,17 @@ def _send_blocking(sock, m, args, kwargs, ctx, first):
     call = _new_call(sock, m.name, start)
     total = call.requested = _safe(m.requested, args, kwargs)
     call.syscall(m.syscall, start, end, n, "EAGAIN" if n < 0 else None)
-    sent = max(n, 0)
+    sent = base = max(n, 0)
     piece = None
+    acc = None  # blocking stream send(): the C tally, see _sendall_rest
     try:
         if _type(sock) & 0xF != _STREAM or m.payload is None or total is None:
             dargs, dkw = m.dontwait(args, kwargs)
             sent = sock_call(call, sock, m.syscall, m.fn, (sock,) + dargs, True, _int,
                              kwargs=dkw, wait_first=True)
         else:
+            if m is SEND:
+                acc = call.sent_acc = sent_counter()
             if 0 < sent < total:
                 call.partial()
             with _byte_view(m.payload(args)) as view:
@@ -547,12 +550,12 @@ def _send_blocking(sock, m, args, kwargs, ctx, first):
                         if sent:
                             break  # a signal after progress: the kernel returns the count
                         continue
-                    sent += n
+                    sent = base + acc[0] if acc is not None else sent + n
                     if m is SEND and sent < total:
                         break  # cut short by a signal: so is the kernel's send
     except BaseException as exc:
         call.error = exc
-        call.transferred = sent
+        call.transferred = base + acc[0] if acc is not None else sent
         _finish(call, sock, ctx)
         raise
     call.transferred = sent
@@ -795,14 +798,17 @@ def _sendall_rest(self, data, flags, ctx, timeout, start, first):
         return _C.sendall(self, data, flags)
     call = _new_call(self, "sendall", start)
     deadline = Deadline(_timeout_ns(timeout)) if timeout else None
-    sent = 0
+    sent = base = 0
     dflags = flags | _DW if timeout is None else flags
     stream = _type(self) & 0xF == _STREAM
+    # Blocking sends are counted in C as they happen (see blocking_send): the
+    # bytes sent are base + acc[0] even if a signal handler raises in between.
+    acc = call.sent_acc = sent_counter() if timeout is None and stream else None
     try:
         with _byte_view(data) as view:
             total = call.requested = view.nbytes
             if first is not None:
-                sent = max(first[2], 0)
+                sent = base = max(first[2], 0)
                 call.syscall("send", first[0], first[1], first[2], "EAGAIN" if first[2] < 0 else None)
                 if 0 < sent < total:
                     call.partial()
@@ -825,13 +831,15 @@ def _sendall_rest(self, data, flags, ctx, timeout, start, first):
                             call.partial()
                 finally:
                     piece.release()  # no export of the caller's buffer outlives the call
-                if n is not INTERRUPTED:
+                if acc is not None:
+                    sent = base + acc[0]
+                elif n is not INTERRUPTED:
                     sent += n
                 if sent >= total:
                     break
     except BaseException as exc:
         call.error = exc
-        call.transferred = sent
+        call.transferred = base + acc[0] if acc is not None else sent
         _finish(call, self, ctx)
         raise
     call.transferred = sent

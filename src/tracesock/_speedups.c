@@ -22,6 +22,8 @@
 #include <Python.h>
 #include <limits.h>
 #include <time.h>
+#include <errno.h>
+#include <sys/socket.h>
 
 #define MAXBOUNDS 64
 #define MAXSLOTS 256
@@ -313,7 +315,51 @@ error:
     return NULL;
 }
 
+/* send_counted(fd, buffer, flags, acc): one *blocking* send(2) of buffer, the
+ * GIL released, its outcome written into acc -- a writable buffer of 5 int64:
+ * [0] += bytes sent, [1] start ns, [2] end ns, [3] result (-1 on error),
+ * [4] errno -- before any Python code runs again.  A Python signal handler may
+ * raise as soon as this returns (the interpreter runs it right after the
+ * call); what reached the kernel is in acc all the same.  Returns the result
+ * as an int; never raises for the syscall (the caller reads errno). */
+static PyObject *
+send_counted(PyObject *self, PyObject *args)
+{
+    int fd, flags;
+    Py_buffer data, accbuf;
+    if (!PyArg_ParseTuple(args, "iy*iw*:send_counted", &fd, &data, &flags, &accbuf))
+        return NULL;
+    if (accbuf.len < (Py_ssize_t)(5 * sizeof(long long))) {
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&accbuf);
+        PyErr_SetString(PyExc_ValueError, "acc must hold 5 int64");
+        return NULL;
+    }
+    long long *acc = (long long *)accbuf.buf;
+    long long start, end;
+    Py_ssize_t n;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    start = now_ns();
+    n = send(fd, data.buf, (size_t)data.len, flags);
+    if (n < 0)
+        err = errno;
+    end = now_ns();
+    Py_END_ALLOW_THREADS
+    if (n > 0)
+        acc[0] += n;
+    acc[1] = start;
+    acc[2] = end;
+    acc[3] = n;
+    acc[4] = err;
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&accbuf);
+    return PyLong_FromSsize_t(n);
+}
+
 static PyMethodDef methods[] = {
+    {"send_counted", send_counted, METH_VARARGS,
+     "send_counted(fd, buffer, flags, acc) -> result; acc: [bytes total, start, end, result, errno]"},
     {"fast", (PyCFunction)(void (*)(void))fast, METH_FASTCALL,
      "fast(method, sock, args, kwargs) -> result, NOT_FAST or PARTIAL"},
     {"configure", configure, METH_VARARGS, "configure(...): set the objects the fast path uses"},

@@ -58,6 +58,7 @@ import os
 import socket as _stdsocket
 import struct
 import signal as _signal
+from array import array as _array
 import threading
 import time
 
@@ -335,6 +336,25 @@ def sock_call(call, sock, name, fn, args, writing, size_of, timeout_ns=None,
             return INTERRUPTED
 
 
+def _load_send_counted():
+    if os.environ.get("TRACESOCK_NO_SPEEDUPS", "") not in ("", "0"):
+        return None
+    try:
+        from ._speedups import send_counted
+    except ImportError:
+        return None
+    return send_counted
+
+
+_send_counted = _load_send_counted()
+
+
+def sent_counter():
+    """A per-call tally the C extension updates inside ``blocking_send``
+    ([bytes sent, start, end, result, errno]), or ``None`` without it."""
+    return _array("q", bytes(40)) if _send_counted is not None else None
+
+
 def blocking_send(call, sock, view, flags):
     """One *blocking* ``send(2)`` of ``view`` through libc, recorded.
 
@@ -350,15 +370,22 @@ def blocking_send(call, sock, view, flags):
     """
     call.before_waiting()
     fd = _fileno(sock)
-    pybuf = _PyBuffer()
-    _get_buffer(view, ctypes.byref(pybuf), 0)  # PyBUF_SIMPLE; view is a C-contiguous byte view
-    try:
-        start = now()
-        n = _send(fd, pybuf.buf, pybuf.len, flags)
-        end = now()
-        code = ctypes.get_errno() if n < 0 else 0
-    finally:
-        _release_buffer(ctypes.byref(pybuf))
+    acc = call.sent_acc
+    if acc is not None:
+        # The C extension sends and counts before any Python code runs: if a
+        # signal handler raises right after, acc still knows what was sent.
+        _send_counted(fd, view, flags, acc)
+        start, end, n, code = acc[1], acc[2], acc[3], acc[4]
+    else:
+        pybuf = _PyBuffer()
+        _get_buffer(view, ctypes.byref(pybuf), 0)  # PyBUF_SIMPLE; view is a C-contiguous byte view
+        try:
+            start = now()
+            n = _send(fd, pybuf.buf, pybuf.len, flags)
+            end = now()
+            code = ctypes.get_errno() if n < 0 else 0
+        finally:
+            _release_buffer(ctypes.byref(pybuf))
     if n < 0:
         call.syscall("send", start, end, -1, errno_name(code))
         if code == _EINTR:
