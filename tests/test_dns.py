@@ -271,3 +271,34 @@ def test_uninstrument_leaves_a_later_patcher_alone(telemetry):
         assert [s.name for s in telemetry.spans()] == ["app"]
     finally:
         socket.getaddrinfo = ours.__wrapped__
+
+
+def test_histograms_use_the_seconds_buckets(traced):
+    from tracesock._events import BOUNDS_S
+
+    socket.getaddrinfo("localhost", 80)
+    srv = socket.create_server(("127.0.0.1", 0))
+    with srv, socket.create_connection(srv.getsockname()):
+        pass
+    m = traced.metrics()
+    for name, count in (("tracesock.dns.duration", 2), ("tracesock.connect.duration", 1)):
+        (point,) = m[name].values()  # create_connection's own lookup is a lookup too
+        assert tuple(point.explicit_bounds) == BOUNDS_S
+        assert point.count == count and point.sum > 0
+
+
+def test_a_failing_span_processor_never_reaches_the_program(telemetry):
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class Broken(SpanProcessor):
+        def on_end(self, span):
+            raise RuntimeError("exporter bug")
+
+    telemetry.tracer_provider.add_span_processor(Broken())
+    telemetry.instrument(slow_threshold=0)
+    port = _refused_port()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port))
+    with pytest.raises(socket.gaierror):
+        socket.gethostbyname(BAD)
+    assert socket.gethostbyname("localhost")
