@@ -545,7 +545,7 @@ def _scratch_call(sock):
     not even those under OpenTelemetry's suppress key (like a suppressed socket call)."""
     ctx = _current_context()
     stats = _DISCARD if ctx and ctx.get(_SUPPRESS) else _stats(sock)
-    return TlsCall("tls.wire", stats, now(), False)
+    return TlsCall("wire", stats, now(), False)
 
 
 _DISCARD = Stats("none")  # written to, never read
