@@ -495,6 +495,7 @@ _C_FILENO = _C.fileno
 _DW = int(getattr(_c_socket, "MSG_DONTWAIT", 0x40))
 _HEADER = 5
 _MAX_RECORD = 16384 + 2048  # largest TLS ciphertext record body
+_rbuf = threading.local()  # per-thread receive buffer (see _BioSSL._recv)
 _CHUNK = 1 << 20  # a write larger than this is encrypted and sent in pieces this size
 _libc = ctypes.CDLL(None, use_errno=True)
 _lrecv = _libc.recv
@@ -637,7 +638,7 @@ class _BioSSL:
     """
 
     __slots__ = ("_obj", "_in", "_out", "_sock", "_ssl", "_pending_out", "_pending_write", "_lock",
-                 "_need", "_header", "_body", "_first", "_rbuf", "_raddr", "__weakref__")
+                 "_need", "_header", "_body", "_first", "__weakref__")
 
     def __init__(self, ssl, obj, incoming, outgoing, sock):
         object.__setattr__(self, "_obj", obj)
@@ -652,8 +653,6 @@ class _BioSSL:
         object.__setattr__(self, "_header", b"")  # the record header read so far (None: in a body)
         object.__setattr__(self, "_body", -1)  # length of the body after a plausible header
         object.__setattr__(self, "_first", True)  # no record header seen yet
-        object.__setattr__(self, "_rbuf", None)  # receive buffer, made on first use
-        object.__setattr__(self, "_raddr", 0)
 
     def __getattr__(self, name):
         return getattr(self._obj, name)
@@ -885,14 +884,13 @@ class _BioSSL:
         return True
 
     def _recv(self, call, fd, n):
-        """``_recv_into_now`` into this connection's buffer: a memoryview of what came."""
-        buf = self._rbuf
-        if buf is None:
-            buf = bytearray(_HEADER + _MAX_RECORD)
-            object.__setattr__(self, "_rbuf", buf)
-            object.__setattr__(self, "_raddr", ctypes.addressof(
-                (ctypes.c_char * len(buf)).from_buffer(buf)))
-        return _recv_into_now(call, fd, self._raddr, buf, min(n, len(buf)))
+        """``_recv_into_now`` into this thread's buffer: a memoryview of what came."""
+        try:
+            buf, addr = _rbuf.buf, _rbuf.addr
+        except AttributeError:  # one buffer per thread: what arrives is copied into the BIO at once
+            buf = _rbuf.buf = bytearray(_HEADER + _MAX_RECORD)
+            addr = _rbuf.addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+        return _recv_into_now(call, fd, addr, buf, min(n, len(buf)))
 
     def _feed(self, call, data):
         call.wire_rx += len(data)
