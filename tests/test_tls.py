@@ -745,3 +745,55 @@ def test_server_gets_garbage(telemetry, engine, server_ctx, hello):
     plain, traced_ = both(telemetry, scenario)
     assert plain == traced_
     assert plain[1]  # the server failed
+
+
+def test_bio_signals_during_a_blocking_read(telemetry, monkeypatch, server_ctx, client_ctx):
+    """bio engine: a blocking TLS read under a signal storm (a handler that returns) gets the
+    same bytes as untraced, and its span shows the interrupted waits as EINTR retries."""
+    import signal
+    monkeypatch.setenv("TRACESOCK_TLS_ENGINE", "bio")
+    go = threading.Event()
+
+    def late(conn):
+        conn.recv(10)
+        go.wait(10)
+        conn.sendall(b"after the storm")
+
+    server = Server(server_ctx, late)
+    fired = [0]
+
+    def handler(signum, frame):
+        fired[0] += 1
+        if fired[0] == 30:
+            go.set()
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        def scenario():
+            fired[0] = 0
+            go.clear()
+            with socket.create_connection(("127.0.0.1", server.port)) as raw:
+                with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                    s.sendall(b"go")
+                    signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+                    try:
+                        return s.recv(100)
+                    finally:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+
+        plain = outcome(scenario)
+        with tracesock.instrumented(telemetry.tracer_provider, detail="syscalls", slow_threshold=None):
+            with telemetry.tracer.start_as_current_span("app"):
+                traced_ = outcome(scenario)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        go.set()
+        server.close()
+    assert plain == traced_ == ("ok", b"after the storm")
+    (recv,) = telemetry.spans("tls.recv")
+    assert recv.attributes["tracesock.tls.engine"] == "bio"
+    assert recv.attributes["tracesock.eintr_retries"] > 0
+    assert recv.attributes["tracesock.waits"] > recv.attributes["tracesock.eintr_retries"] - 1
+    polls = [c for c in telemetry.spans("syscall.poll") if c.parent.span_id == recv.context.span_id]
+    assert any(p.attributes["tracesock.wait.outcome"] == "interrupted" for p in polls)
