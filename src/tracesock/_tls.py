@@ -31,8 +31,10 @@ The experimental ``bio`` engine (``TRACESOCK_TLS_ENGINE=bio``, read at
 ``instrument()``) gives a socket an ``SSLObject``-style TLS object driven over
 ``ssl.MemoryBIO``: OpenSSL works on memory buffers and every ciphertext byte
 moves through tracesock's own syscall layer, recorded as the ``syscall.*``
-children of the ``tls.*`` span (see ``_BioSSL``).  It is opt-in because it does
-not reach exact parity with CPython's ``test_ssl`` on every path.
+children of the ``tls.*`` span (see ``_BioSSL``).  It conforms on CPython's
+``test_ssl`` (docs/conformance.md) but costs more per record than OpenSSL on the
+descriptor, and a signal handler that raises between a receive and its hand-over
+to the BIO would lose those bytes: it stays opt-in while it soaks.
 
 Never raises into the application: recording errors are swallowed (counted in
 ``tracesock.telemetry.dropped``); the program's own exceptions pass untouched.
