@@ -559,3 +559,44 @@ def test_run_profile_says_where_it_wrote_with_the_summary(tmp_path):
     lines = _parse_folded(str(out))
     assert {f[-2] for f, _ in lines} == {"socket.send", "socket.recv"}
     assert all(f[1] == "<module> (p.py:3)" or f[1] == "<module> (p.py:4)" for f, _ in lines)
+
+
+def test_tls_calls_are_profiled_with_plaintext_bytes(profile):
+    """ssl.SSLSocket's sendall/recv appear at the caller's line, with the plaintext counts."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    data = b"p" * 100_000
+
+    def serve():
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            got = 0
+            while got < len(data):
+                got += len(tls.recv(65536))
+            tls.sendall(b"done")
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        with client_ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)),
+                                    server_hostname="localhost") as tls:
+            tls.sendall(data)  # TLS-SENDALL
+            reply = tls.recv(10)  # TLS-RECV
+    finally:
+        t.join(30)
+        listener.close()
+    assert reply == b"done"
+    profiled = collect(profile)
+    sends = [s for s in _stacks_at(profiled, _line_of("TLS-SENDALL")) if s.method == "tls.sendall"]
+    recvs = [s for s in _stacks_at(profiled, _line_of("TLS-RECV")) if s.method == "tls.recv"]
+    assert sum(s.sent for s in sends) == len(data)
+    assert sum(s.received for s in recvs) == 4

@@ -71,8 +71,8 @@ _OWN_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
 _getframe = sys._getframe
 _CO_SUSPENDABLE = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, iterable coroutine, async gen
 
-_WRITES = frozenset({"send", "sendto", "sendmsg", "sendall", "sendfile"})
-_RECEIVES = frozenset({"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg"})
+_WRITES = frozenset({"send", "sendto", "sendmsg", "sendall", "sendfile", "tls.send", "tls.sendall"})
+_RECEIVES = frozenset({"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg", "tls.recv"})
 _BLOCKING_SENDS = frozenset({"send", "sendall"})
 
 

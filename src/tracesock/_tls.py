@@ -212,6 +212,9 @@ def _finish(call, sock, ctx, handshake=False):
         if handshake:
             err = type(call.error).__name__ if call.error is not None else None
             st.hist(st.handshakes, err).add(call.end - call.start)
+        profile = _otel.RECORDER.profile
+        if profile is not None and not handshake:
+            profile.call(call)  # plaintext bytes, under the caller's stack
         emit(call, sock, ctx, handshake)
     except Exception as exc:
         _otel.swallow(exc)
