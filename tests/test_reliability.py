@@ -2133,3 +2133,11 @@ def test_bad_instrument_argument_raises_at_once_and_changes_nothing(kwargs, erro
     assert names in message and "\n" not in message and message.startswith("tracesock: ")
     assert not tracesock.is_instrumented()
     assert dict(socket.socket.__dict__) == before
+
+
+def test_bad_tls_engine_variable_stops_instrument(monkeypatch):
+    monkeypatch.setenv("TRACESOCK_TLS_ENGINE", "openssl")
+    with pytest.raises(ValueError) as info:
+        tracesock.instrument()
+    assert str(info.value).startswith("tracesock: TRACESOCK_TLS_ENGINE: unknown engine 'openssl'")
+    assert not tracesock.is_instrumented()

@@ -159,3 +159,10 @@ def test_no_payload_in_the_trace_file(tmp_path, program):
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "out.json").read_text()
     assert '"socket.sendall"' in text and SECRET not in text
+
+
+def test_bad_tls_engine_is_one_line_naming_it(tmp_path, program):
+    r = run([str(program)], tmp_path, TRACESOCK_TLS_ENGINE="openssl")
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TRACESOCK_TLS_ENGINE" in lines[0] and "'openssl'" in lines[0], r.stderr

@@ -192,6 +192,18 @@ def check_output(paths, source, overwrite):
                               f"TRACESOCK_OVERWRITE=1) to replace it")
 
 
+TLS_ENGINES = ("native", "bio")
+
+
+def check_tls_engine(environ=None):
+    """``TRACESOCK_TLS_ENGINE`` (read by ``instrument()``): empty, or a known engine."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("TRACESOCK_TLS_ENGINE", "")
+    if raw.strip() and raw.strip().lower() not in TLS_ENGINES:
+        raise ConfigError(f"TRACESOCK_TLS_ENGINE: unknown engine {_one_line(raw)} "
+                          f"(choose from {', '.join(TLS_ENGINES)})")
+
+
 DISABLED_ENV = "TRACESOCK_DISABLED"
 
 

@@ -53,6 +53,11 @@ def _check_settings(tracer_provider, meter_provider, profile, code_stacktrace):
             raise TypeError(f"tracesock: profile must be True, False or a tracesock.Profile, not {profile!r}")
     if not isinstance(code_stacktrace, bool):
         raise TypeError(f"tracesock: code_stacktrace must be True or False, not {code_stacktrace!r}")
+    from ._config import ConfigError, check_tls_engine
+    try:
+        check_tls_engine()
+    except ConfigError as e:
+        raise ValueError(f"tracesock: {e}") from None
 
 
 def _check(detail, slow_threshold):

@@ -31,7 +31,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "pip install 'tracesock[instrumentation]'") from e
 
 from . import _patch
-from ._config import DISABLED_ENV, ConfigError, parse_bool, parse_detail, parse_threshold
+from ._config import DISABLED_ENV, ConfigError, check_tls_engine, parse_bool, parse_detail, parse_threshold
+
+
+def _tls_engine(raw, var):
+    check_tls_engine({var: raw})
+    return raw
 
 __all__ = ["SocketInstrumentor"]
 
@@ -60,6 +65,7 @@ class SocketInstrumentor(BaseInstrumentor):
     def _instrument(self, **kwargs):
         if _from_env(DISABLED_ENV, parse_bool, False):
             return  # TRACESOCK_DISABLED=1: nothing patched
+        _from_env("TRACESOCK_TLS_ENGINE", _tls_engine, None)
         detail = kwargs.get("detail")
         if detail is None:
             detail = _from_env("TRACESOCK_DETAIL", parse_detail, "calls")

@@ -51,7 +51,7 @@ def propagate(session, environ=None):
 
 def activate():
     """Start tracing this process from the ``TRACESOCK_*`` environment (called by sitecustomize)."""
-    from .._config import ConfigError, check_otel_env, disabled, from_env
+    from .._config import ConfigError, check_otel_env, check_tls_engine, disabled, from_env
     from ..exporters import start
 
     try:
@@ -59,6 +59,7 @@ def activate():
             return  # TRACESOCK_DISABLED=1 in a child: untouched
         settings = from_env()
         check_otel_env(exporters=settings.exporters)
+        check_tls_engine()
         start(settings, list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv),
               children_env=propagate)
     except ConfigError as e:

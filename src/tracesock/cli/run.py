@@ -15,7 +15,7 @@ import os
 import sys
 
 from .._config import (DEFAULT_MAX_SPANS, DEFAULT_OUTPUT, DETAILS, EXPORTERS, ConfigError, Settings,
-                       check_otel_env, check_output, disabled, from_env, override, parse_detail, parse_exporters,
+                       check_otel_env, check_output, check_tls_engine, disabled, from_env, override, parse_detail, parse_exporters,
                        parse_max_spans, parse_output, parse_port, parse_text, parse_threshold)
 
 PROG = "tracesock run"
@@ -149,6 +149,7 @@ def main(argv):
     try:
         settings = settings_from(opts)
         check_otel_env(exporters=settings.exporters)
+        check_tls_engine()
     except ConfigError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         return 2
