@@ -271,18 +271,23 @@ def _stacktrace():
     return "".join(traceback.format_stack(frame, limit=64)) if frame is not None else ""
 
 
-def call_attributes(sock, call):
-    attrs = socket_attributes(sock, call)
-    _site_attributes(attrs)
-    if call.requested is not None:
-        attrs["tracesock.bytes.requested"] = call.requested
-    attrs["tracesock.bytes.transferred"] = call.transferred
+def step_counters(attrs, call):
+    """What the call's syscalls and waits added up to (shared with the tls.* spans)."""
     attrs["tracesock.syscalls"] = call.syscalls
     attrs["tracesock.partial_sends"] = call.partial_sends
     attrs["tracesock.eintr_retries"] = call.eintr_retries
     attrs["tracesock.eagain"] = call.eagain
     attrs["tracesock.waits"] = call.waits
     attrs["tracesock.wait.duration"] = call.wait_ns / 1e9
+
+
+def call_attributes(sock, call):
+    attrs = socket_attributes(sock, call)
+    _site_attributes(attrs)
+    if call.requested is not None:
+        attrs["tracesock.bytes.requested"] = call.requested
+    attrs["tracesock.bytes.transferred"] = call.transferred
+    step_counters(attrs, call)
     try:
         timeout = sock.gettimeout()
     except Exception:

@@ -55,6 +55,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from . import _otel
 from ._events import Call, Stats
 from ._socket import _SUPPRESS, _current_context, _nbytes, _stats
+from ._coexist import _dress
 from ._syscall import now
 
 __all__ = ["install", "uninstall", "is_installed", "TlsCall", "ENGINES"]
@@ -152,12 +153,7 @@ def _attributes(sock, call, handshake):
     if call.engine != "native":
         attrs["tracesock.wire.bytes.sent"] = call.wire_tx
         attrs["tracesock.wire.bytes.received"] = call.wire_rx
-        attrs["tracesock.syscalls"] = call.syscalls
-        attrs["tracesock.partial_sends"] = call.partial_sends
-        attrs["tracesock.eintr_retries"] = call.eintr_retries
-        attrs["tracesock.eagain"] = call.eagain
-        attrs["tracesock.waits"] = call.waits
-        attrs["tracesock.wait.duration"] = call.wait_ns / 1e9
+        _otel.step_counters(attrs, call)
         if call.dropped_steps:
             attrs["tracesock.steps.dropped"] = call.dropped_steps
     try:
@@ -340,16 +336,6 @@ _IO_METHODS = {
     "recv_into": ("tls.recv", _requested_recv_into),
     "read": ("tls.recv", _requested_read),
 }
-
-
-def _dress(fn, original):
-    for attr in ("__doc__", "__name__", "__qualname__", "__module__"):
-        try:
-            setattr(fn, attr, getattr(original, attr))
-        except (AttributeError, TypeError):
-            pass
-    fn.__wrapped__ = original
-    return fn
 
 
 def _patch_ssl(ssl):
