@@ -250,3 +250,49 @@ def test_fast_sendfile_gets_no_verdict(telemetry, tmp_path):
         assert conn.recv(2000) == b"z" * 1000
     (span,) = telemetry.spans("socket.sendfile")
     assert "tracesock.diagnosis" not in span.attributes
+
+
+@linux_only
+@pytest.mark.parametrize("engine", ["native", "bio"])
+def test_slow_tls_sendall_to_a_slow_reader_gets_tcp_state_and_verdict(telemetry, monkeypatch, engine):
+    import ssl
+
+    import trustme
+
+    monkeypatch.setenv("TRACESOCK_TLS_ENGINE", engine)
+    telemetry.instrument(detail="calls", slow_threshold=0.05)
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    listener = socket.create_server(("127.0.0.1", 0))
+    data = os.urandom(1 << 20) * 8
+
+    def slow_tls_reader():
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            got = 0
+            while got < len(data):
+                time.sleep(0.005)
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                got += len(chunk)
+
+    t = threading.Thread(target=slow_tls_reader)
+    t.start()
+    try:
+        with client_ctx.wrap_socket(socket.create_connection(listener.getsockname()),
+                                    server_hostname="localhost") as tls:
+            tls.sendall(data)
+    finally:
+        t.join(60)
+        listener.close()
+    (span,) = telemetry.spans("tls.sendall")
+    a = span.attributes
+    assert a["tracesock.tls.engine"] == engine
+    assert a["tracesock.diagnosis"] == "receiver_slow", a
+    assert a["tracesock.tcp.rwnd_limited"] > 0 and a["tracesock.tcp.rtt"] > 0
+    m = telemetry.metrics()
+    assert telemetry.value(m, "tracesock.slow_calls", **{"tracesock.diagnosis": "receiver_slow"}) >= 1

@@ -334,21 +334,7 @@ class Recorder:
                 and (call.error is None or isinstance(call.error, BlockingIOError)):
             if PENDING.get() is None:
                 return  # does not qualify: no need to hold signals back
-        mask = _signal_mask()
-        handler_exc = None
-        try:
-            try:
-                _block_signals(mask)
-            except BaseException as exc:  # a signal handler, due before the block
-                handler_exc = exc  # the program gets it right after the spans
-            self._emit(call, sock, ctx)
-        finally:
-            _restore_signals(mask)
-        if handler_exc is not None:
-            try:
-                raise handler_exc
-            finally:
-                handler_exc = None  # no frame -> exception -> traceback -> frame cycle
+        with_signals_held(self._emit, call, sock, ctx)
 
     def _emit(self, call, sock, ctx):
         try:
@@ -501,6 +487,27 @@ def _midpoint(i):
     lo = BOUNDS_S[i - 1] if i > 0 else 0.0
     hi = BOUNDS_S[i] if i < len(BOUNDS_S) else BOUNDS_S[-1] * 2
     return (lo + hi) / 2
+
+
+def with_signals_held(fn, *args):
+    """``fn(*args)`` (span making) with the main thread's asynchronous signals
+    blocked; see docs/architecture.md.  A handler that was already due runs as
+    the block is set, and what it raises reaches the caller after ``fn``."""
+    mask = _signal_mask()
+    handler_exc = None
+    try:
+        try:
+            _block_signals(mask)
+        except BaseException as exc:  # a signal handler, due before the block
+            handler_exc = exc  # the program gets it right after the spans
+        fn(*args)
+    finally:
+        _restore_signals(mask)
+    if handler_exc is not None:
+        try:
+            raise handler_exc
+        finally:
+            handler_exc = None  # no frame -> exception -> traceback -> frame cycle
 
 
 class MetricsBridge:

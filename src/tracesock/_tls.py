@@ -54,7 +54,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _otel
 from ._events import Call, Stats
-from ._socket import _SUPPRESS, _current_context, _nbytes, _stats
+from . import _tcpinfo
+from ._socket import _SUPPRESS, _current_context, _diagnose, _nbytes, _stats
 from ._coexist import _dress
 from ._syscall import now
 
@@ -162,6 +163,8 @@ def _attributes(sock, call, handshake):
         timeout = None
     if timeout is not None:
         attrs["tracesock.timeout"] = timeout
+    if call.tcp_attrs:
+        attrs.update(call.tcp_attrs)
     if call.error is not None:
         attrs["error.type"] = type(call.error).__name__
     return attrs
@@ -179,8 +182,16 @@ def emit(call, sock, ctx, handshake=False):
         slow = call.end - call.start >= rec.slow_ns
         if not (in_trace or slow or failed):
             return
+    except Exception as exc:
+        _otel.swallow(exc)
+        return
+    _otel.with_signals_held(_span, rec, call, sock, ctx if in_trace else otel_context.Context(),
+                            handshake, failed)
+
+
+def _span(rec, call, sock, parent_ctx, handshake, failed):
+    try:
         rec._offset = time.time_ns() - time.perf_counter_ns()
-        parent_ctx = ctx if in_trace else otel_context.Context()
         token = otel_context.attach(otel_context.set_value(_SUPPRESS, True, parent_ctx))
         try:
             span = rec.tracer.start_span(
@@ -208,6 +219,11 @@ def _finish(call, sock, ctx, handshake=False):
         if handshake:
             err = type(call.error).__name__ if call.error is not None else None
             st.hist(st.handshakes, err).add(call.end - call.start)
+        if call.tcp_before is not None:
+            if call.waits or call.end - call.start >= _otel.RECORDER.slow_ns:
+                _diagnose(call, sock)  # TCP state deltas and the verdict
+            else:
+                call.tcp_before = None
         profile = _otel.RECORDER.profile
         if profile is not None and not handshake:
             profile.call(call)  # plaintext bytes, under the caller's stack
@@ -262,6 +278,24 @@ def _new(sock, name, start):
     return call
 
 
+_TLS_SENDS = frozenset({"tls.send", "tls.sendall"})
+_SNAPSHOT_FROM = 64 << 10  # native engine: plaintext size from which a send may fill the buffer
+
+
+def _tcp_snapshot_plan(call, sock):
+    """Why a TLS send was slow.  bio engine: its wire sends wait where we see
+    it, so the TCP snapshot is taken lazily before the first wait, as for a
+    plain send.  native engine: OpenSSL blocks inside its own write, unseen,
+    so for large sends (a snapshot costs a few us: not for every small
+    record) it is taken up front and kept only if the call was slow."""
+    if call.method not in _TLS_SENDS or call.stats.transport != "tcp":
+        return
+    if call.engine != "native":
+        call.tcp_probe = lambda: _tcpinfo.snapshot(sock)
+    elif call.requested is not None and call.requested >= _SNAPSHOT_FROM:
+        call.tcp_before = _tcpinfo.snapshot(sock)
+
+
 def _io_method(original, span_name, requested_of):
     def method(self, *args, **kwargs):
         ctx = _current_context()
@@ -271,6 +305,7 @@ def _io_method(original, span_name, requested_of):
         try:
             call = _new(self, span_name, now())
             call.requested = requested_of(args, kwargs)
+            _tcp_snapshot_plan(call, self)
         except Exception as exc:
             _otel.swallow(exc)
             return original(self, *args, **kwargs)
