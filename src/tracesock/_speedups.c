@@ -24,6 +24,8 @@
 #include <time.h>
 #include <errno.h>
 #include <sys/socket.h>
+#include <signal.h>
+#include <pthread.h>
 
 #define MAXBOUNDS 64
 #define MAXSLOTS 256
@@ -357,7 +359,74 @@ send_counted(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(n);
 }
 
+/* hold_signals() / release_signals(): span making in the main thread runs
+ * with the asynchronous signals blocked (see _syscall.signal_mask for why).
+ * The saved mask lives here, not in a Python variable, so a signal handler
+ * raising between any two bytecodes can never leave the signals blocked:
+ * release_signals() in a finally block always finds it.  hold_signals() runs
+ * the handlers that were already due once the block is set (their exception
+ * is raised from it).  Nested holds are counted. */
+static sigset_t blockable, saved_mask;
+static int blockable_ready = 0, hold_depth = 0;
+static unsigned long main_ident = 0;
+
+static PyObject *
+signals_setup(PyObject *self, PyObject *args)
+{
+    PyObject *sigs;
+    unsigned long ident;
+    if (!PyArg_ParseTuple(args, "Ok:signals_setup", &sigs, &ident))
+        return NULL;
+    PyObject *it = PyObject_GetIter(sigs);
+    if (it == NULL)
+        return NULL;
+    sigemptyset(&blockable);
+    PyObject *item;
+    while ((item = PyIter_Next(it)) != NULL) {
+        long sig = PyLong_AsLong(item);
+        Py_DECREF(item);
+        if (sig == -1 && PyErr_Occurred()) {
+            Py_DECREF(it);
+            return NULL;
+        }
+        sigaddset(&blockable, (int)sig);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    main_ident = ident;
+    hold_depth = 0;
+    blockable_ready = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+hold_signals(PyObject *self, PyObject *noargs)
+{
+    if (!blockable_ready || PyThread_get_thread_ident() != main_ident)
+        Py_RETURN_NONE;
+    if (hold_depth++ == 0 && pthread_sigmask(SIG_BLOCK, &blockable, &saved_mask) != 0) {
+        hold_depth = 0;
+        Py_RETURN_NONE;
+    }
+    if (PyErr_CheckSignals() < 0)
+        return NULL;  /* the block stays: release_signals() undoes it */
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+release_signals(PyObject *self, PyObject *noargs)
+{
+    if (hold_depth > 0 && PyThread_get_thread_ident() == main_ident && --hold_depth == 0)
+        pthread_sigmask(SIG_SETMASK, &saved_mask, NULL);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"signals_setup", signals_setup, METH_VARARGS,
+     "signals_setup(signals, main_thread_ident): what hold_signals blocks, and where"},
+    {"hold_signals", hold_signals, METH_NOARGS, "block the asynchronous signals (main thread)"},
+    {"release_signals", release_signals, METH_NOARGS, "undo hold_signals"},
     {"send_counted", send_counted, METH_VARARGS,
      "send_counted(fd, buffer, flags, acc) -> result; acc: [bytes total, start, end, result, errno]"},
     {"fast", (PyCFunction)(void (*)(void))fast, METH_FASTCALL,
