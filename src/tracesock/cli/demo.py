@@ -6,18 +6,15 @@ import argparse
 import os
 import sys
 
+from ._args import OneLineParser
+
 PROG = "tracesock demo"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parser():
     from ..demo import SCENARIOS
     lines = "\n".join(f"  {s.name:<14} -> {s.expected:<18} {s.what}" for s in SCENARIOS.values())
-    ap = _Parser(
+    ap = OneLineParser(
         prog=PROG,
         description="Reproduce each cause of a slow sendall for real on loopback, trace it with "
                     "`tracesock run` (one trace file per scenario), print `tracesock report` of it and "

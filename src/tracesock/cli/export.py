@@ -9,17 +9,14 @@ import sys
 
 from ..exporters.formats import detect, jaeger_to_otlp, otlp_to_jaeger, validate_jaeger
 
+from ._args import OneLineParser
+
 PROG = "tracesock export"
 FORMATS = ("jaeger", "otlp-json")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def parser():
-    ap = _Parser(
+    ap = OneLineParser(
         prog=PROG,
         description="Convert a trace file between Jaeger's native JSON (what `tracesock run` writes; "
                     "Jaeger UI > Search > Upload JSON) and OTLP-JSON (what OpenTelemetry's file "

@@ -6,16 +6,13 @@ import argparse
 import os
 import sys
 
+from ._args import OneLineParser
+
 PROG = "tracesock report"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def parser():
-    ap = _Parser(
+    ap = OneLineParser(
         prog=PROG,
         description="Explain a trace file written by `tracesock run` (Jaeger JSON; OTLP-JSON is read "
                     "too): the slowest socket calls with their verdict (why a send was slow) and "

@@ -18,6 +18,8 @@ from .._config import (DEFAULT_MAX_SPANS, DEFAULT_OUTPUT, DETAILS, EXPORTERS, Co
                        check_otel_env, check_output, check_tls_engine, disabled, from_env, override, parse_detail, parse_exporters,
                        parse_max_spans, parse_output, parse_port, parse_text, parse_threshold)
 
+from ._args import OneLineParser
+
 PROG = "tracesock run"
 
 EPILOG = f"""\
@@ -40,13 +42,8 @@ VALUE_OPTIONS = {"--detail", "--slow-threshold", "--exporter", "--output", "-o",
                  "--prometheus-port", "--prometheus-host", "--max-spans", "--profile"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, naming the option (argparse's own messages do)
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def parser():
-    ap = _Parser(
+    ap = OneLineParser(
         prog=PROG,
         usage=f"{PROG} [options] script.py [args...]\n       {PROG} [options] -m module [args...]",
         description="Run a Python program with every socket call traced (spans, metrics, summary).",
