@@ -367,15 +367,19 @@ class Recorder:
             swallow(exc)
             _log.debug("tracesock: span emission failed", exc_info=True)
 
-    def _spans(self, call, sock, parent_ctx, attrs=None):
+    def _spans(self, call, sock, parent_ctx, attrs=None, name=None, failed=None):
+        """The call's span and its step children through the API (``name``,
+        ``failed``: for spans other than ``socket.*``, e.g. ``tls.*``)."""
         span = self.tracer.start_span(
-            "socket." + call.method,
+            name or "socket." + call.method,
             context=parent_ctx,
             kind=SpanKind.INTERNAL,
             attributes=attrs if attrs is not None else call_attributes(sock, call),
             start_time=self._epoch(call.start),
         )
-        if call.error is not None and not isinstance(call.error, BlockingIOError):
+        if failed is None:
+            failed = call.error is not None and not isinstance(call.error, BlockingIOError)
+        if failed:
             span.set_status(Status(StatusCode.ERROR, f"{type(call.error).__name__}: {call.error}"))
         steps = call.steps
         if steps and (self.detail >= 2 or call.syscalls > 1 or call.waits):

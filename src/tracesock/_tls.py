@@ -49,8 +49,6 @@ import time
 import weakref
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace as otel_trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _otel
 from ._events import Call, Stats
@@ -194,18 +192,7 @@ def _span(rec, call, sock, parent_ctx, handshake, failed):
         rec._offset = time.time_ns() - time.perf_counter_ns()
         token = otel_context.attach(otel_context.set_value(_SUPPRESS, True, parent_ctx))
         try:
-            span = rec.tracer.start_span(
-                call.method, context=parent_ctx, kind=SpanKind.INTERNAL,
-                attributes=_attributes(sock, call, handshake),
-                start_time=rec._epoch(call.start))
-            if failed:
-                span.set_status(Status(StatusCode.ERROR, f"{type(call.error).__name__}: {call.error}"))
-            steps = call.steps
-            if steps and (rec.detail >= 2 or call.syscalls > 1 or call.waits):
-                child_ctx = otel_trace.set_span_in_context(span, parent_ctx)
-                for step in steps:
-                    rec._step_span(step, child_ctx)
-            span.end(end_time=rec._epoch(call.end))
+            rec._spans(call, sock, parent_ctx, _attributes(sock, call, handshake), call.method, failed)
         finally:
             otel_context.detach(token)
     except Exception as exc:
