@@ -213,14 +213,15 @@ def test_html_marks_every_eintr_retry(tmp_path):
     result = demo.run_scenario("signals", str(tmp_path))
     assert result.error is None and result.skipped is None
     spans, _ = load([result.path])
-    report = analyze(spans, top=1)
-    call = report.slowest[0]
-    assert call.name == "socket.sendall"
+    # The reader thread's last recv can outlast the sendall (it waits for the
+    # shutdown, and the burning handler holds the GIL), so pick the sendall.
+    report = analyze(spans, top=len(spans))
+    index, call = next((i, s) for i, s in enumerate(report.slowest) if s.name == "socket.sendall")
     retries = call.tags["tracesock.eintr_retries"]
     assert retries > 0
     assert len(interrupted_children(call)) == retries
     page = render_html(report)
-    card = page.split('<div class="call" id="call-0"')[1]
+    card = page.split(f'<div class="call" id="call-{index}"')[1].split('<div class="call" id=')[0]
     assert card.count('class="mark"') == retries
     assert f"{retries} interrupted by a signal" in card
 
