@@ -24,6 +24,23 @@ import tracesock
 from tracesock import _tls
 
 ENGINES = ["native", "bio"]
+# The ciphertext syscalls: the bio engine moves them itself (send/recv); under
+# the native engine they are OpenSSL's socket BIO's own read(2)/write(2).
+WIRE_NAMES = {"bio": ("syscall.send", "syscall.recv"), "native": ("syscall.write", "syscall.read")}
+SPEEDUPS = os.environ.get("TRACESOCK_NO_SPEEDUPS") != "1"
+
+
+def wire_level(engine):
+    """Whether the engine records the wire level here: always for bio; native
+    needs the C extension (it watches OpenSSL's socket BIO)."""
+    return engine == "bio" or _tls._WIRE is not None
+
+
+def test_native_wire_level_is_there_with_the_c_extension(telemetry):
+    telemetry.instrument()
+    from tracesock import _socket
+    assert (_socket._speedups is not None) == SPEEDUPS
+    assert (_tls._WIRE is not None) == SPEEDUPS
 
 
 @pytest.fixture(scope="module")
@@ -177,17 +194,26 @@ def test_handshake_and_io_spans(telemetry, engine, echo_server, client_ctx):
         assert span.parent.span_id == app.context.span_id
     # sendall -> send inside it is one span, not two
     assert not traced.spans("tls.send")
-    if engine == "bio":
+    if wire_level(engine):
         # wire level: ciphertext syscalls as children, ciphertext >= plaintext
+        send, recv = WIRE_NAMES[engine]
         assert sendall.attributes["tracesock.wire.bytes.sent"] > 100_000
         children = [c for c in traced.spans() if c.parent and c.parent.span_id == sendall.context.span_id]
         assert children and all(c.name.startswith("syscall.") for c in children)
         assert sum(c.attributes["tracesock.syscall.result"] for c in children
-                   if c.name == "syscall.send" and c.attributes["tracesock.syscall.result"] > 0) \
+                   if c.name == send and c.attributes["tracesock.syscall.result"] > 0) \
             == sendall.attributes["tracesock.wire.bytes.sent"]
+        assert sendall.attributes["tracesock.syscalls"] == len([c for c in children if c.name != "syscall.poll"])
         hs_children = [c for c in traced.spans() if c.parent and c.parent.span_id == hs[0].context.span_id]
-        assert {c.name for c in hs_children} >= {"syscall.send", "syscall.recv"}
+        assert {c.name for c in hs_children} >= {send, recv}
+        assert hs[0].attributes["tracesock.wire.bytes.sent"] > 0
+        assert hs[0].attributes["tracesock.wire.bytes.received"] > 500  # the certificate came in
         assert sum(r.attributes["tracesock.wire.bytes.received"] for r in recvs) > 100_000
+        for r in recvs:
+            kids = [c for c in traced.spans() if c.parent and c.parent.span_id == r.context.span_id]
+            assert sum(c.attributes["tracesock.syscall.result"] for c in kids
+                       if c.name == recv and c.attributes["tracesock.syscall.result"] > 0) \
+                == r.attributes["tracesock.wire.bytes.received"]
     else:
         assert "tracesock.wire.bytes.sent" not in sendall.attributes
     # no plaintext socket.* spans for the TLS data (the wire goes under tls.*)
@@ -535,6 +561,38 @@ def test_unwrap_then_plaintext(telemetry, engine, server_ctx, client_ctx):
         server.close()
     assert plain == traced_
     assert plain == ("ok", (b"ok", b"plaintext after TLS"))
+
+
+def test_unwrap_span(telemetry, engine, server_ctx, client_ctx):
+    """unwrap(): a tls.unwrap span whose wire level is the close_notify exchange."""
+    def starttls(conn):
+        conn.recv(10)
+        conn.unwrap().close()
+
+    server = Server(server_ctx, starttls)
+    telemetry.instrument(detail="syscalls", slow_threshold=None)
+    try:
+        with telemetry.tracer.start_as_current_span("app") as app:
+            with socket.create_connection(("127.0.0.1", server.port)) as raw:
+                s = client_ctx.wrap_socket(raw, server_hostname="localhost")
+                s.sendall(b"bye")
+                plain = s.unwrap()
+                assert plain is s and s._sslobj is None
+                with pytest.raises(ValueError):
+                    s.unwrap()  # no TLS layer left: the plain ValueError, no span
+    finally:
+        server.close()
+    (span,) = telemetry.spans("tls.unwrap")
+    assert span.parent.span_id == app.get_span_context().span_id
+    assert "tracesock.bytes.transferred" not in span.attributes
+    assert "error.type" not in span.attributes
+    if wire_level(engine):
+        send, recv = WIRE_NAMES[engine]
+        kids = [c for c in telemetry.spans() if c.parent and c.parent.span_id == span.context.span_id]
+        names = [c.name for c in kids]
+        assert send in names and recv in names  # our close_notify out, the peer's in
+        assert span.attributes["tracesock.wire.bytes.sent"] > 0
+        assert span.attributes["tracesock.wire.bytes.received"] > 0
 
 
 def test_makefile_and_sendfile(telemetry, engine, echo_server, client_ctx, tmp_path):

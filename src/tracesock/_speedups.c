@@ -26,6 +26,8 @@
 #include <sys/socket.h>
 #include <signal.h>
 #include <pthread.h>
+#include <string.h>
+#include <stdlib.h>
 
 #define MAXBOUNDS 64
 #define MAXSLOTS 256
@@ -422,6 +424,188 @@ release_signals(PyObject *self, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
+
+/* --- the TLS wire level of the native engine --------------------------------
+ *
+ * An ssl.SSLSocket's OpenSSL reads and writes the descriptor itself, inside
+ * _ssl.c with the GIL released: Python never sees those syscalls.  OpenSSL
+ * can tell us, though: every read and write of the socket BIO (one read(2)
+ * or write(2) each, see bss_sock.c) calls the BIO's callback before and
+ * after.  tls_begin(sslobj) puts our callback on the connection's socket BIO
+ * (once) and starts recording for this thread; tls_end() stops and returns
+ * what happened.  The callback only observes: it returns OpenSSL's own
+ * result and leaves errno as it found it, so the connection behaves exactly
+ * as without it.  It may run without the GIL, so it writes only to this
+ * thread's own record (a pthread key, freed at thread exit), bounded: events
+ * past TLS_EVENTS are counted, not kept; the totals stay exact.
+ *
+ * OpenSSL is reached through the _ssl module's own libssl (dlsym on its
+ * handle: nothing to build against), and the SSL* through the layout that
+ * _ssl.c has kept since Python 3.0 (PyObject_HEAD, the socket weakref, the
+ * SSL*), checked against SSL_get_ex_data(ssl, 0), where _ssl.c stores the
+ * object itself.  Anything unexpected and tls_begin() returns False: the
+ * call is recorded without its wire level. */
+
+#include <dlfcn.h>
+
+#define TLS_EVENTS 256
+#define BIO_CB_READ_ 0x02
+#define BIO_CB_WRITE_ 0x03
+#define BIO_CB_RETURN_ 0x80
+#define BIO_TYPE_SOCKET_ (5 | 0x0400 | 0x0100)
+
+typedef long (*bio_cb_ex)(void *b, int oper, const char *argp, size_t len, int argi, long argl,
+                          int ret, size_t *processed);
+
+static void *(*p_SSL_get_rbio)(const void *);
+static void *(*p_SSL_get_wbio)(const void *);
+static void *(*p_SSL_get_ex_data)(const void *, int);
+static void (*p_BIO_set_callback_ex)(void *, bio_cb_ex);
+static bio_cb_ex (*p_BIO_get_callback_ex)(const void *);
+static int (*p_BIO_method_type)(const void *);
+static int tls_ready = 0;
+static pthread_key_t tls_key;
+
+typedef struct {
+    long long start, end, result, requested;
+    int write, err;
+} TlsEvent;
+
+typedef struct {
+    int active, n;
+    long long pending, pending_len, dropped, rx, tx;
+    TlsEvent ev[TLS_EVENTS];
+} TlsRecord;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *socket_weakref;
+    void *ssl;
+} SSLSocketHead;
+
+static long
+tls_callback(void *b, int oper, const char *argp, size_t len, int argi, long argl, int ret,
+             size_t *processed)
+{
+    int op = oper & ~BIO_CB_RETURN_;
+    if (op != BIO_CB_READ_ && op != BIO_CB_WRITE_)
+        return ret;
+    int saved = errno;
+    TlsRecord *r = pthread_getspecific(tls_key);
+    if (r == NULL || !r->active)
+        return ret;
+    if (!(oper & BIO_CB_RETURN_)) {
+        r->pending = now_ns();
+        r->pending_len = (long long)len;
+        errno = saved;
+        return ret;
+    }
+    long long end = now_ns();
+    long long moved = (ret > 0 && processed != NULL) ? (long long)*processed : 0;
+    if (op == BIO_CB_READ_) r->rx += moved; else r->tx += moved;
+    if (r->n < TLS_EVENTS) {
+        TlsEvent *e = &r->ev[r->n++];
+        e->start = r->pending;
+        e->end = end;
+        e->requested = r->pending_len;
+        e->write = (op == BIO_CB_WRITE_);
+        e->result = ret > 0 ? moved : (ret == 0 ? 0 : -1);
+        e->err = ret < 0 ? saved : 0;
+    } else {
+        r->dropped++;
+    }
+    errno = saved;
+    return ret;
+}
+
+static PyObject *
+tls_setup(PyObject *self, PyObject *arg)
+{
+    const char *path = PyUnicode_AsUTF8(arg);
+    if (path == NULL)
+        return NULL;
+    void *h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (h == NULL)
+        Py_RETURN_FALSE;
+    p_SSL_get_rbio = dlsym(h, "SSL_get_rbio");
+    p_SSL_get_wbio = dlsym(h, "SSL_get_wbio");
+    p_SSL_get_ex_data = dlsym(h, "SSL_get_ex_data");
+    p_BIO_set_callback_ex = dlsym(h, "BIO_set_callback_ex");
+    p_BIO_get_callback_ex = dlsym(h, "BIO_get_callback_ex");
+    p_BIO_method_type = dlsym(h, "BIO_method_type");
+    if (!p_SSL_get_rbio || !p_SSL_get_wbio || !p_SSL_get_ex_data || !p_BIO_set_callback_ex
+        || !p_BIO_get_callback_ex || !p_BIO_method_type)
+        Py_RETURN_FALSE;  /* the handle stays open: _ssl is loaded for good anyway */
+    if (!tls_ready && pthread_key_create(&tls_key, free) != 0)
+        Py_RETURN_FALSE;
+    tls_ready = 1;
+    Py_RETURN_TRUE;
+}
+
+/* Our callback on this BIO (1), or not possible (0): not a socket BIO, or
+ * someone else's callback there (never replaced). */
+static int watch_bio(void *bio) {
+    if (bio == NULL || p_BIO_method_type(bio) != BIO_TYPE_SOCKET_)
+        return 0;
+    bio_cb_ex cb = p_BIO_get_callback_ex(bio);
+    if (cb == tls_callback)
+        return 1;
+    if (cb != NULL)
+        return 0;
+    p_BIO_set_callback_ex(bio, tls_callback);
+    return 1;
+}
+
+static PyObject *
+tls_begin(PyObject *self, PyObject *sslobj)
+{
+    if (!tls_ready || strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0)
+        Py_RETURN_FALSE;
+    void *ssl = ((SSLSocketHead *)sslobj)->ssl;
+    if (ssl == NULL || p_SSL_get_ex_data(ssl, 0) != (void *)sslobj)
+        Py_RETURN_FALSE;
+    void *rbio = p_SSL_get_rbio(ssl), *wbio = p_SSL_get_wbio(ssl);
+    if (!watch_bio(rbio) || (wbio != rbio && !watch_bio(wbio)))
+        Py_RETURN_FALSE;
+    TlsRecord *r = pthread_getspecific(tls_key);
+    if (r == NULL) {
+        r = malloc(sizeof(TlsRecord));
+        if (r == NULL || pthread_setspecific(tls_key, r) != 0) {
+            free(r);
+            Py_RETURN_FALSE;
+        }
+    }
+    r->active = 1;
+    r->n = 0;
+    r->dropped = r->rx = r->tx = 0;
+    Py_RETURN_TRUE;
+}
+
+/* tls_end() -> (events, dropped, wire bytes received, wire bytes sent); each
+ * event (write, start_ns, end_ns, result, errno, bytes asked for), result -1
+ * on failure. */
+static PyObject *
+tls_end(PyObject *self, PyObject *noargs)
+{
+    TlsRecord *r = tls_ready ? pthread_getspecific(tls_key) : NULL;
+    if (r == NULL)
+        return Py_BuildValue("()LLL", 0LL, 0LL, 0LL);
+    r->active = 0;
+    PyObject *events = PyTuple_New(r->n);
+    if (events == NULL)
+        return NULL;
+    for (int i = 0; i < r->n; i++) {
+        TlsEvent *e = &r->ev[i];
+        PyObject *t = Py_BuildValue("(iLLLiL)", e->write, e->start, e->end, e->result, e->err, e->requested);
+        if (t == NULL) {
+            Py_DECREF(events);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(events, i, t);
+    }
+    return Py_BuildValue("NLLL", events, r->dropped, r->rx, r->tx);
+}
+
 static PyMethodDef methods[] = {
     {"signals_setup", signals_setup, METH_VARARGS,
      "signals_setup(signals, main_thread_ident): what hold_signals blocks, and where"},
@@ -429,6 +613,9 @@ static PyMethodDef methods[] = {
     {"release_signals", release_signals, METH_NOARGS, "undo hold_signals"},
     {"send_counted", send_counted, METH_VARARGS,
      "send_counted(fd, buffer, flags, acc) -> result; acc: [bytes total, start, end, result, errno]"},
+    {"tls_setup", tls_setup, METH_O, "tls_setup(path of _ssl) -> True when OpenSSL's BIO callbacks are usable"},
+    {"tls_begin", tls_begin, METH_O, "tls_begin(sslobj) -> True: this thread records the wire level of sslobj"},
+    {"tls_end", tls_end, METH_NOARGS, "tls_end() -> (events, dropped, wire rx, wire tx)"},
     {"fast", (PyCFunction)(void (*)(void))fast, METH_FASTCALL,
      "fast(method, sock, args, kwargs) -> result, NOT_FAST or PARTIAL"},
     {"configure", configure, METH_VARARGS, "configure(...): set the objects the fast path uses"},

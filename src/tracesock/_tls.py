@@ -20,21 +20,26 @@ original and record around it:
 
 While the socket has no TLS layer (before ``connect``, after ``unwrap``) the
 methods are plain socket calls, traced as such; nothing is added.
+``unwrap`` is a ``tls.unwrap`` span (the TLS shutdown).
 
 The wire level
 --------------
 With the native engine (the default), OpenSSL reads and writes the
-descriptor itself: the ciphertext syscalls are not visible, and the ``tls.*``
-spans carry ``tracesock.tls.engine=native`` and no ``syscall.*`` children.
+descriptor itself, inside ``_ssl.c`` with the GIL released.  The C extension
+watches it there: a callback on the connection's socket BIO (``tls_begin``/
+``tls_end`` in ``_speedups.c``) sees each ``read(2)``/``write(2)`` OpenSSL
+makes and only observes, so the connection behaves exactly as untraced; the
+calls become the ``syscall.read``/``syscall.write`` children of the ``tls.*``
+span (``_wire_end``).  Without the C extension the native engine has no wire
+level.
 
 The experimental ``bio`` engine (``TRACESOCK_TLS_ENGINE=bio``, read at
 ``instrument()``) gives a socket an ``SSLObject``-style TLS object driven over
 ``ssl.MemoryBIO``: OpenSSL works on memory buffers and every ciphertext byte
-moves through tracesock's own syscall layer, recorded as the ``syscall.*``
-children of the ``tls.*`` span (see ``_BioSSL``).  It conforms on CPython's
-``test_ssl`` (docs/conformance.md) but costs more per record than OpenSSL on the
-descriptor, and a signal handler that raises between a receive and its hand-over
-to the BIO would lose those bytes: it stays opt-in while it soaks.
+moves through tracesock's own syscall layer (see ``_BioSSL``).  It conforms on
+CPython's ``test_ssl`` (docs/conformance.md) but costs more per record than
+OpenSSL on the descriptor, and a signal handler that raises between a
+receive and its hand-over to the BIO would lose those bytes: it stays opt-in.
 
 Never raises into the application: recording errors are swallowed (counted in
 ``tracesock.telemetry.dropped``); the program's own exceptions pass untouched.
@@ -73,13 +78,14 @@ _tl = threading.local()
 class TlsCall(Call):
     """A ``tls.*`` call: plaintext on the call, ciphertext syscalls as its steps."""
 
-    __slots__ = ("wire_tx", "wire_rx", "engine")
+    __slots__ = ("wire_tx", "wire_rx", "engine", "wire")
 
     def __init__(self, method, stats, start, keep_steps):
         Call.__init__(self, method, stats, start, keep_steps)
         self.wire_tx = 0
         self.wire_rx = 0
         self.engine = "native"
+        self.wire = False  # the ciphertext syscalls are recorded (bio engine, or native with _WIRE)
 
 
 # --- what counts as a failure --------------------------------------------------
@@ -145,11 +151,11 @@ def _attributes(sock, call, handshake):
     attrs["tracesock.tls.engine"] = call.engine
     if handshake:
         _handshake_attributes(sock, attrs)
-    else:
+    elif call.method != "tls.unwrap":
         if call.requested is not None:
             attrs["tracesock.bytes.requested"] = call.requested
         attrs["tracesock.bytes.transferred"] = call.transferred
-    if call.engine != "native":
+    if call.wire:
         attrs["tracesock.wire.bytes.sent"] = call.wire_tx
         attrs["tracesock.wire.bytes.received"] = call.wire_rx
         _otel.step_counters(attrs, call)
@@ -261,8 +267,80 @@ def _moved(result, requested):
 
 def _new(sock, name, start):
     call = TlsCall(name, _stats(sock), start, _otel.RECORDER.detail > 0)
-    call.engine = "bio" if isinstance(getattr(sock, "_sslobj", None), _BioSSL) else "native"
+    if isinstance(getattr(sock, "_sslobj", None), _BioSSL):
+        call.engine = "bio"
+        call.wire = True
     return call
+
+
+# --- the wire level of the native engine -----------------------------------------------
+
+# (tls_begin, tls_end) of the C extension when it can watch OpenSSL's socket
+# BIO (see "the TLS wire level" in _speedups.c); None: no wire level.
+_WIRE = None
+
+
+def _wire_setup():
+    global _WIRE
+    from . import _socket as _socket_layer
+    speedups = _socket_layer._speedups
+    if speedups is None or _WIRE is not None:
+        return
+    try:
+        import _ssl
+        path = getattr(_ssl, "__file__", None)
+        if path and speedups.tls_setup(path):
+            _WIRE = (speedups.tls_begin, speedups.tls_end)
+    except Exception as exc:
+        _otel.swallow(exc)
+
+
+def _wire_begin(call, sock):
+    """Record the ciphertext syscalls OpenSSL makes for this call (native engine)."""
+    if _WIRE is not None and call.engine == "native":
+        try:
+            call.wire = _WIRE[0](sock._sslobj)
+        except Exception as exc:
+            _otel.swallow(exc)
+
+
+def _wire_end(call, sock):
+    """The ciphertext syscalls of the call, as steps.  Never raises.
+
+    OpenSSL's socket BIO makes one ``read(2)``/``write(2)`` per BIO operation.
+    The readiness waits are ``_ssl.c``'s own ``poll`` on a socket with a
+    timeout, which no BIO callback sees: they are what follows a read or
+    write that failed with EAGAIN (``_ssl.c`` waits right after it), up to the
+    next one -- or to the end of the call, which then timed out or was
+    interrupted."""
+    try:
+        events, dropped, rx, tx = _WIRE[1]()
+        call.wire_rx += rx
+        call.wire_tx += tx
+        call.stats.rx += rx
+        call.stats.tx += tx
+        call.dropped_steps += dropped
+        if not events:
+            return
+        timeout = _C_GETTIMEOUT(sock)
+        waited = timeout is not None and timeout > 0
+        last = len(events) - 1
+        for i, (write, start, end, result, code, asked) in enumerate(events):
+            err = errno_name(code) if result < 0 else None
+            call.syscall("write" if write else "read", start, end, result, err)
+            if err == "EINTR":
+                call.interrupted()
+            elif write and 0 < result < asked:
+                call.partial()
+            elif waited and err == "EAGAIN":
+                if i < last:
+                    call.wait(end, events[i + 1][1], READY)
+                else:
+                    error = call.error
+                    call.wait(end, now(), READY if error is None
+                              else TIMEOUT if isinstance(error, TimeoutError) else INTERRUPTED)
+    except Exception as exc:
+        _otel.swallow(exc)
 
 
 _TLS_SENDS = frozenset({"tls.send", "tls.sendall"})
@@ -296,15 +374,20 @@ def _io_method(original, span_name, requested_of):
         except Exception as exc:
             _otel.swallow(exc)
             return original(self, *args, **kwargs)
+        _wire_begin(call, self)
         _tl.call = call
         try:
             result = original(self, *args, **kwargs)
         except BaseException as exc:
             _tl.call = None
             call.error = exc
+            if call.wire and call.engine == "native":
+                _wire_end(call, self)
             _finish(call, self, ctx)
             raise
         _tl.call = None
+        if call.wire and call.engine == "native":
+            _wire_end(call, self)
         try:
             call.transferred = _moved(result, call.requested)
         except Exception as exc:
@@ -326,11 +409,16 @@ def _handshake_method(original):
         except Exception as exc:
             _otel.swallow(exc)
             return original(self, *args, **kwargs)
+        _wire_begin(call, self)
         _tl.call = call
         try:
             result = original(self, *args, **kwargs)
         except BaseException as exc:
             _tl.call = None
+            if call.wire and call.engine == "native":
+                call.error = exc  # what ended the last wait
+                _wire_end(call, self)
+                call.error = None
             if _is_flow(exc):
                 try:  # not done yet: the handshake goes on at the next attempt
                     _hs_pending[self] = call
@@ -341,6 +429,8 @@ def _handshake_method(original):
             _finish(call, self, ctx, handshake=True)
             raise
         _tl.call = None
+        if call.wire and call.engine == "native":
+            _wire_end(call, self)
         _finish(call, self, ctx, handshake=True)
         return result
 
@@ -357,6 +447,7 @@ _IO_METHODS = {
     "recv": ("tls.recv", _requested_recv),
     "recv_into": ("tls.recv", _requested_recv_into),
     "read": ("tls.recv", _requested_read),
+    "unwrap": ("tls.unwrap", lambda args, kwargs: None),
 }
 
 
@@ -378,6 +469,7 @@ def _patch_ssl(ssl):
     for name, fn in replacements.items():
         setattr(cls, name, fn)
     _saved = (cls, saved)
+    _wire_setup()
     if _engine == "bio":
         _install_bio(ssl)
 
@@ -499,7 +591,7 @@ import math  # noqa: E402
 
 import ctypes  # noqa: E402
 
-from ._events import INTERRUPTED, TIMEOUT  # noqa: E402
+from ._events import INTERRUPTED, READY, TIMEOUT  # noqa: E402
 from ._syscall import blocking_send, errno_name, wait as _wait  # noqa: E402
 
 _C = _c_socket.socket
