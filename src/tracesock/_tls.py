@@ -62,12 +62,13 @@ from ._socket import _SUPPRESS, _current_context, _diagnose, _nbytes, _stats
 from ._coexist import _dress
 from ._syscall import now
 
-__all__ = ["install", "uninstall", "is_installed", "TlsCall", "ENGINES"]
+__all__ = ["install", "uninstall", "is_installed", "patch_class", "TlsCall", "ENGINES"]
 
 ENGINES = ("native", "bio")
 
 _lock = threading.RLock()
-_saved = None  # name -> original entry of ssl.SSLSocket.__dict__ (or _MISSING)
+_saved = None  # True while ssl.SSLSocket is patched
+_patched = []  # (class, {name: original entry of its __dict__}) for each patched class
 _saved_ctx = None  # original SSLContext._wrap_socket entry (bio engine only)
 _finder = None
 _engine = "native"
@@ -451,36 +452,47 @@ _IO_METHODS = {
 }
 
 
+def patch_class(cls, methods=None):
+    """Put the recording methods on ``cls`` (``ssl.SSLSocket``, or another
+    class with its interface, such as gevent's), undone by ``uninstall()``.
+    ``methods``: the names to patch (default: all that ``cls`` defines itself)."""
+    with _lock:
+        if any(c is cls for c, _ in _patched):
+            return
+        saved = {}
+        replacements = {}
+        for name, (span_name, requested_of) in _IO_METHODS.items():
+            original = cls.__dict__.get(name, _MISSING)
+            if original is _MISSING or not callable(original) or (methods and name not in methods):
+                continue
+            saved[name] = original
+            replacements[name] = _dress(_io_method(original, span_name, requested_of), original)
+        original = cls.__dict__.get("do_handshake", _MISSING)
+        if original is not _MISSING and callable(original) and (not methods or "do_handshake" in methods):
+            saved["do_handshake"] = original
+            replacements["do_handshake"] = _dress(_handshake_method(original), original)
+        for name, fn in replacements.items():
+            setattr(cls, name, fn)
+        _patched.append((cls, saved))
+        _wire_setup()
+
+
 def _patch_ssl(ssl):
-    global _saved, _saved_ctx
-    cls = ssl.SSLSocket
-    saved = {}
-    replacements = {}
-    for name, (span_name, requested_of) in _IO_METHODS.items():
-        original = cls.__dict__.get(name, _MISSING)
-        if original is _MISSING or not callable(original):
-            continue
-        saved[name] = original
-        replacements[name] = _dress(_io_method(original, span_name, requested_of), original)
-    original = cls.__dict__.get("do_handshake", _MISSING)
-    if original is not _MISSING and callable(original):
-        saved["do_handshake"] = original
-        replacements["do_handshake"] = _dress(_handshake_method(original), original)
-    for name, fn in replacements.items():
-        setattr(cls, name, fn)
-    _saved = (cls, saved)
-    _wire_setup()
+    global _saved
+    patch_class(ssl.SSLSocket)
+    _saved = True
     if _engine == "bio":
         _install_bio(ssl)
 
 
 def _unpatch_ssl():
     global _saved
+    while _patched:
+        cls, saved = _patched.pop()
+        for name, original in saved.items():
+            setattr(cls, name, original)
     if _saved is None:
         return
-    cls, saved = _saved
-    for name, original in saved.items():
-        setattr(cls, name, original)
     _saved = None
     _uninstall_bio()
 
