@@ -219,6 +219,70 @@ def test_create_connection_refused_then_listening(traced):
     assert traced.value(m, "tracesock.call.duration", tracesock_call="connect") == 2
 
 
+_TWO_ADDRESSES = r"""
+import json, socket, sys
+import tracesock
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exp = InMemorySpanExporter()
+tp = TracerProvider()
+tp.add_span_processor(SimpleSpanProcessor(exp))
+infos = socket.getaddrinfo("twohomes", 0, 0, socket.SOCK_STREAM)
+first, second = infos[0][4][0], infos[1][4][0]
+srv = socket.create_server((second, 0))  # only the second address listens
+port = srv.getsockname()[1]
+tracesock.instrument(tp, detail="syscalls", slow_threshold=None)
+with tp.get_tracer("t").start_as_current_span("app"):
+    conn = socket.create_connection(("twohomes", port), timeout=5)
+peer = conn.getpeername()[0]
+conn.close()
+tracesock.uninstrument()
+spans = sorted(exp.get_finished_spans(), key=lambda s: s.start_time)
+by_id = {s.context.span_id: s for s in spans}
+print(json.dumps({"first": first, "second": second, "peer": peer, "spans": [
+    {"name": s.name, "parent": by_id[s.parent.span_id].name if s.parent and s.parent.span_id in by_id else None,
+     "attrs": {k: v for k, v in s.attributes.items() if isinstance(v, (str, int, float))}}
+    for s in spans]}))
+"""
+
+
+def test_create_connection_first_address_refused_second_connects(tmp_path):
+    """One create_connection over a name with two addresses: the first refuses, the
+    second accepts -- both attempts are children, the failed one with its error.
+    The name comes from a private /etc/hosts (a mount namespace: needs root)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.2 twohomes\n127.0.0.1 twohomes\n")
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_ADDRESSES)
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) not available")
+    run = subprocess.run(["unshare", "-m", "sh", "-c", 'mount --bind "$1" /etc/hosts && exec "$2" "$3"', "sh",
+                          str(hosts), sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    if run.returncode != 0 and ("unshare" in run.stderr or "mount" in run.stderr) and "Traceback" not in run.stderr:
+        pytest.skip(f"no private mount namespace here: {run.stderr.strip()[-200:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert r["peer"] == r["second"] != r["first"]
+    (cc,) = [s for s in r["spans"] if s["name"] == "socket.create_connection"]
+    assert cc["parent"] == "app"
+    assert cc["attrs"]["tracesock.connect.attempts"] == 2
+    assert "error.type" not in cc["attrs"]  # it connected in the end
+    kids = [s for s in r["spans"] if s["parent"] == "socket.create_connection"]
+    assert [k["name"] for k in kids] == ["dns.lookup", "socket.connect", "socket.connect"]
+    lookup, refused, accepted = kids
+    assert lookup["attrs"]["server.address"] == "twohomes"
+    assert lookup["attrs"]["tracesock.dns.answers"] == 2
+    assert refused["attrs"]["network.peer.address"] == r["first"]
+    assert refused["attrs"]["error.type"] == "ConnectionRefusedError"
+    assert accepted["attrs"]["network.peer.address"] == r["second"]
+    assert "error.type" not in accepted["attrs"]
+
+
 def test_create_connection_to_a_bad_name(traced):
     with pytest.raises(socket.gaierror):
         socket.create_connection((BAD, 80))
