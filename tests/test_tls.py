@@ -442,6 +442,58 @@ def test_read_timeout(telemetry, engine, server_ctx, client_ctx):
     assert plain == ("raised", "TimeoutError", "The read operation timed out")
     (recv,) = telemetry.spans("tls.recv")
     assert recv.attributes["error.type"] == "TimeoutError"
+    if wire_level(engine):
+        # nothing to read (EAGAIN), then the wait that ran out
+        read = WIRE_NAMES[engine][1]
+        kids = sorted((c for c in telemetry.spans() if c.parent and c.parent.span_id == recv.context.span_id),
+                      key=lambda c: c.start_time)
+        assert [c.name for c in kids][-2:] == [read, "syscall.poll"]
+        assert kids[-2].attributes["tracesock.syscall.errno"] == "EAGAIN"
+        assert kids[-1].attributes["tracesock.wait.outcome"] == "timeout"
+        assert recv.attributes["tracesock.waits"] >= 1
+        assert recv.attributes["tracesock.eagain"] >= 1
+
+
+def test_wait_for_a_late_record(telemetry, engine, server_ctx, client_ctx):
+    """A socket with a timeout: the read finds nothing (EAGAIN), waits until the
+    peer's record arrives, reads it -- as children in that order."""
+    if not wire_level(engine):
+        pytest.skip("the native engine's wire level needs the C extension")
+    go = threading.Event()
+
+    def late(conn):
+        conn.recv(10)
+        go.wait(10)
+        conn.sendall(b"late")
+
+    server = Server(server_ctx, late)
+    telemetry.instrument(detail="syscalls", slow_threshold=None)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.settimeout(10)
+                s.sendall(b"go")
+                threading.Timer(0.2, go.set).start()
+                with telemetry.tracer.start_as_current_span("app"):
+                    got = s.recv(100)
+    finally:
+        go.set()
+        server.close()
+    assert got == b"late"
+    (recv,) = telemetry.spans("tls.recv")
+    read = WIRE_NAMES[engine][1]
+    kids = sorted((c for c in telemetry.spans() if c.parent and c.parent.span_id == recv.context.span_id),
+                  key=lambda c: c.start_time)
+    names = [c.name for c in kids]
+    first_wait = names.index("syscall.poll")
+    assert names[first_wait - 1] == read
+    assert kids[first_wait - 1].attributes["tracesock.syscall.errno"] == "EAGAIN"
+    assert kids[first_wait].attributes["tracesock.wait.outcome"] == "ready"
+    assert names[-1] == read and kids[-1].attributes["tracesock.syscall.result"] > 0
+    waited = sum(c.end_time - c.start_time for c in kids if c.name == "syscall.poll")
+    # the peer held its record back for 0.2 s after the call began (a lower bound, not a speed)
+    assert waited >= 0.1e9
+    assert recv.attributes["tracesock.wait.duration"] == pytest.approx(waited / 1e9, rel=1e-3, abs=1e-5)
 
 
 def test_handshake_timeout(telemetry, engine, client_ctx):
@@ -805,11 +857,13 @@ def test_server_gets_garbage(telemetry, engine, server_ctx, hello):
     assert plain[1]  # the server failed
 
 
-def test_bio_signals_during_a_blocking_read(telemetry, monkeypatch, server_ctx, client_ctx):
-    """bio engine: a blocking TLS read under a signal storm (a handler that returns) gets the
-    same bytes as untraced, and its span shows the interrupted waits as EINTR retries."""
+def test_signals_during_a_blocking_read(telemetry, engine, server_ctx, client_ctx):
+    """A blocking TLS read under a signal storm (a handler that returns) gets the
+    same bytes as untraced, and its span shows the interruptions as EINTR retries:
+    bio, interrupted waits; native, OpenSSL's read(2) failing with EINTR."""
     import signal
-    monkeypatch.setenv("TRACESOCK_TLS_ENGINE", "bio")
+    if not wire_level(engine):
+        pytest.skip("the native engine's wire level needs the C extension")
     go = threading.Event()
 
     def late(conn):
@@ -850,8 +904,15 @@ def test_bio_signals_during_a_blocking_read(telemetry, monkeypatch, server_ctx, 
         server.close()
     assert plain == traced_ == ("ok", b"after the storm")
     (recv,) = telemetry.spans("tls.recv")
-    assert recv.attributes["tracesock.tls.engine"] == "bio"
+    assert recv.attributes["tracesock.tls.engine"] == engine
     assert recv.attributes["tracesock.eintr_retries"] > 0
-    assert recv.attributes["tracesock.waits"] > recv.attributes["tracesock.eintr_retries"] - 1
-    polls = [c for c in telemetry.spans("syscall.poll") if c.parent.span_id == recv.context.span_id]
-    assert any(p.attributes["tracesock.wait.outcome"] == "interrupted" for p in polls)
+    kids = [c for c in telemetry.spans() if c.parent and c.parent.span_id == recv.context.span_id]
+    if engine == "bio":
+        assert recv.attributes["tracesock.waits"] > recv.attributes["tracesock.eintr_retries"] - 1
+        assert any(c.attributes.get("tracesock.wait.outcome") == "interrupted" for c in kids)
+    else:  # blocking: OpenSSL's read(2) waits in the kernel and is cut short by each signal
+        reads = [c for c in kids if c.name == "syscall.read"]
+        eintr = [c for c in reads if c.attributes.get("tracesock.syscall.errno") == "EINTR"]
+        assert len(eintr) == recv.attributes["tracesock.eintr_retries"]
+        assert reads[-1].attributes["tracesock.syscall.result"] > 0  # then the record came
+        assert recv.attributes["tracesock.waits"] == 0
