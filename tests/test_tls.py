@@ -19,6 +19,7 @@ import urllib.request
 
 import pytest
 import trustme
+import urllib3
 
 import tracesock
 from tracesock import _tls
@@ -708,7 +709,10 @@ def test_http_client_and_urllib(telemetry, engine, https_server, client_ctx):
         conn.close()
         with urllib.request.urlopen(f"https://localhost:{port}/", context=client_ctx) as r2:
             b = (r2.status, r2.read())
-        return a, b
+        with urllib3.PoolManager(ssl_context=client_ctx, retries=False) as pool:
+            r3 = pool.request("GET", f"https://localhost:{port}/")
+            c = (r3.status, r3.data)
+        return a, b, c
 
     plain, traced_ = both(telemetry, scenario)
     assert plain == traced_
@@ -716,17 +720,33 @@ def test_http_client_and_urllib(telemetry, engine, https_server, client_ctx):
     with tracesock.instrumented(telemetry.tracer_provider, detail="syscalls", slow_threshold=None):
         with telemetry.tracer.start_as_current_span("request"):
             scenario()
+    assert plain[1][0] == (200, b"hello over tls " * 1000)
     names = span_names(telemetry)
-    assert names.count("tls.handshake") == 2
+    assert names.count("tls.handshake") == 3
     recvs = telemetry.spans("tls.recv")
     body = len(b"hello over tls " * 1000)
-    assert sum(r.attributes["tracesock.bytes.transferred"] for r in recvs) >= 2 * body
+    plaintext = sum(r.attributes["tracesock.bytes.transferred"] for r in recvs)
+    assert plaintext >= 3 * body
     hs = telemetry.spans("tls.handshake")
     assert all(h.attributes["server.address"] == "localhost" for h in hs)
-    # the call site is the test, not http.client or ssl
+    # the call site is the test, not http.client, urllib3 or ssl
     assert all(r.attributes["code.file.path"] == __file__ for r in recvs)
-    if engine == "bio":
-        assert sum(r.attributes["tracesock.wire.bytes.received"] for r in recvs) > 2 * body
+    if wire_level(engine):
+        send, recv = WIRE_NAMES[engine]
+        assert sum(r.attributes["tracesock.wire.bytes.received"] for r in recvs) > plaintext
+        sent = telemetry.spans("tls.sendall") + telemetry.spans("tls.send")
+        assert sum(x.attributes["tracesock.wire.bytes.sent"] for x in sent) \
+            > sum(x.attributes["tracesock.bytes.transferred"] for x in sent)
+        for h in hs:
+            kids = {c.name for c in telemetry.spans() if c.parent and c.parent.span_id == h.context.span_id}
+            assert {send, recv} <= kids
+    # DNS, TCP and TLS apart: each handshake follows a connect under the same request
+    (request,) = telemetry.spans("request")
+    assert all(h.parent.span_id == request.context.span_id for h in hs)
+    connects = [c for c in telemetry.spans() if c.name in ("socket.create_connection", "socket.connect")
+                and c.parent.span_id == request.context.span_id]
+    assert len(connects) == 3 and all(c.end_time <= h.start_time for c, h in zip(
+        sorted(connects, key=lambda c: c.start_time), sorted(hs, key=lambda h: h.start_time)))
 
 
 def test_telemetry_failure_never_raises(traced, echo_server, client_ctx, monkeypatch):
