@@ -455,19 +455,28 @@ def test_read_timeout(telemetry, engine, server_ctx, client_ctx):
         assert recv.attributes["tracesock.eagain"] >= 1
 
 
-def test_wait_for_a_late_record(telemetry, engine, server_ctx, client_ctx):
-    """A socket with a timeout: the read finds nothing (EAGAIN), waits until the
-    peer's record arrives, reads it -- as children in that order."""
+def need_wire_level(engine):
     if not wire_level(engine):
         pytest.skip("the native engine's wire level needs the C extension")
+
+
+def late_server(ctx, payload):
+    """A server that reads the client's first bytes, then sends ``payload`` once ``go`` is set."""
     go = threading.Event()
 
     def late(conn):
         conn.recv(10)
         go.wait(10)
-        conn.sendall(b"late")
+        conn.sendall(payload)
 
-    server = Server(server_ctx, late)
+    return Server(ctx, late), go
+
+
+def test_wait_for_a_late_record(telemetry, engine, server_ctx, client_ctx):
+    """A socket with a timeout: the read finds nothing (EAGAIN), waits until the
+    peer's record arrives, reads it -- as children in that order."""
+    need_wire_level(engine)
+    server, go = late_server(server_ctx, b"late")
     telemetry.instrument(detail="syscalls", slow_threshold=None)
     try:
         with socket.create_connection(("127.0.0.1", server.port)) as raw:
@@ -882,16 +891,8 @@ def test_signals_during_a_blocking_read(telemetry, engine, server_ctx, client_ct
     same bytes as untraced, and its span shows the interruptions as EINTR retries:
     bio, interrupted waits; native, OpenSSL's read(2) failing with EINTR."""
     import signal
-    if not wire_level(engine):
-        pytest.skip("the native engine's wire level needs the C extension")
-    go = threading.Event()
-
-    def late(conn):
-        conn.recv(10)
-        go.wait(10)
-        conn.sendall(b"after the storm")
-
-    server = Server(server_ctx, late)
+    need_wire_level(engine)
+    server, go = late_server(server_ctx, b"after the storm")
     fired = [0]
 
     def handler(signum, frame):
