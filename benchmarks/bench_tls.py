@@ -11,11 +11,12 @@ at run time with ``trustme``):
   ``recv_into`` s it (receive throughput, where the wire level costs most:
   two syscalls per 16 KiB record).
 
-Modes: ``plain`` (not instrumented), ``native`` (OpenSSL on the descriptor:
-``tls.*`` spans only) and ``bio`` (the wire level: every ciphertext syscall
-through tracesock), each with ``detail="calls"`` and no active trace, and
-``bio-in-trace`` (``detail="syscalls"`` inside a span: every ``tls.*`` call a
-span with its ``syscall.*`` children).  Rounds are interleaved and the best
+Modes: ``plain`` (not instrumented), ``native`` (the default engine: OpenSSL
+on the descriptor, its syscalls seen through a BIO callback; outside a trace
+the whole call runs in C, ``_speedups.tls_fast``) and ``bio`` (every
+ciphertext syscall made by tracesock), each with ``detail="calls"`` and no
+active trace, and ``*-in-trace`` (``detail="syscalls"`` inside a span: every
+``tls.*`` call a span with its ``syscall.*`` children).  Rounds are interleaved and the best
 of each mode is kept.
 """
 
@@ -120,8 +121,8 @@ class TlsModes(Modes):
     def run(self, mode, fn, *args):
         if mode == "plain":
             return super().run("plain", fn, *args)
-        engine, inner = {"native": ("native", "calls"), "bio": ("bio", "calls"),
-                         "bio-in-trace": ("bio", "syscalls-in-trace")}[mode]
+        engine, inner = {"native": ("native", "calls"), "native-in-trace": ("native", "syscalls-in-trace"),
+                         "bio": ("bio", "calls"), "bio-in-trace": ("bio", "syscalls-in-trace")}[mode]
         os.environ["TRACESOCK_TLS_ENGINE"] = engine
         try:
             return super().run(inner, fn, *args)
@@ -137,7 +138,7 @@ def main(argv=None):
     n = 3_000 if opts.quick else 10_000
     total = (32 << 20) if opts.quick else (64 << 20)
     modes = TlsModes()
-    names = ["plain", "native", "bio", "bio-in-trace"]
+    names = ["plain", "native", "native-in-trace", "bio", "bio-in-trace"]
 
     best = {m: float("inf") for m in names}
     rate = {m: 0.0 for m in names}

@@ -34,10 +34,12 @@ SPEEDUPS = os.environ.get("TRACESOCK_NO_SPEEDUPS") != "1"
 def wire_level(engine):
     """Whether the engine records the wire level here: always for bio; native
     needs the C extension (it watches OpenSSL's socket BIO)."""
+    _tls._wire_setup()  # what instrument() does first (idempotent)
     return engine == "bio" or _tls._WIRE is not None
 
 
 def test_native_wire_level_is_there_with_the_c_extension(telemetry):
+    _tls._WIRE = _tls._TLS_FAST = None
     telemetry.instrument()
     from tracesock import _socket
     assert (_socket._speedups is not None) == SPEEDUPS
@@ -219,6 +221,64 @@ def test_handshake_and_io_spans(telemetry, engine, echo_server, client_ctx):
         assert "tracesock.wire.bytes.sent" not in sendall.attributes
     # no plaintext socket.* spans for the TLS data (the wire goes under tls.*)
     assert not [s for s in traced.spans() if s.name in ("socket.send", "socket.sendall")]
+
+
+@pytest.fixture
+def rsa_echo_server():
+    """An echo server with an RSA certificate (its signatures have a fixed size, so
+    every handshake moves the same number of bytes; ECDSA's vary by a byte or two)."""
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", key_type=trustme.KeyType.RSA).configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    server = Server(server_ctx, echo)
+    yield server, client_ctx
+    server.close()
+
+
+def test_c_fast_path_counts_what_the_recorded_path_counts(telemetry, rsa_echo_server):
+    """Outside a trace, TLS data calls run whole in C (_speedups.tls_fast): their
+    ciphertext syscalls and bytes must reach the metrics exactly as when every
+    call is recorded in Python (inside a trace, with spans)."""
+    need_wire_level("native")
+    from tracesock import _socket
+    echo_server, client_ctx = rsa_echo_server
+    telemetry.instrument(detail="calls", slow_threshold=None)
+
+    def exchange():
+        with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                for _ in range(50):  # blocking, in lockstep: the same syscalls every time
+                    s.sendall(b"m" * 100)
+                    got = b""
+                    while len(got) < 100:
+                        got += s.recv(100)
+
+    def totals():
+        m = telemetry.metrics()
+        return (telemetry.value(m, "tracesock.syscall.duration", tracesock_syscall="read"),
+                telemetry.value(m, "tracesock.syscall.duration", tracesock_syscall="write"),
+                telemetry.value(m, "tracesock.io", network_io_direction="receive"),
+                telemetry.value(m, "tracesock.io", network_io_direction="transmit"))
+
+    def c_wire_samples():
+        return sum(sum(row[3]) for row in _socket._speedups.snapshot(False) if row[0] in (4, 5))
+
+    t0 = totals()
+    with telemetry.tracer.start_as_current_span("app"):
+        exchange()  # every call a span: the Python path
+    t1 = totals()
+    c_before = c_wire_samples()
+    exchange()  # no span, not slow: tls_fast
+    t2 = totals()
+    recorded = [b - a for a, b in zip(t0, t1)]
+    fast = [b - a for a, b in zip(t1, t2)]
+    assert c_wire_samples() - c_before >= 150  # 50 writes + 2 reads per echoed record
+    assert fast == recorded
+    reads = [c for c in telemetry.spans("syscall.read")]
+    assert len(reads) == recorded[0]  # the metrics agree with the spans too
+    assert sum(c.attributes["tracesock.syscall.result"] for c in reads) == recorded[2]
 
 
 def test_handshake_metric(traced, echo_server, client_ctx, ca):

@@ -399,6 +399,9 @@ def fast_hist(method, family, type_):
     return h
 
 
+_WIRE_SLOTS = {"wire:read": "read", "wire:write": "write"}
+
+
 def _fold(into, stats, fast, reset_min_max):
     """Merge one thread's stats and fast tables into ``into`` ({(family, type): Stats})."""
     for key, s in list(stats.items()):
@@ -409,6 +412,15 @@ def _fold(into, stats, fast, reset_min_max):
                     h.reset_min_max()
     for (method, family, type_), h in list(fast.items()):
         s = stats_for(into, family, type_)
+        if method in _WIRE_SLOTS:  # TLS ciphertext syscalls (no call of their own)
+            s.hist(s.syscalls, _WIRE_SLOTS[method]).merge(h)
+            if method == "wire:write":
+                s.tx += h.nbytes
+            else:
+                s.rx += h.nbytes
+            if reset_min_max:
+                h.reset_min_max()
+            continue
         s.hist(s.fast, method).merge(h)
         if method in WRITING:
             s.tx += h.nbytes
@@ -455,7 +467,8 @@ def c_fast(reset_min_max=False):
         h.max = hi
         h.nbytes = nbytes
         h.odd = odd
-        out[(_socket._C_METHODS[index], family, type_)] = h
+        names = _socket._C_METHODS + _socket._C_WIRE
+        out[(names[index], family, type_)] = h
     return out
 
 

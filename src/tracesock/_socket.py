@@ -640,6 +640,9 @@ def _load_speedups():
 
 
 _C_METHODS = ("recv", "recv_into", "send", "sendall")
+# Slots 4 and 5 of the C aggregates: OpenSSL's ciphertext syscalls under
+# _speedups.tls_fast (see _tls), which are syscall samples, not call samples.
+_C_WIRE = ("wire:read", "wire:write")
 
 
 def _c_slow(index, sock, start, end, n, result, args):

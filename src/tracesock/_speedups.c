@@ -33,6 +33,8 @@
 #define MAXSLOTS 256
 
 enum { M_RECV = 0, M_RECV_INTO = 1, M_SEND = 2, M_SENDALL = 3, M_COUNT = 4 };
+/* Slots of the TLS fast path (tls_fast): OpenSSL's ciphertext syscalls. */
+enum { M_WIRE_READ = 4, M_WIRE_WRITE = 5 };
 
 typedef struct {
     int method, family, type;
@@ -473,7 +475,7 @@ typedef struct {
 
 typedef struct {
     int active, n;
-    long long pending, pending_len, dropped, rx, tx;
+    long long pending, pending_len, dropped, rx, tx, call_start, call_end;
     TlsEvent ev[TLS_EVENTS];
 } TlsRecord;
 
@@ -556,28 +558,46 @@ static int watch_bio(void *bio) {
     return 1;
 }
 
-static PyObject *
-tls_begin(PyObject *self, PyObject *sslobj)
-{
+/* Our callback on the connection's socket BIO(s): 1, or 0 when not possible. */
+static int watch(PyObject *sslobj) {
     if (!tls_ready || strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0)
-        Py_RETURN_FALSE;
+        return 0;
     void *ssl = ((SSLSocketHead *)sslobj)->ssl;
     if (ssl == NULL || p_SSL_get_ex_data(ssl, 0) != (void *)sslobj)
-        Py_RETURN_FALSE;
+        return 0;
     void *rbio = p_SSL_get_rbio(ssl), *wbio = p_SSL_get_wbio(ssl);
-    if (!watch_bio(rbio) || (wbio != rbio && !watch_bio(wbio)))
-        Py_RETURN_FALSE;
+    return watch_bio(rbio) && (wbio == rbio || watch_bio(wbio));
+}
+
+static TlsRecord *thread_record(void) {
     TlsRecord *r = pthread_getspecific(tls_key);
     if (r == NULL) {
         r = malloc(sizeof(TlsRecord));
         if (r == NULL || pthread_setspecific(tls_key, r) != 0) {
             free(r);
-            Py_RETURN_FALSE;
+            return NULL;
         }
+        r->active = 0;
     }
+    return r;
+}
+
+static void start_record(TlsRecord *r) {
     r->active = 1;
     r->n = 0;
     r->dropped = r->rx = r->tx = 0;
+    r->call_start = r->call_end = 0;
+}
+
+static PyObject *
+tls_begin(PyObject *self, PyObject *sslobj)
+{
+    if (!watch(sslobj))
+        Py_RETURN_FALSE;
+    TlsRecord *r = thread_record();
+    if (r == NULL)
+        Py_RETURN_FALSE;
+    start_record(r);
     Py_RETURN_TRUE;
 }
 
@@ -589,7 +609,7 @@ tls_end(PyObject *self, PyObject *noargs)
 {
     TlsRecord *r = tls_ready ? pthread_getspecific(tls_key) : NULL;
     if (r == NULL)
-        return Py_BuildValue("()LLL", 0LL, 0LL, 0LL);
+        return Py_BuildValue("()LLLLL", 0LL, 0LL, 0LL, 0LL, 0LL);
     r->active = 0;
     PyObject *events = PyTuple_New(r->n);
     if (events == NULL)
@@ -603,7 +623,126 @@ tls_end(PyObject *self, PyObject *noargs)
         }
         PyTuple_SET_ITEM(events, i, t);
     }
-    return Py_BuildValue("NLLL", events, r->dropped, r->rx, r->tx);
+    return Py_BuildValue("NLLLLL", events, r->dropped, r->rx, r->tx, r->call_start, r->call_end);
+}
+
+/* tls_fast(original, sock, args, kwargs, kind): the whole of a TLS data call
+ * when nothing about it needs Python -- the common case, in C.
+ *
+ * Declines (NOT_FAST, nothing done) unless the OpenTelemetry context is empty
+ * (as in fast()), no TLS call of this thread is being recorded, sock._sslobj
+ * is _ssl's object with a watchable socket BIO, and, for a send (kind 1), the
+ * data is a single positional buffer under 64 KiB (larger sends take a TCP
+ * snapshot up front, in Python).  Otherwise it calls original(sock, *args,
+ * **kwargs) with the wire level recorded, and then:
+ *   - when every ciphertext syscall succeeded in full, no event was dropped
+ *     and the call was under the slow threshold: adds each syscall to the
+ *     M_WIRE_READ/M_WIRE_WRITE slots (duration, bytes) and returns the result;
+ *   - when the original raised: returns NULL with its exception, the record
+ *     left for tls_end() (the Python side makes the call from it);
+ *   - otherwise: (UNUSUAL, result) with the record left the same way.
+ * Inside a call being recorded (sendall -> send) it returns NESTED: the
+ * caller runs the original as part of the outer call. */
+static PyObject *unusual = NULL, *nested = NULL;
+#define TLS_FAST_SEND_MAX (64 * 1024)
+
+static PyObject *
+tls_fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 5 || !configured || unusual == NULL) {
+        PyErr_SetString(PyExc_TypeError, "tls_fast(original, sock, args, kwargs, kind)");
+        return NULL;
+    }
+    PyObject *original = argv[0], *sock = argv[1], *args = argv[2], *kwargs = argv[3];
+    long kind = PyLong_AsLong(argv[4]);
+    if (kind == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) > 7 || context_busy())
+        return Py_NewRef(not_fast);
+    int has_kwargs = kwargs != Py_None && (!PyDict_Check(kwargs) || PyDict_GET_SIZE(kwargs) > 0);
+    if (kind == 1) {
+        if (has_kwargs || PyTuple_GET_SIZE(args) < 1)
+            return Py_NewRef(not_fast);
+        Py_buffer view;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(args, 0), &view, PyBUF_SIMPLE) < 0) {
+            PyErr_Clear();
+            return Py_NewRef(not_fast);
+        }
+        Py_ssize_t len = view.len;
+        PyBuffer_Release(&view);
+        if (len >= TLS_FAST_SEND_MAX)
+            return Py_NewRef(not_fast);
+    }
+    TlsRecord *r = tls_ready ? thread_record() : NULL;
+    if (r == NULL)
+        return Py_NewRef(not_fast);
+    if (r->active)  /* inside a TLS call being recorded (sendall -> send): part of it */
+        return Py_NewRef(nested);
+    PyObject *sslobj = PyObject_GetAttrString(sock, "_sslobj");
+    if (sslobj == NULL) {
+        PyErr_Clear();
+        return Py_NewRef(not_fast);
+    }
+    int ok = watch(sslobj);
+    Py_DECREF(sslobj);
+    if (!ok)
+        return Py_NewRef(not_fast);
+
+    PyObject *stack[8];
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    stack[0] = sock;
+    for (Py_ssize_t i = 0; i < n; i++)
+        stack[i + 1] = PyTuple_GET_ITEM(args, i);
+    start_record(r);
+    long long start = now_ns();
+    PyObject *result;
+    if (has_kwargs) {
+        PyObject *full = PyTuple_New(n + 1);
+        if (full == NULL) {
+            r->active = 0;
+            PyErr_Clear();
+            return Py_NewRef(not_fast);
+        }
+        for (Py_ssize_t i = 0; i <= n; i++)
+            PyTuple_SET_ITEM(full, i, Py_NewRef(stack[i]));
+        result = PyObject_Call(original, full, kwargs);
+        Py_DECREF(full);
+    } else {
+        result = PyObject_Vectorcall(original, stack, (size_t)(n + 1), NULL);
+    }
+    long long end = now_ns();
+    r->active = 0;
+    r->call_start = start;
+    r->call_end = end;
+    if (result == NULL)
+        return NULL;
+    int usual = r->dropped == 0 && end - start < slow_ns;
+    for (int i = 0; usual && i < r->n; i++) {
+        TlsEvent *e = &r->ev[i];
+        if (e->result < 0 || (e->write && e->result < e->requested))
+            usual = 0;
+    }
+    if (!usual)
+        return Py_BuildValue("(ON)", unusual, result);
+    for (int i = 0; i < r->n; i++) {
+        TlsEvent *e = &r->ev[i];
+        Slot *s = slot_for(e->write ? M_WIRE_WRITE : M_WIRE_READ, sock);
+        if (s != NULL)
+            record(s, e->end - e->start, e->result, 0);
+    }
+    r->n = 0;  /* taken */
+    return result;
+}
+
+static PyObject *
+tls_fast_setup(PyObject *self, PyObject *args)
+{
+    PyObject *u, *n;
+    if (!PyArg_ParseTuple(args, "OO:tls_fast_setup", &u, &n))
+        return NULL;
+    Py_XSETREF(unusual, Py_NewRef(u));
+    Py_XSETREF(nested, Py_NewRef(n));
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
@@ -615,7 +754,11 @@ static PyMethodDef methods[] = {
      "send_counted(fd, buffer, flags, acc) -> result; acc: [bytes total, start, end, result, errno]"},
     {"tls_setup", tls_setup, METH_O, "tls_setup(path of _ssl) -> True when OpenSSL's BIO callbacks are usable"},
     {"tls_begin", tls_begin, METH_O, "tls_begin(sslobj) -> True: this thread records the wire level of sslobj"},
-    {"tls_end", tls_end, METH_NOARGS, "tls_end() -> (events, dropped, wire rx, wire tx)"},
+    {"tls_end", tls_end, METH_NOARGS,
+     "tls_end() -> (events, dropped, wire rx, wire tx, start_ns, end_ns of the last tls_fast call)"},
+    {"tls_fast", (PyCFunction)(void (*)(void))tls_fast, METH_FASTCALL,
+     "tls_fast(original, sock, args, kwargs, kind) -> result, NOT_FAST or (UNUSUAL, result)"},
+    {"tls_fast_setup", tls_fast_setup, METH_VARARGS, "tls_fast_setup(UNUSUAL, NESTED): tls_fast's marks"},
     {"fast", (PyCFunction)(void (*)(void))fast, METH_FASTCALL,
      "fast(method, sock, args, kwargs) -> result, NOT_FAST or PARTIAL"},
     {"configure", configure, METH_VARARGS, "configure(...): set the objects the fast path uses"},

@@ -58,7 +58,7 @@ from opentelemetry import context as otel_context
 from . import _otel
 from ._events import MAX_STEPS, Call, Stats, Step
 from . import _tcpinfo
-from ._socket import _SUPPRESS, _current_context, _diagnose, _nbytes, _stats
+from ._socket import _NOT_FAST, _SUPPRESS, _current_context, _diagnose, _nbytes, _stats
 from ._coexist import _dress
 from ._syscall import now
 
@@ -206,9 +206,9 @@ def _span(rec, call, sock, parent_ctx, handshake, failed):
         _otel.swallow(exc)
 
 
-def _finish(call, sock, ctx, handshake=False):
+def _finish(call, sock, ctx, handshake=False, end=None):
     try:
-        call.end = now()
+        call.end = end or now()
         st = call.stats
         if handshake:
             err = type(call.error).__name__ if call.error is not None else None
@@ -279,10 +279,11 @@ def _new(sock, name, start):
 # (tls_begin, tls_end) of the C extension when it can watch OpenSSL's socket
 # BIO (see "the TLS wire level" in _speedups.c); None: no wire level.
 _WIRE = None
+_TLS_FAST = None  # _speedups.tls_fast, with _WIRE
 
 
 def _wire_setup():
-    global _WIRE
+    global _WIRE, _TLS_FAST
     from . import _socket as _socket_layer
     speedups = _socket_layer._speedups
     if speedups is None or _WIRE is not None:
@@ -292,6 +293,8 @@ def _wire_setup():
         path = getattr(_ssl, "__file__", None)
         if path and speedups.tls_setup(path):
             _WIRE = (speedups.tls_begin, speedups.tls_end)
+            speedups.tls_fast_setup(_UNUSUAL, _NESTED)
+            _TLS_FAST = speedups.tls_fast
     except Exception as exc:
         _otel.swallow(exc)
 
@@ -315,7 +318,14 @@ def _wire_end(call, sock):
     next one -- or to the end of the call, which then timed out or was
     interrupted."""
     try:
-        events, dropped, rx, tx = _WIRE[1]()
+        _apply_events(call, sock, *_WIRE[1]()[:4])
+    except Exception as exc:
+        _otel.swallow(exc)
+
+
+def _apply_events(call, sock, events, dropped, rx, tx):
+    """``_wire_end``'s work on the events of ``tls_end()``."""
+    try:
         call.wire_rx += rx
         call.wire_tx += tx
         call.stats.rx += rx
@@ -382,8 +392,46 @@ def _tcp_snapshot_plan(call, sock):
         call.tcp_before = _tcpinfo.snapshot(sock)
 
 
+_SEND_KIND = {"tls.send": 1, "tls.sendall": 1, "tls.recv": 0}
+_UNUSUAL = object()  # tls_fast: the call happened, but it needs a look from Python
+_NESTED = object()  # tls_fast: inside another TLS call of this thread (part of it)
+
+
+def _after_fast(sock, span_name, requested_of, args, kwargs, result, exc):
+    """A call ``tls_fast`` made that needs Python after all (it failed, was slow,
+    waited, was interrupted...): record it from what C left.  Never raises."""
+    try:
+        events, dropped, rx, tx, start, end = _WIRE[1]()
+        call = _new(sock, span_name, start)
+        call.requested = requested_of(args, kwargs)
+        call.wire = True
+        call.error = exc
+        _apply_events(call, sock, events, dropped, rx, tx)
+        if exc is None:
+            call.transferred = _moved(result, call.requested)
+        _finish(call, sock, _current_context(), end=end)
+    except Exception as err:
+        _otel.swallow(err)
+
+
 def _io_method(original, span_name, requested_of):
+    kind = _SEND_KIND.get(span_name)
+
     def method(self, *args, **kwargs):
+        fast = _TLS_FAST
+        if fast is not None and kind is not None and getattr(_tl, "call", None) is None:
+            try:
+                result = fast(original, self, args, kwargs, kind)
+            except BaseException as exc:
+                _after_fast(self, span_name, requested_of, args, kwargs, None, exc)
+                raise
+            if result is _NESTED:
+                return original(self, *args, **kwargs)
+            if result is not _NOT_FAST:
+                if type(result) is tuple and result and result[0] is _UNUSUAL:
+                    result = result[1]
+                    _after_fast(self, span_name, requested_of, args, kwargs, result, None)
+                return result
         ctx = _current_context()
         if ((ctx and ctx.get(_SUPPRESS)) or getattr(_tl, "call", None) is not None
                 or getattr(self, "_sslobj", None) is None):
