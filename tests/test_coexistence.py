@@ -134,6 +134,259 @@ def test_green_sockets_are_traced(patcher, order):
     assert r["clean"]
 
 
+_GEVENT_SETUP = """
+import json, sys
+order = sys.argv[1]
+if order == "before-import":  # tracesock imported after patching: its threading.local is gevent's
+    from gevent import monkey
+    monkey.patch_all()
+import tracesock
+from tracesock import _otel
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exp = InMemorySpanExporter()
+tp = TracerProvider()
+tp.add_span_processor(SimpleSpanProcessor(exp))
+tracer = tp.get_tracer("app")
+pristine = None
+if order != "after":
+    if order == "before":
+        from gevent import monkey
+        monkey.patch_all()
+    import gevent.ssl
+    pristine = dict(vars(gevent.ssl.SSLSocket))
+tracesock.instrument(tp, detail=sys.argv[2], slow_threshold=None)
+if order == "after":
+    from gevent import monkey
+    monkey.patch_all()
+import gevent, gevent.socket, gevent.ssl, socket, ssl
+
+
+def class_restored():
+    now = dict(vars(gevent.ssl.SSLSocket))
+    if pristine is not None:
+        return now == pristine and all(now[k] is pristine[k] for k in now)
+    # patched at its import: nothing of ours is left (our wrappers carry __wrapped__,
+    # and their code is tracesock's)
+    return "_wait" not in now and not any(
+        hasattr(v, "__wrapped__") or "tracesock" in getattr(getattr(v, "__code__", None), "co_filename", "")
+        for v in now.values())
+"""
+
+_GEVENT_TLS = _GEVENT_SETUP + """
+import hashlib, random
+import trustme
+
+assert ssl.SSLSocket is gevent.ssl.SSLSocket and ssl.SSLContext is gevent.ssl.SSLContext
+ca = trustme.CA()
+cert = ca.issue_cert("localhost")
+server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+cert.configure_cert(server_ctx)
+client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ca.configure_trust(client_ctx)
+M, ROUNDS = 200_000, 2
+payloads = [random.Random(i).randbytes(M) for i in range(2)]
+sent = [hashlib.sha256(p).hexdigest() for p in payloads]
+
+
+def receive(s, n):
+    buf = bytearray()
+    while len(buf) < n:
+        d = s.recv(65536)
+        if not d:
+            raise EOFError(len(buf))
+        buf += d
+    return bytes(buf)
+
+
+def session():
+    # An HTTPS-style echo served by greenlets: each message whole, then back.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    handlers = []
+
+    def handle(conn):
+        with tracer.start_as_current_span("server"):
+            s = server_ctx.wrap_socket(conn, server_side=True)
+            for _ in range(ROUNDS):
+                s.sendall(receive(s, M))
+            assert s.recv(1) == b""  # the client's close_notify
+            s.unwrap()
+            s.close()
+
+    def accept():
+        for _ in range(2):
+            conn, _ = srv.accept()
+            handlers.append(gevent.spawn(handle, conn))
+
+    def client(i):
+        with tracer.start_as_current_span(f"client-{i}"):
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # sendall waits in the hub
+            raw.connect(("127.0.0.1", port))
+            c = client_ctx.wrap_socket(raw, server_hostname="localhost")
+            got = []
+            for _ in range(ROUNDS):
+                c.sendall(payloads[i])
+                got.append(hashlib.sha256(receive(c, M)).hexdigest())
+            local = c.getsockname()[1]
+            c.unwrap()
+            c.close()
+            return local, got
+
+    acceptor = gevent.spawn(accept)
+    clients = [gevent.spawn(client, i) for i in range(2)]
+    gevent.joinall(clients + [acceptor], raise_error=True)
+    gevent.joinall(handlers, raise_error=True)
+    srv.close()
+    return [g.value for g in clients]
+
+
+def tls_spans():
+    spans = exp.get_finished_spans()
+    by_id = {s.context.span_id: s for s in spans}
+    children = {}
+    for s in spans:
+        if s.parent is not None:
+            children.setdefault(s.parent.span_id, []).append(s)
+    out = []
+    for s in spans:
+        if not s.name.startswith("tls."):
+            continue
+        a = s.attributes
+        kids = children.get(s.context.span_id, [])
+        parent = by_id.get(s.parent.span_id) if s.parent else None
+
+        def moved(name):
+            return sum(k.attributes["tracesock.syscall.result"] for k in kids
+                       if k.name == name and k.attributes["tracesock.syscall.result"] > 0)
+
+        out.append({
+            "name": s.name, "parent": parent.name if parent else None,
+            "local": a.get("network.local.port"), "peer": a.get("network.peer.port"),
+            "sent": a.get("tracesock.wire.bytes.sent"), "received": a.get("tracesock.wire.bytes.received"),
+            "writes": moved("syscall.write"), "reads": moved("syscall.read"),
+            "polls": sum(k.name == "syscall.poll" for k in kids), "waits": a.get("tracesock.waits", 0),
+            "kids": sorted({k.name for k in kids}), "steps_dropped": a.get("tracesock.steps.dropped", 0),
+            "side": a.get("tracesock.tls.side"), "engine": a.get("tracesock.tls.engine"),
+            "start": s.start_time, "end": s.end_time,
+        })
+    return out
+
+
+traced = session()
+result = {"traced": traced, "sent": sent, "spans": tls_spans(), "dropped": _otel.dropped_count(),
+          "wire": tracesock._tls._WIRE is not None}
+tracesock.uninstrument()
+exp.clear()
+result["untraced"] = session()
+result["spans_after"] = sorted({s.name for s in exp.get_finished_spans()})
+result["class_restored"] = class_restored()
+print(json.dumps(result))
+"""
+
+_ORDERS = ["before", "before-import", "after"]
+
+
+@pytest.mark.parametrize("order", _ORDERS)
+def test_gevent_tls_is_traced_per_greenlet(order):
+    """gevent's own SSLSocket (monkey-patched before tracesock's import, before or after
+    instrument()): an HTTPS-style echo served by greenlets to two concurrent client
+    greenlets.  Each greenlet's TLS calls are tls.* spans under its own span, with
+    their wire level (syscall.read/write, the hub waits as syscall.poll) adding up
+    to the span's counters and, per connection, to what the other side counted --
+    although the calls of one greenlet run while another's wait in the hub.  The
+    data is the same traced and untraced; uninstrument() restores gevent's class."""
+    _need("gevent", "trustme")
+    r = _run(_GEVENT_TLS, order, "syscalls")
+    assert r["wire"], "the C extension's TLS wire level is not available"
+    # the same bytes, traced and not
+    assert [got for _, got in r["traced"]] == [[d, d] for d in r["sent"]]
+    assert [got for _, got in r["untraced"]] == [[d, d] for d in r["sent"]]
+    ports = [local for local, _ in r["traced"]]
+    assert r["dropped"] == 0
+    spans = r["spans"]
+    assert spans and all(s["parent"] is not None for s in spans)
+    assert all(s["engine"] == "native" for s in spans)
+    for i, port in enumerate(ports):
+        mine = [s for s in spans if s["parent"] == f"client-{i}"]
+        names = [s["name"] for s in mine]
+        assert names.count("tls.handshake") == 1 and names.count("tls.sendall") == 2
+        assert names.count("tls.unwrap") == 1 and names.count("tls.recv") >= 2
+        assert all(s["local"] == port for s in mine), "a span of another connection under this client"
+        assert [s["side"] for s in mine if s["name"] == "tls.handshake"] == ["client"]
+        theirs = [s for s in spans if s["parent"] == "server" and s["peer"] == port]
+        names = [s["name"] for s in theirs]
+        assert names.count("tls.handshake") == 1 and names.count("tls.sendall") == 2
+        assert names.count("tls.unwrap") == 1 and names.count("tls.recv") >= 2
+        # ciphertext conservation: what each side wrote, the other read
+        assert sum(s["sent"] for s in mine) == sum(s["received"] for s in theirs) > 2 * 200_000
+        assert sum(s["received"] for s in mine) == sum(s["sent"] for s in theirs) > 2 * 200_000
+    assert len([s for s in spans if s["parent"] == "server"]) == len(
+        [s for s in spans if s["parent"] == "server" and s["peer"] in ports])
+    for s in spans:
+        # the wire-level children add up to the span's own counters
+        assert s["writes"] == s["sent"] and s["reads"] == s["received"], s
+        assert s["steps_dropped"] == 0, s
+        assert set(s["kids"]) <= {"syscall.read", "syscall.write", "syscall.poll"}, s
+        assert s["polls"] == s["waits"], s
+    # the greenlets waited in the hub inside their calls (small send buffer, echo),
+    assert any(s["polls"] for s in spans if s["name"] == "tls.sendall" and s["parent"] != "server")
+    assert any(s["polls"] for s in spans if s["name"] == "tls.recv")
+    # and one client's calls ran while the other's were in progress
+    a = [s for s in spans if s["parent"] == "client-0"]
+    b = [s for s in spans if s["parent"] == "client-1"]
+    assert any(x["start"] < y["start"] < x["end"] or y["start"] < x["start"] < y["end"] for x in a for y in b)
+    assert r["spans_after"] == ["client-0", "client-1", "server"]
+    assert r["class_restored"]
+
+
+_GEVENT_DNS = _GEVENT_SETUP + """
+with tracer.start_as_current_span("lookup"):
+    answers = socket.getaddrinfo("localhost", 443, type=socket.SOCK_STREAM)
+resolver = getattr(socket.getaddrinfo, "__wrapped__", None)
+spans = exp.get_finished_spans()
+names = {s.context.span_id: s.name for s in spans}
+result = {
+    "spans": sorted((s.name, names.get(s.parent.span_id) if s.parent else None) for s in spans),
+    "attrs": [dict(s.attributes) for s in spans if s.name == "dns.lookup"],
+    "gevent_resolver": resolver is gevent.socket.getaddrinfo,
+    "answers": len(answers),
+}
+tracesock.uninstrument()
+exp.clear()
+with tracer.start_as_current_span("lookup"):
+    result["answers_after"] = len(socket.getaddrinfo("localhost", 443, type=socket.SOCK_STREAM))
+result["spans_after"] = len(exp.get_finished_spans())
+result["restored"] = all(getattr(socket, n) is getattr(gevent.socket, n)
+                         for n in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "getnameinfo",
+                                   "create_connection"))
+from gevent import events
+result["subscribers"] = len(events.subscribers)
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("order", _ORDERS)
+def test_gevent_resolver_is_traced(order):
+    """gevent's resolver functions replace socket.getaddrinfo & co.: their lookups are
+    dns.lookup spans whether gevent patches before or after instrument(), and
+    uninstrument() leaves gevent's functions in the socket module."""
+    _need("gevent")
+    r = _run(_GEVENT_DNS, order, "calls")
+    assert r["gevent_resolver"]  # the lookup went through gevent's resolver
+    assert [n for n in r["spans"] if n[0] == "dns.lookup"] == [["dns.lookup", "lookup"]]
+    attrs = r["attrs"][0]
+    assert attrs["server.address"] == "localhost" and attrs["server.port"] == 443
+    assert attrs["tracesock.dns.answers"] == r["answers"] == r["answers_after"]
+    assert r["spans_after"] == 1  # the parent alone
+    assert r["restored"]
+    assert r["subscribers"] == 0
+
+
 def test_unknown_socket_replacement_is_reported_once():
     r = _run(_PROVIDER + """
         import json, socket, warnings

@@ -11,6 +11,27 @@
   while instrumented -- now if gevent is imported, or when it is.  Any other
   replacement of ``socket.socket`` is reported once with a warning.
 
+* **gevent's SSL sockets.**  ``gevent.ssl.SSLSocket`` (what ``ssl.SSLSocket``
+  and ``SSLContext.wrap_socket`` give once gevent has patched ``ssl``) is not
+  the standard class: its methods drive the same C TLS object, and wait for
+  readiness in gevent's hub (``self._wait(...)``) instead of in ``_ssl.c``.
+  It gets ``_tls``'s recording methods (``_tls.patch_class``), and its
+  ``_wait`` is wrapped: while a greenlet waits there, other greenlets of the
+  same thread run and make TLS calls of their own, so the call in progress
+  is suspended first (its wire level so far collected, the thread's current
+  call cleared) and resumed after (current again, the wire level recording
+  again); the wait itself is the call's readiness wait (a ``syscall.poll``
+  step: the greenlet's time in the hub, other greenlets running meanwhile).
+  Each greenlet's call is thus recorded on its own, whichever greenlet runs
+  while it waits.
+
+* **gevent's resolver.**  ``gevent.monkey`` replaces ``socket.getaddrinfo``
+  & co. with its resolver's functions; patching after ``instrument()`` would
+  drop ``_dns``'s wrappers.  A subscriber to gevent's patch events wraps the
+  new functions the same way once gevent has patched ``socket`` (each put
+  back on ``uninstrument()`` if it is still ours).  Patching before
+  ``instrument()`` needs nothing: ``_dns`` wraps whatever is there.
+
 * **asyncio.**  The selector event loop's transports and ``loop.sock_*`` call
   the socket methods on non-blocking sockets: traced as they are.  Two places
   lose the caller's span, and are patched while instrumented:
@@ -59,11 +80,18 @@ def _set(owner, name, value):
     setattr(owner, name, value)
 
 
+def _on_restore(undo):
+    """Call ``undo()`` at ``uninstall()``, in order with the attributes set before and after."""
+    _saved.append((undo, None, None))
+
+
 def _restore():
     while _saved:
         owner, name, original = _saved.pop()
         try:
-            if original is _MISSING:
+            if name is None:
+                owner()
+            elif original is _MISSING:
                 if name in owner.__dict__:
                     delattr(owner, name)
             else:
@@ -117,6 +145,148 @@ def _patch_gevent_socket3(module):
     for name, fn in METHODS.items():
         if hasattr(_socket.socket, name):  # only what gevent can call on its inner socket
             _set(cls, name, fn)
+
+
+# --- gevent's SSLSocket ---------------------------------------------------------
+
+class _Conn:
+    """What ``_tls._wire_begin`` reads of a socket: its TLS object (kept across a wait,
+    in case another greenlet closes the socket meanwhile)."""
+
+    __slots__ = ("_sslobj",)
+
+    def __init__(self, sslobj):
+        self._sslobj = sslobj
+
+
+def _wait_timed_out(exc, args, kwargs):
+    timeout_exc = kwargs.get("timeout_exc", args[1] if len(args) > 1 else None)
+    if exc is timeout_exc or isinstance(exc, TimeoutError):
+        return True
+    gtimeout = sys.modules.get("gevent.timeout")
+    timeout_cls = getattr(gtimeout, "Timeout", None)
+    return isinstance(timeout_cls, type) and isinstance(exc, timeout_cls)
+
+
+def _green_wait(inherited):
+    """gevent's ``SSLSocket._wait(watcher, timeout_exc=None)``: the greenlet waits in
+    the hub, other greenlets run.  The ``tls.*`` call in progress (if any) is
+    suspended while it waits and resumed after; the wait is one of its steps."""
+    from . import _tls
+    from ._events import INTERRUPTED, READY, TIMEOUT
+    from ._otel import swallow
+    from ._syscall import now
+
+    tl = _tls._tl
+
+    def _wait(self, *args, **kwargs):
+        call = getattr(tl, "call", None)
+        if call is None:
+            return inherited(self, *args, **kwargs)
+        wire = call.wire and call.engine == "native"
+        conn = None
+        if wire:
+            conn = _Conn(getattr(self, "_sslobj", None))
+            _tls._wire_end(call, self)  # what OpenSSL did so far; the thread's recording stops
+        tl.call = None  # calls of other greenlets are theirs, not nested in this one
+        outcome = READY
+        start = now()
+        try:
+            return inherited(self, *args, **kwargs)
+        except BaseException as exc:
+            outcome = TIMEOUT if _wait_timed_out(exc, args, kwargs) else INTERRUPTED
+            raise
+        finally:
+            end = now()
+            tl.call = call
+            try:
+                call.wait(start, end, outcome)
+            except Exception as exc:
+                swallow(exc)
+            if wire:
+                _tls._wire_begin(call, conn)
+
+    return _wait
+
+
+def _patch_gevent_ssl(module):
+    cls = getattr(module, "SSLSocket", None)
+    inherited = getattr(cls, "_wait", None) if isinstance(cls, type) else None
+    if not callable(inherited) or not all(n in cls.__dict__ for n in ("read", "write", "do_handshake")):
+        warn_once("gevent.ssl", "tracesock: this gevent version's SSL sockets are not traced "
+                  f"(no {module.__name__}.SSLSocket of the expected shape)")
+        return
+    if id(cls) in _patched_classes:  # gevent.ssl re-exports gevent._ssl3's class
+        return
+    from . import _tls
+
+    _patched_classes.add(id(cls))
+    _set(cls, "_wait", _dress(_green_wait(inherited), inherited))
+    _tls.patch_class(cls)  # undone by _tls.uninstall()
+
+
+# --- gevent's resolver functions ------------------------------------------------
+
+_dns_wrappers = set()  # ids of the socket module functions wrapped here, while instrumented
+
+
+def _ours(fn):
+    from . import _dns
+
+    return id(fn) in _dns_wrappers or any(fn is pair[1] for pair in _dns._saved.values())
+
+
+def _wrap_resolver_functions():
+    """After gevent replaced ``socket``'s resolver functions: wrap them as ``_dns`` does."""
+    from . import _dns
+
+    with _lock:
+        if not _active:
+            return
+        current = {}
+        for name in _dns.FUNCTIONS:
+            fn = getattr(_stdsocket, name, None)
+            if fn is not None and not _ours(fn):
+                current[name] = fn
+        for name, fn in _dns.replacements(current).items():
+            original = current[name]
+
+            def undo(name=name, fn=fn, original=original):
+                _dns_wrappers.discard(id(fn))
+                if getattr(_stdsocket, name, None) is fn:  # still ours: gevent may replace it again
+                    setattr(_stdsocket, name, original)
+
+            _dns_wrappers.add(id(fn))
+            setattr(_stdsocket, name, fn)
+            _on_restore(undo)
+
+
+def _patch_gevent_events(module):
+    subscribers = getattr(module, "subscribers", None)
+    did = getattr(module, "GeventDidPatchModuleEvent", None)
+    if not isinstance(subscribers, list) or not isinstance(did, type):
+        warn_once("gevent.events", "tracesock: gevent's patch events are not as expected: "
+                  "name resolution through gevent's resolver is traced only if gevent patches "
+                  "socket before tracesock.instrument()")
+        return
+
+    def on_patch(event):
+        try:
+            if isinstance(event, did) and getattr(event, "module_name", None) == "socket":
+                _wrap_resolver_functions()
+        except Exception:
+            from ._otel import dropped
+
+            dropped()
+
+    def undo():
+        try:
+            subscribers.remove(on_patch)
+        except ValueError:
+            pass
+
+    subscribers.append(on_patch)
+    _on_restore(undo)
 
 
 def _otel_var():
@@ -225,6 +395,9 @@ def _dress(fn, original):
 _PATCHERS = {
     "socket": _patch_socket_module,  # a fresh import of socket (eventlet's patcher.original)
     "gevent._socket3": _patch_gevent_socket3,
+    "gevent.ssl": _patch_gevent_ssl,
+    "gevent._ssl3": _patch_gevent_ssl,  # older gevent: the class lives there
+    "gevent.events": _patch_gevent_events,
     "asyncio.streams": _patch_asyncio_streams,
     "asyncio.base_events": _patch_asyncio_base_events,
 }
