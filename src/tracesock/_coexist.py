@@ -23,7 +23,9 @@
   again); the wait itself is the call's readiness wait (a ``syscall.poll``
   step: the greenlet's time in the hub, other greenlets running meanwhile).
   Each greenlet's call is thus recorded on its own, whichever greenlet runs
-  while it waits.
+  while it waits.  (This needs ``_tls``'s methods to take a socket that wraps
+  its ``_socket.socket`` -- gevent's ``self._sock`` -- and to keep it off the
+  C fast path; until they do, these calls are not recorded.)
 
 * **gevent's resolver.**  ``gevent.monkey`` replaces ``socket.getaddrinfo``
   & co. with its resolver's functions; patching after ``instrument()`` would
@@ -270,14 +272,14 @@ def _patch_gevent_events(module):
                   "socket before tracesock.instrument()")
         return
 
-    def on_patch(event):
+    def on_patch(event):  # called by gevent.monkey: never raises into it
         try:
             if isinstance(event, did) and getattr(event, "module_name", None) == "socket":
                 _wrap_resolver_functions()
-        except Exception:
-            from ._otel import dropped
+        except Exception as exc:
+            from ._otel import swallow
 
-            dropped()
+            swallow(exc)
 
     def undo():
         try:
