@@ -337,11 +337,6 @@ def test_gevent_tls_unchanged_and_restored(order):
     assert r["class_restored"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_tls's recording methods need a _socket.socket as self (descriptors of "
-    "_socket.socket in _stats/socket_attributes/_wire_end) and take the C fast path, "
-    "whose per-thread record cannot follow a greenlet switch: gevent's SSLSocket wraps "
-    "its _socket.socket (self._sock) and waits in the hub inside its methods"))
 @pytest.mark.parametrize("order", _ORDERS)
 def test_gevent_tls_is_traced_per_greenlet(order):
     """The same echo: each greenlet's TLS calls are tls.* spans under its own span,

@@ -23,9 +23,9 @@
   again); the wait itself is the call's readiness wait (a ``syscall.poll``
   step: the greenlet's time in the hub, other greenlets running meanwhile).
   Each greenlet's call is thus recorded on its own, whichever greenlet runs
-  while it waits.  (This needs ``_tls``'s methods to take a socket that wraps
-  its ``_socket.socket`` -- gevent's ``self._sock`` -- and to keep it off the
-  C fast path; until they do, these calls are not recorded.)
+  while it waits.  (``_tls`` takes the ``_socket.socket`` such a socket wraps
+  -- gevent's ``self._sock`` -- and keeps it off the C fast path, whose
+  per-thread record cannot follow a greenlet switch.)
 
 * **gevent's resolver.**  ``gevent.monkey`` replaces ``socket.getaddrinfo``
   & co. with its resolver's functions; patching after ``instrument()`` would

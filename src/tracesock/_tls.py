@@ -147,7 +147,8 @@ def _handshake_attributes(sock, attrs):
 
 
 def _attributes(sock, call, handshake):
-    attrs = _otel.socket_attributes(sock, call)
+    raw = _raw(sock)
+    attrs = _otel.socket_attributes(raw, call) if raw is not None else {"network.transport": call.stats.transport}
     _otel._site_attributes(attrs)
     attrs["tracesock.tls.engine"] = call.engine
     if handshake:
@@ -215,7 +216,7 @@ def _finish(call, sock, ctx, handshake=False, end=None):
             st.hist(st.handshakes, err).add(call.end - call.start)
         if call.tcp_before is not None:
             if call.waits or call.end - call.start >= _otel.RECORDER.slow_ns:
-                _diagnose(call, sock)  # TCP state deltas and the verdict
+                _diagnose(call, _raw(sock))  # TCP state deltas and the verdict
             else:
                 call.tcp_before = None
         profile = _otel.RECORDER.profile
@@ -266,8 +267,17 @@ def _moved(result, requested):
         return 0
 
 
+def _raw(sock):
+    """The ``_socket.socket`` under ``sock`` (itself for ``ssl.SSLSocket``; gevent's
+    SSLSocket wraps one, ``_sock``), or None (closed by gevent)."""
+    if isinstance(sock, _c_socket.socket):
+        return sock
+    raw = getattr(sock, "_sock", None)
+    return raw if isinstance(raw, _c_socket.socket) else None
+
+
 def _new(sock, name, start):
-    call = TlsCall(name, _stats(sock), start, _otel.RECORDER.detail > 0)
+    call = TlsCall(name, _stats(_raw(sock)), start, _otel.RECORDER.detail > 0)
     if isinstance(getattr(sock, "_sslobj", None), _BioSSL):
         call.engine = "bio"
         call.wire = True
@@ -333,7 +343,8 @@ def _apply_events(call, sock, events, dropped, rx, tx):
         call.dropped_steps += dropped
         if not events:
             return
-        timeout = _C_GETTIMEOUT(sock)
+        raw = _raw(sock)
+        timeout = _C_GETTIMEOUT(raw) if raw is not None else None
         waited = timeout is not None and timeout > 0
         last = len(events) - 1
         stats = call.stats
@@ -389,7 +400,7 @@ def _tcp_snapshot_plan(call, sock):
     if call.engine != "native":
         call.tcp_probe = lambda: _tcpinfo.snapshot(sock)
     elif call.requested is not None and call.requested >= _SNAPSHOT_FROM:
-        call.tcp_before = _tcpinfo.snapshot(sock)
+        call.tcp_before = _tcpinfo.snapshot(_raw(sock))
 
 
 _SEND_KIND = {"tls.send": 1, "tls.sendall": 1, "tls.recv": 0}
@@ -419,7 +430,8 @@ def _io_method(original, span_name, requested_of):
 
     def method(self, *args, **kwargs):
         fast = _TLS_FAST
-        if fast is not None and kind is not None and getattr(_tl, "call", None) is None:
+        if (fast is not None and kind is not None and getattr(_tl, "call", None) is None
+                and isinstance(self, _c_socket.socket)):
             try:
                 result = fast(original, self, args, kwargs, kind)
             except BaseException as exc:
