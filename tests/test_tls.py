@@ -193,8 +193,16 @@ def test_handshake_and_io_spans(telemetry, engine, echo_server, client_ctx):
     recvs = traced.spans("tls.recv")
     assert sum(r.attributes["tracesock.bytes.transferred"] for r in recvs) == 100_000
     app = traced.spans("app")[0]
-    for span in [sendall, hs[0]] + recvs:
+    for span in [sendall] + recvs:
         assert span.parent.span_id == app.context.span_id
+    # the handshake of the socket create_connection returned is that span's child:
+    # DNS, TCP and TLS set-up side by side (it starts once create_connection has ended)
+    (cc,) = traced.spans("socket.create_connection")
+    assert cc.parent.span_id == app.context.span_id
+    assert hs[0].parent.span_id == cc.context.span_id
+    assert hs[0].start_time >= cc.end_time
+    assert [c.name for c in traced.spans() if c.parent and c.parent.span_id == cc.context.span_id][-1] \
+        == "tls.handshake"
     # sendall -> send inside it is one span, not two
     assert not traced.spans("tls.send")
     if wire_level(engine):
@@ -369,13 +377,40 @@ print("OK")
 
 def test_uninstrument_restores_ssl(telemetry):
     before = dict(ssl.SSLSocket.__dict__)
-    ctx_before = ssl.SSLContext.__dict__.get("_wrap_socket")
+    ctx_before = dict(ssl.SSLContext.__dict__)
     telemetry.instrument()
     assert ssl.SSLSocket.__dict__["recv"] is not before["recv"]
+    assert ssl.SSLContext.__dict__["wrap_socket"] is not ctx_before["wrap_socket"]
     tracesock.uninstrument()
     assert dict(ssl.SSLSocket.__dict__) == before
-    assert ssl.SSLContext.__dict__.get("_wrap_socket") is ctx_before
+    assert dict(ssl.SSLContext.__dict__) == ctx_before
     assert not _tls.is_installed()
+
+
+def test_later_handshake_still_under_create_connection(telemetry, echo_server, client_ctx):
+    """do_handshake_on_connect=False: the handshake made later on the wrapped socket is
+    still the create_connection span's child; a socket that create_connection did not
+    return (or whose span was not made) keeps the current span as parent."""
+    telemetry.instrument(detail="calls", slow_threshold=None)
+    with telemetry.tracer.start_as_current_span("app") as app:
+        raw = socket.create_connection(("127.0.0.1", echo_server.port))
+        s = client_ctx.wrap_socket(raw, server_hostname="localhost", do_handshake_on_connect=False)
+        s.do_handshake()
+        s.close()
+        plain = socket.socket()
+        plain.connect(("127.0.0.1", echo_server.port))
+        with client_ctx.wrap_socket(plain, server_hostname="localhost"):
+            pass
+    raw2 = socket.create_connection(("127.0.0.1", echo_server.port))  # outside a trace: no span
+    with telemetry.tracer.start_as_current_span("app2") as app2:
+        with client_ctx.wrap_socket(raw2, server_hostname="localhost"):
+            pass
+    (cc,) = telemetry.spans("socket.create_connection")
+    first, second, third = sorted(telemetry.spans("tls.handshake"), key=lambda h: h.start_time)
+    assert first.parent.span_id == cc.context.span_id
+    assert second.parent.span_id == app.get_span_context().span_id
+    assert third.parent.span_id == app2.get_span_context().span_id
+    assert not _tls._links  # taken by the handshake, nothing left behind
 
 
 # --- same behaviour ------------------------------------------------------------------------------
@@ -809,13 +844,22 @@ def test_http_client_and_urllib(telemetry, engine, https_server, client_ctx):
         for h in hs:
             kids = {c.name for c in telemetry.spans() if c.parent and c.parent.span_id == h.context.span_id}
             assert {send, recv} <= kids
-    # DNS, TCP and TLS apart: each handshake follows a connect under the same request
+    # DNS, TCP and TLS apart. http.client and urllib: socket.create_connection, then
+    # the handshake as its child; urllib3 connects by itself: connect, then handshake.
     (request,) = telemetry.spans("request")
-    assert all(h.parent.span_id == request.context.span_id for h in hs)
-    connects = [c for c in telemetry.spans() if c.name in ("socket.create_connection", "socket.connect")
-                and c.parent.span_id == request.context.span_id]
-    assert len(connects) == 3 and all(c.end_time <= h.start_time for c, h in zip(
-        sorted(connects, key=lambda c: c.start_time), sorted(hs, key=lambda h: h.start_time)))
+    ccs = telemetry.spans("socket.create_connection")
+    assert len(ccs) == 2 and all(c.parent.span_id == request.context.span_id for c in ccs)
+    parents = sorted(h.parent.span_id for h in hs)
+    assert parents == sorted([c.context.span_id for c in ccs] + [request.context.span_id])
+    for c in ccs:
+        (h,) = [h for h in hs if h.parent.span_id == c.context.span_id]
+        kids = sorted((k for k in telemetry.spans() if k.parent and k.parent.span_id == c.context.span_id),
+                      key=lambda k: k.start_time)
+        assert [k.name for k in kids] == ["dns.lookup", "socket.connect", "tls.handshake"]
+        assert c.end_time <= h.start_time
+    (h3,) = [h for h in hs if h.parent.span_id == request.context.span_id]
+    (connect,) = [c for c in telemetry.spans("socket.connect") if c.parent.span_id == request.context.span_id]
+    assert connect.end_time <= h3.start_time
 
 
 def test_telemetry_failure_never_raises(traced, echo_server, client_ctx, monkeypatch):

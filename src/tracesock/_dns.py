@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import socket as _stdsocket
 import time
+import weakref
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
@@ -177,6 +178,7 @@ class _Connection(_Item):
         self.start = start
         self.end = end
         self.error = error
+        self.sock = sock
         self.children = children
         attrs = {}
         address = _arg(args, kwargs, 0, "address")
@@ -207,6 +209,8 @@ class _Connection(_Item):
                                      start_time=rec._epoch(self.start))
         if _failed(self.error):
             span.set_status(_status(self.error))
+        if self.sock is not None:
+            _remember(self.sock, span.get_span_context())
         child_ctx = otel_trace.set_span_in_context(span, parent_ctx)
         for child in self.children:
             try:
@@ -214,6 +218,27 @@ class _Connection(_Item):
             except Exception as exc:
                 _otel.swallow(exc)
         span.end(end_time=rec._epoch(self.end))
+
+
+# The socket a create_connection span returned -> that span's context, so the
+# TLS handshake made when the program wraps the socket becomes its child (see
+# _tls: SSLContext.wrap_socket).  Weak: an entry lives as long as its socket.
+_made = weakref.WeakKeyDictionary()
+
+
+def _remember(sock, span_context):
+    try:
+        _made[sock] = span_context
+    except TypeError:  # a socket class without weak references
+        pass
+
+
+def connection_span(sock):
+    """The context of the ``socket.create_connection`` span that returned ``sock``, or None."""
+    try:
+        return _made.pop(sock, None)
+    except TypeError:
+        return None
 
 
 def _deliver(rec, item, ctx):

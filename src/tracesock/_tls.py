@@ -54,6 +54,7 @@ import time
 import weakref
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
 
 from . import _otel
 from ._events import MAX_STEPS, Call, Stats, Step
@@ -79,7 +80,7 @@ _tl = threading.local()
 class TlsCall(Call):
     """A ``tls.*`` call: plaintext on the call, ciphertext syscalls as its steps."""
 
-    __slots__ = ("wire_tx", "wire_rx", "engine", "wire")
+    __slots__ = ("wire_tx", "wire_rx", "engine", "wire", "link")
 
     def __init__(self, method, stats, start, keep_steps):
         Call.__init__(self, method, stats, start, keep_steps)
@@ -87,6 +88,7 @@ class TlsCall(Call):
         self.wire_rx = 0
         self.engine = "native"
         self.wire = False  # the ciphertext syscalls are recorded (bio engine, or native with _WIRE)
+        self.link = None  # tls.handshake: the create_connection span of the wrapped socket
 
 
 # --- what counts as a failure --------------------------------------------------
@@ -191,8 +193,10 @@ def emit(call, sock, ctx, handshake=False):
     except Exception as exc:
         _otel.swallow(exc)
         return
-    _otel.with_signals_held(_span, rec, call, sock, ctx if in_trace else otel_context.Context(),
-                            handshake, failed)
+    parent_ctx = ctx if in_trace else otel_context.Context()
+    if call.link is not None:  # under the socket.create_connection span it follows
+        parent_ctx = otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(call.link), parent_ctx)
+    _otel.with_signals_held(_span, rec, call, sock, parent_ctx, handshake, failed)
 
 
 def _span(rec, call, sock, parent_ctx, handshake, failed):
@@ -486,7 +490,10 @@ def _handshake_method(original):
             return original(self, *args, **kwargs)
         try:
             # A non-blocking handshake goes on where its last attempt stopped.
-            call = _hs_pending.pop(self, None) or _new(self, "tls.handshake", now())
+            call = _hs_pending.pop(self, None)
+            if call is None:
+                call = _new(self, "tls.handshake", now())
+                call.link = _take_link(self)
         except Exception as exc:
             _otel.swallow(exc)
             return original(self, *args, **kwargs)
@@ -557,9 +564,62 @@ def patch_class(cls, methods=None):
         _wire_setup()
 
 
+# --- the handshake after socket.create_connection ----------------------------------
+
+# SSLSocket -> the create_connection span context of the socket it wrapped,
+# until its first handshake (do_handshake_on_connect=False).
+_links = weakref.WeakKeyDictionary()
+
+
+def _take_link(sock):
+    holder = getattr(_tl, "wrapping", None)
+    if holder:  # the handshake inside wrap_socket itself
+        return holder.pop()
+    try:
+        return _links.pop(sock, None)
+    except TypeError:
+        return None
+
+
+def _wrap_socket_method(original):
+    """``SSLContext.wrap_socket``: a socket that ``socket.create_connection``
+    returned (with a span) hands that span to the wrapping socket's handshake."""
+    from . import _dns
+
+    def wrap_socket(self, sock, *args, **kwargs):
+        try:
+            link = _dns.connection_span(sock)
+        except Exception as exc:
+            _otel.swallow(exc)
+            link = None
+        if link is None:
+            return original(self, sock, *args, **kwargs)
+        holder = [link]
+        outer = getattr(_tl, "wrapping", None)
+        _tl.wrapping = holder
+        try:
+            ssock = original(self, sock, *args, **kwargs)
+        finally:
+            _tl.wrapping = outer
+        if holder:  # no handshake yet: the first one takes it
+            try:
+                _links[ssock] = link
+            except TypeError:
+                pass
+        return ssock
+
+    return wrap_socket
+
+
 def _patch_ssl(ssl):
     global _saved
     patch_class(ssl.SSLSocket)
+    ctx_cls = ssl.SSLContext
+    original = ctx_cls.__dict__.get("wrap_socket")
+    if callable(original):
+        with _lock:
+            _patched.append((ctx_cls, {"wrap_socket": original}))
+            ctx_cls.wrap_socket = _dress(_wrap_socket_method(original), original)
     _saved = True
     if _engine == "bio":
         _install_bio(ssl)
