@@ -59,6 +59,9 @@ DEFAULT_SUITES = (
     "test_asyncio.test_sock_lowlevel",
     "test_asyncio.test_sslproto",
     "test_asyncio.test_streams",
+    "test_ftplib",  # FTP over TLS: wrap_socket after create_connection, STARTTLS-style
+    "test_imaplib",
+    "test_poplib",
     "test_epoll",
     "test_poll",
 )
