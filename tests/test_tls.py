@@ -912,6 +912,67 @@ def test_large_sendall_same_bytes(telemetry, engine, server_ctx, client_ctx):
     assert plain == traced_ == ("ok", True)
 
 
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_long_call_metrics_stay_exact_past_the_kept_events(telemetry, server_ctx, client_ctx, timeout):
+    """An 8 MiB TLS sendall makes far more ciphertext syscalls than a call keeps as
+    events (256; and 512 steps per span): the rest are aggregated in C, so the span's
+    counters and the metrics still count every syscall, byte and wait.  With a
+    timeout and a slow reader, each EAGAIN is followed by one of _ssl.c's waits."""
+    import time
+    need_wire_level("native")
+    total = 8 << 20
+
+    def slow_reader(conn):
+        got = 0
+        while got < total:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            got += len(chunk)
+            if timeout:
+                time.sleep(0.0005)
+        conn.sendall(b"done")
+
+    server = Server(server_ctx, slow_reader)
+    telemetry.instrument(detail="calls", slow_threshold=None)
+
+    def totals():
+        m = telemetry.metrics()
+        return (telemetry.value(m, "tracesock.syscall.duration", tracesock_syscall="write"),
+                telemetry.value(m, "tracesock.io", network_io_direction="transmit"),
+                telemetry.value(m, "tracesock.wait.duration"))
+
+    try:
+        with socket.socket() as raw:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 10)
+            raw.connect(("127.0.0.1", server.port))
+            with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.settimeout(timeout)
+                before = totals()
+                with telemetry.tracer.start_as_current_span("app"):
+                    s.sendall(b"z" * total)
+                after = totals()
+                assert s.recv(10) == b"done"
+    finally:
+        server.close()
+    (span,) = telemetry.spans("tls.sendall")
+    a = span.attributes
+    writes, sent, waits = (y - x for x, y in zip(before, after))
+    assert a["tracesock.syscalls"] >= total // 16384 > 256  # at least a write per record
+    assert a["tracesock.steps.dropped"] > 0
+    assert writes == a["tracesock.syscalls"]
+    assert sent == a["tracesock.wire.bytes.sent"] > total
+    assert waits == a["tracesock.waits"]
+    if timeout:
+        assert a["tracesock.waits"] == a["tracesock.eagain"] > 0
+        kept = [c for c in telemetry.spans("syscall.poll") if c.parent.span_id == span.context.span_id]
+        assert len(kept) < a["tracesock.waits"]  # the later waits came from the aggregates
+        # the slow reader: most of the call is spent waiting (a share, not a speed)
+        assert a["tracesock.wait.duration"] * 1e9 > 0.5 * (span.end_time - span.start_time)
+    else:  # blocking: OpenSSL's write(2) waits inside the kernel
+        assert a["tracesock.eagain"] == a["tracesock.waits"] == 0
+
+
 def test_patched_methods_keep_their_identity(telemetry):
     import inspect
     names = ["send", "sendall", "recv", "recv_into", "read", "write", "do_handshake"]

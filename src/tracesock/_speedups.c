@@ -474,9 +474,47 @@ typedef struct {
 } TlsEvent;
 
 typedef struct {
+    long long counts[MAXBOUNDS + 1];
+    long long total, min, max, nbytes;
+} Agg;
+
+static void agg_add(Agg *a, long long d, long long n) {
+    int lo = 0, hi = nbounds;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (bounds[mid] < d) lo = mid + 1; else hi = mid;
+    }
+    a->counts[lo] += 1;
+    a->total += d;
+    if (d < a->min) a->min = d;
+    if (d > a->max) a->max = d;
+    a->nbytes += n;
+}
+
+static void agg_reset(Agg *a) {
+    memset(a, 0, sizeof(*a));
+    a->min = LLONG_MAX;
+    a->max = -1;
+}
+
+static long long agg_count(const Agg *a) {
+    long long c = 0;
+    for (int i = 0; i <= nbounds; i++) c += a->counts[i];
+    return c;
+}
+
+typedef struct {
     int active, n;
     long long pending, pending_len, dropped, rx, tx, call_start, call_end;
     TlsEvent ev[TLS_EVENTS];
+    /* Past TLS_EVENTS, events are aggregated instead of kept, so the metrics
+     * stay exact however long the call: the syscalls by direction, the waits
+     * _ssl.c made after an EAGAIN (the gap up to the next syscall), and the
+     * outcomes.  last_eagain_end: end of the latest event if it failed with
+     * EAGAIN (the wait after it is still going on), else 0. */
+    int over_used;
+    Agg over[2], over_wait;
+    long long over_eagain, over_eintr, over_partial, over_failed, last_eagain_end;
 } TlsRecord;
 
 typedef struct {
@@ -499,6 +537,9 @@ tls_callback(void *b, int oper, const char *argp, size_t len, int argi, long arg
     if (!(oper & BIO_CB_RETURN_)) {
         r->pending = now_ns();
         r->pending_len = (long long)len;
+        if (r->last_eagain_end && r->over_used)  /* the wait after an EAGAIN has ended */
+            agg_add(&r->over_wait, r->pending - r->last_eagain_end, 0);
+        r->last_eagain_end = 0;
         errno = saved;
         return ret;
     }
@@ -514,8 +555,30 @@ tls_callback(void *b, int oper, const char *argp, size_t len, int argi, long arg
         e->result = ret > 0 ? moved : (ret == 0 ? 0 : -1);
         e->err = ret < 0 ? saved : 0;
     } else {
+        int w = (op == BIO_CB_WRITE_);
+        if (!r->over_used) {
+            agg_reset(&r->over[0]);
+            agg_reset(&r->over[1]);
+            agg_reset(&r->over_wait);
+            r->over_eagain = r->over_eintr = r->over_partial = r->over_failed = 0;
+            r->over_used = 1;
+            /* the wait after the last kept event, if it was an EAGAIN, is ours now */
+            TlsEvent *last = &r->ev[TLS_EVENTS - 1];
+            if (last->result < 0 && (last->err == EAGAIN || last->err == EWOULDBLOCK))
+                agg_add(&r->over_wait, r->pending - last->end, 0);
+        }
         r->dropped++;
+        agg_add(&r->over[w], end - r->pending, moved);
+        if (ret < 0) {
+            if (saved == EAGAIN || saved == EWOULDBLOCK) r->over_eagain++;
+            else if (saved == EINTR) r->over_eintr++;
+            else r->over_failed++;
+        } else if (w && moved < r->pending_len) {
+            r->over_partial++;
+        }
     }
+    if (ret < 0 && (saved == EAGAIN || saved == EWOULDBLOCK))
+        r->last_eagain_end = end;
     errno = saved;
     return ret;
 }
@@ -587,6 +650,41 @@ static void start_record(TlsRecord *r) {
     r->n = 0;
     r->dropped = r->rx = r->tx = 0;
     r->call_start = r->call_end = 0;
+    r->over_used = 0;
+    r->last_eagain_end = 0;
+}
+
+static PyObject *agg_tuple(const Agg *a) {
+    PyObject *counts = PyList_New(nbounds + 1);
+    if (counts == NULL) return NULL;
+    for (int i = 0; i <= nbounds; i++) {
+        PyObject *c = PyLong_FromLongLong(a->counts[i]);
+        if (c == NULL) {
+            Py_DECREF(counts);
+            return NULL;
+        }
+        PyList_SET_ITEM(counts, i, c);
+    }
+    return Py_BuildValue("(NLLLLL)", counts, a->total, a->min, a->max, a->nbytes, agg_count(a));
+}
+
+/* The aggregates past TLS_EVENTS, or None: (reads, writes, waits, eagain,
+ * eintr, partial writes, other failures, end of a trailing EAGAIN or 0);
+ * reads/writes/waits each (counts, total, min, max, bytes, count). */
+static PyObject *overflow(TlsRecord *r) {
+    if (!r->over_used)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(NNNLLLLL)", agg_tuple(&r->over[0]), agg_tuple(&r->over[1]),
+                         agg_tuple(&r->over_wait), r->over_eagain, r->over_eintr,
+                         r->over_partial, r->over_failed, r->last_eagain_end);
+}
+
+static void slot_merge(Slot *s, const Agg *a) {
+    for (int i = 0; i <= nbounds; i++) s->counts[i] += a->counts[i];
+    s->total += a->total;
+    if (a->min < s->min) s->min = a->min;
+    if (a->max > s->max) s->max = a->max;
+    s->nbytes += a->nbytes;
 }
 
 static PyObject *
@@ -603,13 +701,14 @@ tls_begin(PyObject *self, PyObject *sslobj)
 
 /* tls_end() -> (events, dropped, wire bytes received, wire bytes sent); each
  * event (write, start_ns, end_ns, result, errno, bytes asked for), result -1
- * on failure. */
+ * on failure; then the start and end of the last tls_fast call and the
+ * aggregates of the events past TLS_EVENTS (see overflow()). */
 static PyObject *
 tls_end(PyObject *self, PyObject *noargs)
 {
     TlsRecord *r = tls_ready ? pthread_getspecific(tls_key) : NULL;
     if (r == NULL)
-        return Py_BuildValue("()LLLLL", 0LL, 0LL, 0LL, 0LL, 0LL);
+        return Py_BuildValue("()LLLLLO", 0LL, 0LL, 0LL, 0LL, 0LL, Py_None);
     r->active = 0;
     PyObject *events = PyTuple_New(r->n);
     if (events == NULL)
@@ -623,7 +722,13 @@ tls_end(PyObject *self, PyObject *noargs)
         }
         PyTuple_SET_ITEM(events, i, t);
     }
-    return Py_BuildValue("NLLLLL", events, r->dropped, r->rx, r->tx, r->call_start, r->call_end);
+    PyObject *over = overflow(r);
+    if (over == NULL) {
+        Py_DECREF(events);
+        return NULL;
+    }
+    r->over_used = 0;  /* taken */
+    return Py_BuildValue("NLLLLLN", events, r->dropped, r->rx, r->tx, r->call_start, r->call_end, over);
 }
 
 /* tls_fast(original, sock, args, kwargs, kind): the whole of a TLS data call
@@ -716,7 +821,8 @@ tls_fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     r->call_end = end;
     if (result == NULL)
         return NULL;
-    int usual = r->dropped == 0 && end - start < slow_ns;
+    int usual = end - start < slow_ns
+        && (!r->over_used || (r->over_eagain + r->over_eintr + r->over_partial + r->over_failed) == 0);
     for (int i = 0; usual && i < r->n; i++) {
         TlsEvent *e = &r->ev[i];
         if (e->result < 0 || (e->write && e->result < e->requested))
@@ -730,7 +836,15 @@ tls_fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         if (s != NULL)
             record(s, e->end - e->start, e->result, 0);
     }
+    if (r->over_used) {
+        for (int w = 0; w < 2; w++) {
+            Slot *s = slot_for(w ? M_WIRE_WRITE : M_WIRE_READ, sock);
+            if (s != NULL)
+                slot_merge(s, &r->over[w]);
+        }
+    }
     r->n = 0;  /* taken */
+    r->over_used = 0;
     return result;
 }
 
@@ -755,7 +869,7 @@ static PyMethodDef methods[] = {
     {"tls_setup", tls_setup, METH_O, "tls_setup(path of _ssl) -> True when OpenSSL's BIO callbacks are usable"},
     {"tls_begin", tls_begin, METH_O, "tls_begin(sslobj) -> True: this thread records the wire level of sslobj"},
     {"tls_end", tls_end, METH_NOARGS,
-     "tls_end() -> (events, dropped, wire rx, wire tx, start_ns, end_ns of the last tls_fast call)"},
+     "tls_end() -> (events, dropped, wire rx, wire tx, start_ns, end_ns, overflow)"},
     {"tls_fast", (PyCFunction)(void (*)(void))tls_fast, METH_FASTCALL,
      "tls_fast(original, sock, args, kwargs, kind) -> result, NOT_FAST or (UNUSUAL, result)"},
     {"tls_fast_setup", tls_fast_setup, METH_VARARGS, "tls_fast_setup(UNUSUAL, NESTED): tls_fast's marks"},

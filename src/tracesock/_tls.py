@@ -332,13 +332,15 @@ def _wire_end(call, sock):
     next one -- or to the end of the call, which then timed out or was
     interrupted."""
     try:
-        _apply_events(call, sock, *_WIRE[1]()[:4])
+        events, dropped, rx, tx, _start, _end, over = _WIRE[1]()
+        _apply_events(call, sock, events, dropped, rx, tx, over)
     except Exception as exc:
         _otel.swallow(exc)
 
 
-def _apply_events(call, sock, events, dropped, rx, tx):
-    """``_wire_end``'s work on the events of ``tls_end()``."""
+def _apply_events(call, sock, events, dropped, rx, tx, over=None):
+    """``_wire_end``'s work on what ``tls_end()`` returned: the kept events,
+    and ``over``, the aggregates of those past the C record's capacity."""
     try:
         call.wire_rx += rx
         call.wire_tx += tx
@@ -381,12 +383,55 @@ def _apply_events(call, sock, events, dropped, rx, tx):
             elif waited and err == "EAGAIN":
                 if i < last:
                     call.wait(end, events[i + 1][1], READY)
-                else:
-                    error = call.error
-                    call.wait(end, now(), READY if error is None
-                              else TIMEOUT if isinstance(error, TimeoutError) else INTERRUPTED)
+                elif over is None:  # else the wait after it is in ``over``
+                    _final_wait(call, end)
+        if over is not None:
+            _apply_overflow(call, over, waited)
     except Exception as exc:
         _otel.swallow(exc)
+
+
+def _final_wait(call, since):
+    """The wait after the call's last syscall (EAGAIN), up to now: the call timed
+    out, or something interrupted it."""
+    error = call.error
+    call.wait(since, now(), READY if error is None
+              else TIMEOUT if isinstance(error, TimeoutError) else INTERRUPTED)
+
+
+def _merge_agg(hist, agg):
+    counts, total, lo, hi, _nbytes_, _count = agg
+    for i, c in enumerate(counts):
+        hist.counts[i] += c
+    hist.total += total
+    if lo < hist.min:
+        hist.min = lo
+    if hi > hist.max:
+        hist.max = hi
+
+
+def _apply_overflow(call, over, waited):
+    """Events past the C record's capacity, aggregated there: into the call's
+    counters and the metrics (no steps: those are counted as dropped)."""
+    reads, writes, waits, eagain, eintr, partial, _failed, trailing = over
+    stats = call.stats
+    for name, agg in (("read", reads), ("write", writes)):
+        if agg[5]:
+            _merge_agg(stats.hist(stats.syscalls, name), agg)
+            call.syscalls += agg[5]
+    call.eagain += eagain
+    stats.eagain += eagain
+    call.eintr_retries += eintr
+    stats.eintr_retries += eintr
+    call.partial_sends += partial
+    stats.partial_sends += partial
+    if waited:
+        if waits[5]:
+            _merge_agg(stats.hist(stats.waits, READY), waits)
+            call.waits += waits[5]
+            call.wait_ns += waits[1]
+        if trailing:
+            _final_wait(call, trailing)
 
 
 _TLS_SENDS = frozenset({"tls.send", "tls.sendall"})
@@ -416,12 +461,12 @@ def _after_fast(sock, span_name, requested_of, args, kwargs, result, exc):
     """A call ``tls_fast`` made that needs Python after all (it failed, was slow,
     waited, was interrupted...): record it from what C left.  Never raises."""
     try:
-        events, dropped, rx, tx, start, end = _WIRE[1]()
+        events, dropped, rx, tx, start, end, over = _WIRE[1]()
         call = _new(sock, span_name, start)
         call.requested = requested_of(args, kwargs)
         call.wire = True
         call.error = exc
-        _apply_events(call, sock, events, dropped, rx, tx)
+        _apply_events(call, sock, events, dropped, rx, tx, over)
         if exc is None:
             call.transferred = _moved(result, call.requested)
         _finish(call, sock, _current_context(), end=end)
