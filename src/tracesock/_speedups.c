@@ -110,13 +110,18 @@ static Slot *slot_for(int method, PyObject *sock) {
     return s;
 }
 
-static void record(Slot *s, long long d, long long n, int odd) {
-    int lo = 0, hi = nbounds;  /* bisect_left over bounds */
+/* The histogram bucket of a duration: bisect_left over bounds. */
+static int bucket(long long d) {
+    int lo = 0, hi = nbounds;
     while (lo < hi) {
         int mid = (lo + hi) / 2;
         if (bounds[mid] < d) lo = mid + 1; else hi = mid;
     }
-    s->counts[lo] += 1;
+    return lo;
+}
+
+static void record(Slot *s, long long d, long long n, int odd) {
+    s->counts[bucket(d)] += 1;
     s->total += d;
     if (d < s->min) s->min = d;
     if (d > s->max) s->max = d;
@@ -479,12 +484,7 @@ typedef struct {
 } Agg;
 
 static void agg_add(Agg *a, long long d, long long n) {
-    int lo = 0, hi = nbounds;
-    while (lo < hi) {
-        int mid = (lo + hi) / 2;
-        if (bounds[mid] < d) lo = mid + 1; else hi = mid;
-    }
-    a->counts[lo] += 1;
+    a->counts[bucket(d)] += 1;
     a->total += d;
     if (d < a->min) a->min = d;
     if (d > a->max) a->max = d;
