@@ -599,6 +599,9 @@ def test_wait_for_a_late_record(telemetry, engine, server_ctx, client_ctx):
     # the peer held its record back for 0.2 s after the call began (a lower bound, not a speed)
     assert waited >= 0.1e9
     assert recv.attributes["tracesock.wait.duration"] == pytest.approx(waited / 1e9, rel=1e-3, abs=1e-5)
+    # the receive-side mirror of a slow send: the peer was slow to send, nothing left queued
+    assert recv.attributes["tracesock.recv.peer_slow"] is True
+    assert recv.attributes["tracesock.tcp.inq"] == 0
 
 
 def test_handshake_timeout(telemetry, engine, client_ctx):

@@ -406,7 +406,7 @@ def _new_call(sock, m_name, start):
 
 
 _SENDS = frozenset({"send", "sendto", "sendmsg", "sendall", "sendfile"})
-_RECEIVES = frozenset({"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg"})
+_RECEIVES = frozenset({"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg", "tls.recv"})
 
 
 def _diagnose(call, sock):

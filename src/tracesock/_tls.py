@@ -223,6 +223,8 @@ def _finish(call, sock, ctx, handshake=False, end=None):
                 _diagnose(call, _raw(sock))  # TCP state deltas and the verdict
             else:
                 call.tcp_before = None
+        elif call.waits and call.method == "tls.recv":
+            _diagnose(call, _raw(sock))  # the receive-side mirror: was the peer slow to send?
         profile = _otel.RECORDER.profile
         if profile is not None and not handshake:
             profile.call(call)  # plaintext bytes, under the caller's stack
