@@ -362,6 +362,9 @@ with tracer.start_as_current_span("app"):
         s.sendall(b"ping"); assert s.recv(100) == b"ping"
 names = [s.name for s in exp.get_finished_spans()]
 assert "tls.handshake" in names and "tls.sendall" in names and "tls.recv" in names, names
+from tracesock import _socket as layer
+if layer._speedups is not None:  # the native engine's wire level, set up when ssl arrived
+    assert "syscall.write" in names and "syscall.read" in names, names
 assert ssl.__spec__.loader.__class__.__name__ != "_PatchingLoader"
 tracesock.uninstrument()
 assert ssl.SSLSocket.__dict__["recv"] is original
