@@ -281,6 +281,16 @@ def step_counters(attrs, call):
     attrs["tracesock.wait.duration"] = call.wait_ns / 1e9
 
 
+def timeout_attribute(attrs, sock):
+    """``tracesock.timeout``: the socket's timeout, when it has one."""
+    try:
+        timeout = sock.gettimeout()
+    except Exception:
+        timeout = None
+    if timeout is not None:
+        attrs["tracesock.timeout"] = timeout
+
+
 def call_attributes(sock, call):
     attrs = socket_attributes(sock, call)
     _site_attributes(attrs)
@@ -288,12 +298,7 @@ def call_attributes(sock, call):
         attrs["tracesock.bytes.requested"] = call.requested
     attrs["tracesock.bytes.transferred"] = call.transferred
     step_counters(attrs, call)
-    try:
-        timeout = sock.gettimeout()
-    except Exception:
-        timeout = None
-    if timeout is not None:
-        attrs["tracesock.timeout"] = timeout
+    timeout_attribute(attrs, sock)
     if call.recv_buffer is not None:
         attrs["tracesock.recv.buffer_size"] = call.recv_buffer
         attrs["tracesock.recv.resized"] = call.resized

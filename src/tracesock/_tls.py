@@ -165,12 +165,7 @@ def _attributes(sock, call, handshake):
         _otel.step_counters(attrs, call)
         if call.dropped_steps:
             attrs["tracesock.steps.dropped"] = call.dropped_steps
-    try:
-        timeout = sock.gettimeout()
-    except Exception:
-        timeout = None
-    if timeout is not None:
-        attrs["tracesock.timeout"] = timeout
+    _otel.timeout_attribute(attrs, sock)
     if call.tcp_attrs:
         attrs.update(call.tcp_attrs)
     if call.error is not None:
@@ -476,6 +471,23 @@ def _after_fast(sock, span_name, requested_of, args, kwargs, result, exc):
         _otel.swallow(err)
 
 
+def _recorded(call, sock, original, args, kwargs):
+    """``original(sock, ...)`` as ``call``: the thread's current TLS call (calls
+    made inside it are part of it), its wire level recorded; an exception is
+    also the call's error (it tells how the last wait ended)."""
+    _wire_begin(call, sock)
+    _tl.call = call
+    try:
+        return original(sock, *args, **kwargs)
+    except BaseException as exc:
+        call.error = exc
+        raise
+    finally:
+        _tl.call = None
+        if call.wire and call.engine == "native":
+            _wire_end(call, sock)
+
+
 def _io_method(original, span_name, requested_of):
     kind = _SEND_KIND.get(span_name)
 
@@ -506,20 +518,11 @@ def _io_method(original, span_name, requested_of):
         except Exception as exc:
             _otel.swallow(exc)
             return original(self, *args, **kwargs)
-        _wire_begin(call, self)
-        _tl.call = call
         try:
-            result = original(self, *args, **kwargs)
-        except BaseException as exc:
-            _tl.call = None
-            call.error = exc
-            if call.wire and call.engine == "native":
-                _wire_end(call, self)
+            result = _recorded(call, self, original, args, kwargs)
+        except BaseException:
             _finish(call, self, ctx)
             raise
-        _tl.call = None
-        if call.wire and call.engine == "native":
-            _wire_end(call, self)
         try:
             call.transferred = _moved(result, call.requested)
         except Exception as exc:
@@ -544,28 +547,18 @@ def _handshake_method(original):
         except Exception as exc:
             _otel.swallow(exc)
             return original(self, *args, **kwargs)
-        _wire_begin(call, self)
-        _tl.call = call
         try:
-            result = original(self, *args, **kwargs)
+            result = _recorded(call, self, original, args, kwargs)
         except BaseException as exc:
-            _tl.call = None
-            if call.wire and call.engine == "native":
-                call.error = exc  # what ended the last wait
-                _wire_end(call, self)
-                call.error = None
             if _is_flow(exc):
+                call.error = None
                 try:  # not done yet: the handshake goes on at the next attempt
                     _hs_pending[self] = call
                 except Exception as err:
                     _otel.swallow(err)
                 raise
-            call.error = exc
             _finish(call, self, ctx, handshake=True)
             raise
-        _tl.call = None
-        if call.wire and call.engine == "native":
-            _wire_end(call, self)
         _finish(call, self, ctx, handshake=True)
         return result
 
