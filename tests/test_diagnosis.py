@@ -56,7 +56,7 @@ def _sendall(telemetry, data, sndbuf=None, pause=0.0, size=1 << 20, timeout=None
         signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
     error = None
     try:
-        with telemetry.tracer.start_as_current_span("upload"):
+        with telemetry.tracer.start_as_current_span("upload") as upload:
             cli.sendall(data)
     except OSError as exc:
         error = exc
@@ -71,7 +71,10 @@ def _sendall(telemetry, data, sndbuf=None, pause=0.0, size=1 << 20, timeout=None
         t.join(30)
         cli.close()
         conn.close()
-    return telemetry.spans("socket.sendall")[0], error
+    # This sendall's span: a thread another test left behind may add sendall spans of its own.
+    parent = upload.get_span_context().span_id
+    (span,) = [s for s in telemetry.spans("socket.sendall") if s.parent and s.parent.span_id == parent]
+    return span, error
 
 
 @linux_only
@@ -97,14 +100,18 @@ def test_forced_small_send_buffer_is_send_buffer_small(traced):
 
 @linux_only
 def test_signal_storm_is_signals(traced):
-    # The verdict weighs the handlers' CPU time against the call's wall time; on a
-    # shared 2-core machine another process can stretch the wall time of one run,
-    # so the scenario gets three real tries -- each must see the signals.
+    # The verdict weighs the handlers' CPU time (RUSAGE_THREAD user time, which the
+    # kernel samples per tick: +-4 ms against a call of 30-80 ms) against the call's
+    # wall time, and a process-directed SIGALRM may land in the reader thread, so
+    # the main thread's first non-blocking send can take all 64 MiB uninterrupted
+    # (no wait: no snapshot, no verdict).  Measured on the pure-Python path: about
+    # 1 try in 5 is not "signals".  So the scenario gets six real tries, and one of
+    # them must be "signals" with its EINTR retries and handler time.
     verdicts = []
-    for _ in range(3):
+    for _ in range(6):
         traced.clear()
         span, _ = _sendall(traced, b"g" * (64 << 20), storm=0.0019)
-        verdicts.append(span.attributes["tracesock.diagnosis"])
+        verdicts.append(span.attributes.get("tracesock.diagnosis"))
         if verdicts[-1] == "signals":
             break
     assert "signals" in verdicts, verdicts
