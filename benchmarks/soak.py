@@ -264,13 +264,13 @@ def _sum(pts, name, **attrs):
 
 def internals():
     """Sizes of tracesock's own state: registry entries, aggregate entries, C slots."""
-    from tracesock import _events
-    from tracesock import _socket as ts
+    from tracesock.core import events
+    from tracesock.sockets import methods
 
-    snap = _events.snapshot()
+    snap = events.snapshot()
     entries = sum(len(s.fast) + len(s.calls) + len(s.syscalls) + len(s.waits) for s in snap.values())
-    slots = len(ts._speedups.snapshot(False)) if ts._speedups is not None else 0
-    return {"registry": len(_events._registry), "snapshot_keys": len(snap),
+    slots = len(methods.SPEEDUPS.snapshot(False)) if methods.SPEEDUPS is not None else 0
+    return {"registry": events.registered_threads(), "snapshot_keys": len(snap),
             "snapshot_entries": entries, "c_slots": slots}
 
 

@@ -141,7 +141,7 @@ if order == "before-import":  # tracesock imported after patching: its threading
     from gevent import monkey
     monkey.patch_all()
 import tracesock
-from tracesock import _otel
+from tracesock.core import guard
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -297,13 +297,13 @@ def tcp_io():
 
 
 traced = session()
-result = {"traced": traced, "sent": sent, "spans": tls_spans(), "wire": tracesock._tls._WIRE is not None}
+result = {"traced": traced, "sent": sent, "spans": tls_spans(), "wire": tracesock.sockets.tls.wire_active()}
 # The same outside any span: metrics only, each greenlet's ciphertext counted once
 before = tcp_io()
 result["metrics_only"] = session(in_spans=False)
 after = tcp_io()
 result["io"] = {k: after.get(k, 0) - before.get(k, 0) for k in ("transmit", "receive")}
-result["dropped"] = _otel.dropped_count()
+result["dropped"] = guard.dropped_count()
 tracesock.uninstrument()
 exp.clear()
 result["untraced"] = session()

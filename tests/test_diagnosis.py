@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tracesock import _tcpinfo
+from tracesock.core import tcpinfo
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO is Linux")
 
@@ -159,7 +159,7 @@ def test_tcp_info_parsing_matches_ss():
     with cli, conn:
         cli.sendall(b"x" * 100000)
         conn.recv(1 << 20)
-        snap = _tcpinfo.snapshot(cli)
+        snap = tcpinfo.snapshot(cli)
         port = cli.getsockname()[1]
         out = subprocess.run(["ss", "-tin", "src", f"127.0.0.1:{port}"], capture_output=True,
                              text=True, timeout=10).stdout

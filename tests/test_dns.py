@@ -14,7 +14,7 @@ import pytest
 from opentelemetry import context as otel_context
 
 import tracesock
-from tracesock import _dns
+from tracesock.sockets import dns
 
 BAD = "tracesock-test.invalid"  # RFC 6761: never resolves
 
@@ -43,7 +43,7 @@ def _children(telemetry, span):
 
 
 def test_functions_replaced_and_restored_exactly(telemetry):
-    originals = {name: getattr(socket, name) for name in _dns.FUNCTIONS}
+    originals = {name: getattr(socket, name) for name in dns.FUNCTIONS}
     telemetry.instrument()
     for name, original in originals.items():
         replaced = getattr(socket, name)
@@ -338,7 +338,7 @@ def test_uninstrument_leaves_a_later_patcher_alone(telemetry):
 
 
 def test_histograms_use_the_seconds_buckets(traced):
-    from tracesock._events import BOUNDS_S
+    from tracesock.core.events import BOUNDS_S
 
     socket.getaddrinfo("localhost", 80)
     srv = socket.create_server(("127.0.0.1", 0))

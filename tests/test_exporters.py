@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import tracesock
-from tracesock import _config
+from tracesock.core import config
 from tracesock.exporters.file import JaegerFileExporter
 from tracesock.exporters.formats import jaeger_to_otlp, otlp_to_jaeger, spans_to_otlp, validate_jaeger
 from tracesock.exporters.summary import SummaryProcessor
@@ -406,7 +406,7 @@ def test_opentelemetry_instrument_bad_variable_is_one_line(tmp_path):
 
 
 def test_settings_from_env():
-    s = _config.from_env({"TRACESOCK_DETAIL": "SYSCALLS", "TRACESOCK_SLOW_THRESHOLD": "none",
+    s = config.from_env({"TRACESOCK_DETAIL": "SYSCALLS", "TRACESOCK_SLOW_THRESHOLD": "none",
                           "TRACESOCK_EXPORTER": "otlp, file", "TRACESOCK_MAX_SPANS": "7",
                           "TRACESOCK_SUMMARY": "off", "TRACESOCK_OUTPUT": "t-{pid}.json",
                           "TRACESOCK_PROMETHEUS_PORT": ""})
@@ -414,7 +414,7 @@ def test_settings_from_env():
         "syscalls", None, ("otlp", "file"), 7, False)
     assert s.prometheus_port is None  # empty = unset
     assert s.output_path(42) == "t-42.json"
-    assert _config.from_env(_config.to_env(s)) == s
+    assert config.from_env(config.to_env(s)) == s
 
 
 @pytest.mark.parametrize("var, value", [
@@ -423,7 +423,7 @@ def test_settings_from_env():
     ("TRACESOCK_MAX_SPANS", "-3"), ("TRACESOCK_PROMETHEUS_PORT", "99999"), ("TRACESOCK_CHILDREN", "maybe"),
 ])
 def test_bad_variable_names_itself(var, value):
-    with pytest.raises(_config.ConfigError) as info:
-        _config.from_env({var: value})
+    with pytest.raises(config.ConfigError) as info:
+        config.from_env({var: value})
     message = str(info.value)
     assert message.startswith(var + ":") and "\n" not in message

@@ -22,7 +22,9 @@ import threading
 import pytest
 
 import tracesock
-from tracesock import Profile, _otel
+from tracesock import Profile
+from tracesock.core import guard
+from tracesock.telemetry import recorder
 from tracesock.exporters.profile import (collect, folded_path, load, load_doc, sites, to_folded,
                                          to_speedscope)
 
@@ -384,7 +386,7 @@ def test_profiling_off_records_nothing_and_restores_the_hot_path():
     p = Profile()
     tracesock.instrument(detail="metrics", profile=p)
     tracesock.instrument(detail="metrics")  # profiling off again
-    assert _otel.RECORDER.profile is None
+    assert recorder.RECORDER.profile is None
     a, b = socket.socketpair()
     try:
         a.send(b"x")
@@ -404,7 +406,7 @@ class _Broken(Profile):
 
 
 def test_profile_errors_never_reach_the_program():
-    before = _otel.dropped_count()
+    before = guard.dropped_count()
     tracesock.instrument(detail="metrics", profile=_Broken())
     a, b = socket.socketpair()
     try:
@@ -419,7 +421,7 @@ def test_profile_errors_never_reach_the_program():
         tracesock.uninstrument()
         a.close()
         b.close()
-    assert _otel.dropped_count() >= before + 4
+    assert guard.dropped_count() >= before + 4
 
 
 # --- code.* attributes on spans ---------------------------------------------------

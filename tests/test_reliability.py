@@ -77,20 +77,20 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import tracesock
-from tracesock import _socket as _tsocket
+from tracesock.core import speedups
+from tracesock.sockets import methods
 from conftest import Telemetry
 
 HAS_ITIMER = hasattr(signal, "setitimer")
 needs_itimer = pytest.mark.skipif(not HAS_ITIMER, reason="needs setitimer")
-SPEEDUPS = _tsocket._speedups is not None
+SPEEDUPS = methods.SPEEDUPS is not None
 
 # Figures worth reporting are printed with -s (pytest -s -k ...) and kept here.
 FIGURES = {}
 
 
 def _socket_mod_speedups():
-    from tracesock import _syscall
-    return _syscall._send_counted is not None
+    return speedups.available()
 
 
 def figure(name, value):

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 import tracesock
-from tracesock import _events
+from tracesock.core import events
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("tracesock_soak", os.path.join(_HERE, "..", "benchmarks", "soak.py"))
@@ -227,14 +227,14 @@ def test_thread_churn_with_collection_keeps_the_registry_bounded(telemetry):
         work = _thread_work(a, b)
         _churn(20, work)
         telemetry.metrics()
-        base = len(_events._registry)
-        entries = sum(len(s.calls) + len(s.syscalls) + len(s.waits) for s in _events.snapshot().values())
+        base = events.registered_threads()
+        entries = sum(len(s.calls) + len(s.syscalls) + len(s.waits) for s in events.snapshot().values())
         for _ in range(5):
             _churn(100, work)
             telemetry.metrics()  # a periodic reader's collection folds exited threads
         m = telemetry.metrics()
-    assert len(_events._registry) <= base
-    assert sum(len(s.calls) + len(s.syscalls) + len(s.waits) for s in _events.snapshot().values()) == entries
+    assert events.registered_threads() <= base
+    assert sum(len(s.calls) + len(s.syscalls) + len(s.waits) for s in events.snapshot().values()) == entries
     # and nothing of the exited threads was lost
     assert telemetry.value(m, "tracesock.call.duration", **{"tracesock.call": "sendmsg"}) == 520
 
@@ -247,9 +247,9 @@ def test_thread_churn_without_collection_keeps_the_registry_bounded():
         with a, b:
             work = _thread_work(a, b)
             _churn(10, work)
-            base = len(_events._registry)
+            base = events.registered_threads()
             _churn(1000, work)
-            grown = len(_events._registry) - base
+            grown = events.registered_threads() - base
     finally:
         tracesock.uninstrument()
         tp.shutdown()

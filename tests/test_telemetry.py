@@ -14,8 +14,10 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation, View
 
 import tracesock
-from tracesock._events import BOUNDS_S
-from tracesock import _otel
+from tracesock.core import guard
+from tracesock.core.events import BOUNDS_S
+from tracesock.telemetry.context import SUPPRESS
+from tracesock.telemetry.metrics import bridge_for
 
 from conftest import has_ipv6
 
@@ -244,7 +246,7 @@ def test_blocking_io_error_inside_trace_is_a_span_without_error_status(traced):
 
 def test_suppressed_context_is_not_traced(traced):
     a, b = socket.socketpair()
-    token = otel_context.attach(otel_context.set_value(_otel._SUPPRESS, True))
+    token = otel_context.attach(otel_context.set_value(SUPPRESS, True))
     try:
         with traced.tracer.start_as_current_span("p"):
             a.sendall(b"x")
@@ -330,7 +332,7 @@ def test_histograms_are_merged_exactly_across_collections(telemetry):
     assert first["tracesock.call.duration"][key].count == 5
     assert second["tracesock.call.duration"][key].count == 12  # cumulative
     assert sum(second["tracesock.call.duration"][key].bucket_counts) == 12
-    bridge = _otel.bridge_for(telemetry.meter_provider)
+    bridge = bridge_for(telemetry.meter_provider)
     assert bridge.merged_samples >= 12 and bridge.replayed_samples == 0
 
 
@@ -356,7 +358,7 @@ def test_histogram_replay_fallback_keeps_counts_exact():
                     if metric.name == "tracesock.syscall.duration":
                         counts[p.attributes["tracesock.syscall"]] = p.count
     assert counts.get("send", 0) >= 9 and counts.get("recv", 0) >= 9
-    assert _otel.bridge_for(provider).replayed_samples > 0
+    assert bridge_for(provider).replayed_samples > 0
     provider.shutdown()
 
 
@@ -431,13 +433,13 @@ def test_telemetry_failure_never_reaches_the_application(telemetry):
 
     telemetry.tracer_provider.add_span_processor(Broken())
     telemetry.instrument(detail="syscalls", slow_threshold=0)
-    before = _otel.dropped_count()
+    before = guard.dropped_count()
     a, b = socket.socketpair()
     with a, b:
         a.sendall(b"data")
         assert b.recv(4) == b"data"
     # the SDK itself logs and swallows processor errors; either way nothing raised
-    assert _otel.dropped_count() >= before
+    assert guard.dropped_count() >= before
 
 
 def test_instrument_rejects_bad_settings():
@@ -463,9 +465,9 @@ def test_so_errno_names(traced):
 
 
 def test_steps_beyond_the_cap_are_counted_not_kept(traced, monkeypatch):
-    from tracesock import _events
+    from tracesock.core import events
 
-    monkeypatch.setattr(_events, "MAX_STEPS", 3)
+    monkeypatch.setattr(events, "MAX_STEPS", 3)
     a, b = socket.socketpair()
     a.settimeout(10)
     payload = b"\2" * (4 << 20)
@@ -489,14 +491,14 @@ def test_c_hot_path_is_used_when_built():
     import glob
     import os
 
-    from tracesock import _socket as traced_socket
+    from tracesock.sockets import methods
 
-    built = glob.glob(os.path.join(os.path.dirname(traced_socket.__file__), "_speedups*.so"))
+    built = glob.glob(os.path.join(os.path.dirname(os.path.dirname(methods.__file__)), "_speedups*.so"))
     if os.environ.get("TRACESOCK_NO_SPEEDUPS", "") not in ("", "0"):
-        assert traced_socket._speedups is None
+        assert methods.SPEEDUPS is None
     elif built:
-        assert traced_socket._speedups is not None
-        assert traced_socket.METHODS["recv"].__wrapped__ is socket.socket.recv
+        assert methods.SPEEDUPS is not None
+        assert methods.METHODS["recv"].__wrapped__ is socket.socket.recv
     else:
         pytest.skip("the C extension is not built here")
 

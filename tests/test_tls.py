@@ -22,7 +22,9 @@ import trustme
 import urllib3
 
 import tracesock
-from tracesock import _tls
+from tracesock.core import guard
+from tracesock.patching import ssl as ssl_patching
+from tracesock.sockets import methods, tls
 
 ENGINES = ["native", "bio"]
 # The ciphertext syscalls: the bio engine moves them itself (send/recv); under
@@ -34,16 +36,14 @@ SPEEDUPS = os.environ.get("TRACESOCK_NO_SPEEDUPS") != "1"
 def wire_level(engine):
     """Whether the engine records the wire level here: always for bio; native
     needs the C extension (it watches OpenSSL's socket BIO)."""
-    _tls._wire_setup()  # what instrument() does first (idempotent)
-    return engine == "bio" or _tls._WIRE is not None
+    tls.setup_wire()  # what instrument() does first (idempotent)
+    return engine == "bio" or tls.wire_active()
 
 
 def test_native_wire_level_is_there_with_the_c_extension(telemetry):
-    _tls._WIRE = _tls._TLS_FAST = None
     telemetry.instrument()
-    from tracesock import _socket
-    assert (_socket._speedups is not None) == SPEEDUPS
-    assert (_tls._WIRE is not None) == SPEEDUPS
+    assert (methods.SPEEDUPS is not None) == SPEEDUPS
+    assert tls.wire_active() == SPEEDUPS
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,6 @@ def test_c_fast_path_counts_what_the_recorded_path_counts(telemetry, rsa_echo_se
     ciphertext syscalls and bytes must reach the metrics exactly as when every
     call is recorded in Python (inside a trace, with spans)."""
     need_wire_level("native")
-    from tracesock import _socket
     echo_server, client_ctx = rsa_echo_server
     telemetry.instrument(detail="calls", slow_threshold=None)
 
@@ -271,7 +270,7 @@ def test_c_fast_path_counts_what_the_recorded_path_counts(telemetry, rsa_echo_se
                 telemetry.value(m, "tracesock.io", network_io_direction="transmit"))
 
     def c_wire_samples():
-        return sum(sum(row[3]) for row in _socket._speedups.snapshot(False) if row[0] in (4, 5))
+        return sum(sum(row[3]) for row in methods.SPEEDUPS.snapshot(False) if row[0] in (4, 5))
 
     t0 = totals()
     with telemetry.tracer.start_as_current_span("app"):
@@ -362,8 +361,7 @@ with tracer.start_as_current_span("app"):
         s.sendall(b"ping"); assert s.recv(100) == b"ping"
 names = [s.name for s in exp.get_finished_spans()]
 assert "tls.handshake" in names and "tls.sendall" in names and "tls.recv" in names, names
-from tracesock import _socket as layer
-if layer._speedups is not None:  # the native engine's wire level, set up when ssl arrived
+if methods.SPEEDUPS is not None:  # the native engine's wire level, set up when ssl arrived
     assert "syscall.write" in names and "syscall.read" in names, names
 assert ssl.__spec__.loader.__class__.__name__ != "_PatchingLoader"
 tracesock.uninstrument()
@@ -387,7 +385,7 @@ def test_uninstrument_restores_ssl(telemetry):
     tracesock.uninstrument()
     assert dict(ssl.SSLSocket.__dict__) == before
     assert dict(ssl.SSLContext.__dict__) == ctx_before
-    assert not _tls.is_installed()
+    assert not ssl_patching.patched()
 
 
 def test_later_handshake_still_under_create_connection(telemetry, echo_server, client_ctx):
@@ -413,7 +411,7 @@ def test_later_handshake_still_under_create_connection(telemetry, echo_server, c
     assert first.parent.span_id == cc.context.span_id
     assert second.parent.span_id == app.get_span_context().span_id
     assert third.parent.span_id == app2.get_span_context().span_id
-    assert not _tls._links  # taken by the handshake, nothing left behind
+    assert not tls.pending_links()  # taken by the handshake, nothing left behind
 
 
 # --- same behaviour ------------------------------------------------------------------------------
@@ -869,19 +867,18 @@ def test_http_client_and_urllib(telemetry, engine, https_server, client_ctx):
 
 
 def test_telemetry_failure_never_raises(traced, echo_server, client_ctx, monkeypatch):
-    from tracesock import _otel
 
     def boom(*a, **k):
         raise RuntimeError("telemetry broke")
 
-    monkeypatch.setattr(_otel, "socket_attributes", boom)
-    before = _otel.dropped_count()
+    monkeypatch.setattr(tls, "socket_attributes", boom)
+    before = guard.dropped_count()
     with traced.tracer.start_as_current_span("app"):
         with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
             with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
                 s.sendall(b"ok")
                 assert s.recv(10) == b"ok"
-    assert _otel.dropped_count() > before
+    assert guard.dropped_count() > before
 
 
 def test_large_sendall_same_bytes(telemetry, engine, server_ctx, client_ctx):

@@ -37,10 +37,11 @@ import pytest
 import trustme
 
 import tracesock
+from tracesock.sockets import methods
 from conftest import Telemetry, has_ipv6
 
 # The optional C hot path is active (TRACESOCK_NO_SPEEDUPS unset and the extension built).
-SPEEDUPS = getattr(getattr(tracesock, "_socket", None), "_speedups", None) is not None
+SPEEDUPS = methods.SPEEDUPS is not None
 
 METHOD_NAMES = ["recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg", "send", "sendto",
                 "sendmsg", "sendall", "_accept", "connect", "connect_ex", "sendfile"]
@@ -470,8 +471,8 @@ def test_bound_method_signature(name):
 
 def test_sendfile_module_attribute():
     """Regression (found by this file, fixed in the core): socket.socket.sendfile.__module__
-    was 'tracesock._socket' while instrumented (unpatched: 'socket'), so pickle and
-    pydoc/help() treated it as a function of tracesock._socket."""
+    was 'tracesock._socket' (now tracesock.sockets.methods) while instrumented (unpatched: 'socket'), so pickle and
+    pydoc/help() treated it as a function of tracesock's module."""
     plain = socket.socket.sendfile.__module__
     tracesock.instrument()
     try:

@@ -7,11 +7,11 @@ wait of a Python program as OpenTelemetry spans and metrics.
     tracesock.uninstrument()        # exactly as before
 """
 
-__version__ = "0.1.0"
-
-from ._patch import instrument, instrumented, is_instrumented, uninstrument  # noqa: E402
-from ._socket import TracedSocket  # noqa: E402
-from ._profile import Profile, write_profile  # noqa: E402
+from .exporters.profile import write_profile
+from .patching import instrument, instrumented, is_instrumented, uninstrument
+from .sockets.methods import TracedSocket
+from .telemetry.profile import Profile
+from .version import __version__
 
 __all__ = [
     "Profile",

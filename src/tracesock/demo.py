@@ -32,6 +32,8 @@ import tempfile
 import textwrap
 from dataclasses import dataclass
 
+from .report import analyze, load
+
 __all__ = ["SCENARIOS", "PROGRAM", "Result", "run_scenario", "network_unavailable", "write_program"]
 
 SKIPPED = 77  # exit status of the program when it cannot set its scenario up
@@ -251,8 +253,6 @@ def _child_env():
 
 def run_scenario(name, directory, *, timeout=120):
     """Run one scenario under ``tracesock run`` in a child process; its :class:`Result`."""
-    from .report import analyze, load
-
     scenario = SCENARIOS[name]
     result = Result(name, scenario.expected)
     path = os.path.normpath(os.path.join(directory, f"tracesock-demo-{name}.json"))
@@ -297,13 +297,3 @@ def run_scenario(name, directory, *, timeout=120):
     result.span = sends[0]
     result.verdict = sends[0].verdict
     return result
-
-
-def main(argv=None):
-    """``python -m tracesock.demo ...`` is ``tracesock demo ...``."""
-    from .cli.demo import main as demo
-    return demo(sys.argv[1:] if argv is None else list(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

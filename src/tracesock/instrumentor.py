@@ -30,8 +30,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "tracesock.instrumentor needs opentelemetry-instrumentation: "
         "pip install 'tracesock[instrumentation]'") from e
 
-from . import _patch
-from ._config import DISABLED_ENV, ConfigError, check_tls_engine, parse_bool, parse_detail, parse_threshold
+from . import patching
+from .core.config import DISABLED_ENV, ConfigError, check_tls_engine, parse_bool, parse_detail, parse_threshold
 
 
 def _tls_engine(raw, var):
@@ -73,8 +73,8 @@ class SocketInstrumentor(BaseInstrumentor):
             slow_threshold = kwargs["slow_threshold"]
         else:
             slow_threshold = _from_env("TRACESOCK_SLOW_THRESHOLD", parse_threshold, 0.1)
-        _patch.instrument(kwargs.get("tracer_provider"), kwargs.get("meter_provider"),
+        patching.instrument(kwargs.get("tracer_provider"), kwargs.get("meter_provider"),
                           detail=detail, slow_threshold=slow_threshold)
 
     def _uninstrument(self, **kwargs):
-        _patch.uninstrument()
+        patching.uninstrument()

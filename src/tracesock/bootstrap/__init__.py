@@ -20,6 +20,9 @@ from __future__ import annotations
 import os
 import sys
 
+from ..core.config import ConfigError, check_otel_env, check_tls_engine, disabled, from_env, replace_output, to_env
+from ..exporters import PARENT_ENV, start
+
 __all__ = ["DIRECTORY", "propagate", "activate"]
 
 DIRECTORY = os.path.dirname(os.path.abspath(__file__))
@@ -36,9 +39,6 @@ def child_output(output):
 
 def propagate(session, environ=None):
     """Set up ``environ`` (default ``os.environ``) so Python subprocesses trace themselves."""
-    from .._config import replace_output, to_env
-    from ..exporters import PARENT_ENV
-
     environ = os.environ if environ is None else environ
     settings = replace_output(session.settings, child_output(session.settings.output))
     environ.update(to_env(settings))
@@ -51,9 +51,6 @@ def propagate(session, environ=None):
 
 def activate():
     """Start tracing this process from the ``TRACESOCK_*`` environment (called by sitecustomize)."""
-    from .._config import ConfigError, check_otel_env, check_tls_engine, disabled, from_env
-    from ..exporters import start
-
     try:
         if disabled():
             return  # TRACESOCK_DISABLED=1 in a child: untouched

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import example
+from ..version import __version__
+from . import demo, export, report, run
+
 COMMANDS = {
     "run": "run a Python program (script or -m module) with every socket call traced",
     "export": "convert a trace file between Jaeger JSON and OTLP-JSON",
@@ -27,7 +31,6 @@ def _parser():
 
 
 def _version():
-    from .. import __version__
     return __version__
 
 
@@ -41,19 +44,14 @@ def main(argv=None):
         parser.parse_args(argv)
     command, rest = argv[0], argv[1:]
     if command == "run":
-        from .run import main as run
-        return run(rest)
+        return run.main(rest)
     if command == "export":
-        from .export import main as export
-        return export(rest)
+        return export.main(rest)
     if command == "example":
-        from ..example import main as example
-        return example(rest)
+        return example.main(rest)
     if command == "report":
-        from .report import main as report
-        return report(rest)
+        return report.main(rest)
     if command == "demo":
-        from .demo import main as demo
-        return demo(rest)
+        return demo.main(rest)
     sys.stderr.write(f"tracesock: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})\n")
     return 2

@@ -7,12 +7,13 @@ import os
 import sys
 
 from ._args import OneLineParser
+from ..demo import SCENARIOS, run_scenario
+from ..report import analyze, html, load, text
 
 PROG = "tracesock demo"
 
 
 def parser():
-    from ..demo import SCENARIOS
     lines = "\n".join(f"  {s.name:<14} -> {s.expected:<18} {s.what}" for s in SCENARIOS.values())
     ap = OneLineParser(
         prog=PROG,
@@ -37,9 +38,6 @@ def parser():
 
 def main(argv):
     opts = parser().parse_args(argv)
-    from ..demo import SCENARIOS, run_scenario
-    from ..report import analyze, load
-    from ..report import text
 
     try:
         os.makedirs(opts.directory, exist_ok=True)
@@ -65,7 +63,6 @@ def main(argv):
         report = analyze(spans, top=opts.top, sources=[result.path], warnings=warnings)
         out.write(text.render(report))
         if opts.html:
-            from ..report import html
             page_path = os.path.splitext(result.path)[0] + ".html"
             with open(page_path, "w", encoding="utf-8") as f:
                 f.write(html.render(report, title=f"tracesock demo: {name}"))

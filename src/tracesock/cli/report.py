@@ -7,6 +7,8 @@ import os
 import sys
 
 from ._args import OneLineParser
+from ..exporters.profile import load as load_profile, merge, sites
+from ..report import analyze, html, load, text
 
 PROG = "tracesock report"
 
@@ -37,8 +39,6 @@ def main(argv):
     if opts.top < 0:
         sys.stderr.write(f"{PROG}: error: --top must be >= 0, not {opts.top}\n")
         return 2
-    from ..report import analyze, load
-    from ..report import text
 
     traces, profiles = _split_profiles(opts.files)
     try:
@@ -56,7 +56,6 @@ def main(argv):
         return 2
     report = analyze(spans, top=opts.top, sources=opts.files, warnings=warnings)
     if profile is not None:
-        from ..exporters.profile import sites
         report.profile = profile
         report.sites = sites(profile)
     try:
@@ -65,7 +64,6 @@ def main(argv):
     except BrokenPipeError:  # `tracesock report ... | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if opts.html:
-        from ..report import html
         page = html.render(report, title="tracesock report: " + ", ".join(
             os.path.basename(f) for f in opts.files))
         tmp = f"{opts.html}.{os.getpid()}.tmp"
@@ -98,5 +96,4 @@ def _split_profiles(paths):
 def _load_profiles(paths):
     if not paths:
         return None
-    from ..exporters.profile import load as load_profile, merge
     return merge([load_profile(p) for p in paths])

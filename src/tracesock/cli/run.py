@@ -11,13 +11,22 @@ exporters and a summary is printed on stderr.
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib.util
 import os
+import runpy
 import sys
 
-from .._config import (DEFAULT_MAX_SPANS, DEFAULT_OUTPUT, DETAILS, EXPORTERS, ConfigError, Settings,
+from ..core.config import (DEFAULT_MAX_SPANS, DEFAULT_OUTPUT, DETAILS, EXPORTERS, ConfigError, Settings,
                        check_otel_env, check_output, check_tls_engine, disabled, from_env, override, parse_detail, parse_exporters,
                        parse_max_spans, parse_output, parse_port, parse_text, parse_threshold)
 
+from .. import patching
+from ..bootstrap import propagate
+from ..exporters import start
+from ..exporters.profile import paths_for
+from ..exporters.profile import write as write_files
+from ..telemetry import profile as live_profile
 from ._args import OneLineParser
 
 PROG = "tracesock run"
@@ -164,8 +173,6 @@ def main(argv):
         if not _module_exists(module):
             return 1
 
-    from ..bootstrap import propagate
-    from ..exporters import start
 
     try:
         session = start(settings, command, children_env=propagate)
@@ -202,24 +209,18 @@ def main(argv):
 
 def _start_profile(session, settings):
     """Profile from the program's first line; write the files at exit (before the trace)."""
-    import atexit
-
-    import tracesock
-    from .. import _profile
 
     path = os.path.abspath(settings.profile.replace("{pid}", str(os.getpid())))
-    from ..exporters.profile import paths_for
     check_output([os.path.abspath(p) for p in paths_for(path)],
                  settings.sources.get("profile", "--profile"), settings.overwrite)
-    profile = _profile.enable()
-    tracesock.instrument(session.wrapper, session.meter_provider, detail=settings.detail,
+    profile = live_profile.enable()
+    patching.instrument(session.wrapper, session.meter_provider, detail=settings.detail,
                          slow_threshold=settings.slow_threshold, profile=profile)
     pid = os.getpid()
 
     def write():
         if os.getpid() != pid:  # a fork()ed copy: the parent writes
             return
-        from ..exporters.profile import write as write_files
         try:
             written = write_files(profile, path, overwrite=settings.overwrite)
         except Exception as e:  # never turn the program's exit into a traceback
@@ -239,7 +240,6 @@ def _start_profile(session, settings):
 
 
 def _module_exists(module):
-    import importlib.util
     try:
         spec = importlib.util.find_spec(module)
     except Exception as e:  # what python -m says
@@ -274,14 +274,12 @@ def _run_untraced(module, program):
 
 
 def _run_script(script, args):
-    import runpy
     sys.argv[:] = [script] + list(args)
     sys.path[0] = os.path.dirname(os.path.realpath(script))
     runpy.run_path(os.path.abspath(script), run_name="__main__")
 
 
 def _run_module(module, args):
-    import runpy
     sys.argv[:] = [module] + list(args)  # run_module replaces argv[0] with the module's file
     sys.path[0] = os.getcwd()
     runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -302,7 +300,6 @@ def _trim_traceback_when_printed():
     the frames of tracesock and runpy above the program are cut off, then the
     hook that was in place (the program's own, if it set one) prints.
     """
-    import runpy
     run_code = runpy._run_code.__code__
     previous = sys.excepthook
 

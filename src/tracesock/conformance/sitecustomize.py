@@ -74,10 +74,10 @@ def _fatal(marker_dir, data, message):
 
 def _speedups_active():
     """Whether tracesock's optional C hot path is in use (None: unknown)."""
-    mod = sys.modules.get("tracesock._socket")
-    if mod is None or not hasattr(mod, "_speedups"):
+    mod = sys.modules.get("tracesock.sockets.methods")
+    if mod is None or not hasattr(mod, "SPEEDUPS"):
         return None
-    return getattr(mod, "_speedups") is not None
+    return getattr(mod, "SPEEDUPS") is not None
 
 
 def _activate_instrumented(marker_dir, data):

@@ -1,6 +1,6 @@
 """Wiring for ``tracesock run`` (and the ``--children`` bootstrap): providers, exporters, summary.
 
-:func:`start` turns :class:`tracesock._config.Settings` into a running
+:func:`start` turns :class:`tracesock.core.config.Settings` into a running
 :class:`Session`: an SDK ``TracerProvider`` (resource and sampler from the
 standard ``OTEL_*`` variables), the chosen span exporters (``file``: Jaeger
 JSON, ``otlp``, ``console``), the summary, an optional Prometheus scrape
@@ -27,8 +27,11 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind
 
-from .. import __version__
-from .._config import ConfigError, check_output, otlp_protocol
+from ..version import __version__
+from ..core.config import ConfigError, check_output, otlp_protocol
+from .. import patching
+from .file import JaegerFileExporter
+from .summary import SummaryProcessor
 
 __all__ = ["Session", "start", "program_name"]
 
@@ -273,7 +276,6 @@ class Session:
         self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         processors = []
         if s.summary:
-            from .summary import SummaryProcessor
             self.summary = SummaryProcessor()
             processors.append(self.summary)
         for kind, exporter in exporters:
@@ -313,8 +315,7 @@ class Session:
         return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
     def instrument(self):
-        import tracesock
-        tracesock.instrument(self.wrapper, self.meter_provider, detail=self.settings.detail,
+        patching.instrument(self.wrapper, self.meter_provider, detail=self.settings.detail,
                              slow_threshold=self.settings.slow_threshold)
 
     # --- tear down --------------------------------------------------------------
@@ -324,9 +325,8 @@ class Session:
             if self._done or os.getpid() != self.pid:  # a fork()ed copy: the parent writes
                 return
             self._done = True
-        import tracesock
         try:
-            tracesock.uninstrument()
+            patching.uninstrument()
         except Exception:
             pass
         lines = []
@@ -379,7 +379,6 @@ class Session:
 
 
 def _file_exporter(path, max_spans, overwrite=False):
-    from .file import JaegerFileExporter
     return JaegerFileExporter(path, max_spans, overwrite=overwrite)
 
 

@@ -26,7 +26,9 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .. import __version__
+from ..core.sites import OWN_DIR, PACKAGE_DIRS, STDLIB_DIRS, kind
+from ..telemetry import profile as _live
+from ..version import __version__
 
 __all__ = ["ProfileData", "Stack", "Site", "collect", "to_speedscope", "to_folded", "write",
            "load", "load_doc", "is_profile_doc", "sites", "folded_path", "SCHEMA"]
@@ -87,22 +89,21 @@ _FIELDS = ("calls", "total_ns", "syscall_ns", "wait_ns", "sent", "received", "pa
 
 def _site_of(frames):
     """The call site rule of code.* attributes (docs/telemetry.md), on a resolved stack."""
-    from .._otel import _kind
 
     fallback = None
     for frame in reversed(frames):
         name, path, line = frame
         if not path:
             continue
-        kind = _kind(path)
-        if kind == "user":
+        found = kind(path)
+        if found == "user":
             return frame
-        if kind == "library" and fallback is None:
+        if found == "library" and fallback is None:
             fallback = frame
     return fallback
 
 
-_OWN = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep
+_OWN = OWN_DIR
 _own_cache = {}
 
 
@@ -129,7 +130,7 @@ def _trim(frames):
 
 
 def collect(profile):
-    """Resolve a live :class:`tracesock._profile.Profile` into :class:`ProfileData`."""
+    """Resolve a live :class:`tracesock.telemetry.profile.Profile` into :class:`ProfileData`."""
     tables, overflow, overflow_calls = profile.snapshot()
     stacks = {}
     threads = []
@@ -162,10 +163,9 @@ def _short_path(path):
     if short is None:
         short = path
         if not path.startswith("<"):
-            from .._otel import _PACKAGE_DIRS, _STDLIB_DIRS
 
             real = os.path.realpath(path)
-            for base in sorted(_PACKAGE_DIRS + _STDLIB_DIRS, key=len, reverse=True):
+            for base in sorted(PACKAGE_DIRS + STDLIB_DIRS, key=len, reverse=True):
                 if real.startswith(base):
                     short = real[len(base):]
                     break
@@ -482,3 +482,13 @@ def span_sites(calls):
         r.partial_sends += int(t.get("tracesock.partial_sends") or 0)
         r.methods.add(method)
     return sorted(out.values(), key=lambda r: (-r.total_ns, -r.calls, r.file, r.line or 0))
+
+
+def write_profile(path, *, folded=True):
+    """Write the process's profile now: speedscope JSON at ``path`` (and the
+    collapsed stacks next to it), or collapsed stacks only if ``path`` ends in
+    ``.folded``.  Returns the paths written.  Profiling goes on."""
+    profile = _live.current()
+    if profile is None:
+        raise RuntimeError("tracesock: no profile: call tracesock.instrument(profile=True) first")
+    return write(profile, path, folded=folded)

@@ -19,9 +19,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 
 from ..exporters.formats import detect, otlp_to_jaeger
+from ..exporters.profile import span_sites
+from ..exporters.summary import format_bytes
 
 __all__ = ["Span", "Report", "Connection", "RecvSite", "load", "load_doc", "analyze",
            "VERDICT_WORDS", "SEND", "RECV"]
@@ -193,7 +196,6 @@ def load_doc(doc):
 
 def load(paths):
     """``(spans, warnings)`` of one or more trace files (``-``: stdin)."""
-    import sys
     spans, warnings = [], []
     for path in paths:
         if path == "-":
@@ -253,7 +255,6 @@ def analyze(spans, *, top=10, sources=(), warnings=()):
                     r.under_filled += 1
                     recv_under += 1
     connections = sorted(conns.values(), key=lambda c: (-(c.sent + c.received), -c.calls, c.local, c.peer))
-    from ..exporters.profile import span_sites
     top_sites = span_sites(calls)
     recv_sites = sorted(sites.values(), key=lambda r: (-r.resized, -r.calls, r.site, r.buffer_size))
     return Report(sources=list(sources), spans=len(spans), calls=len(calls), slowest=slowest,
@@ -283,7 +284,6 @@ def tcp_fields(span):
     if t.get("tracesock.tcp.snd_cwnd") is not None:
         out.append(("snd_cwnd", f"{t['tracesock.tcp.snd_cwnd']} segments"))
     if t.get("tracesock.tcp.unsent_bytes") is not None:
-        from ..exporters.summary import format_bytes
         out.append(("unsent", format_bytes(t["tracesock.tcp.unsent_bytes"])))
     share("tracesock.signals.duration", "signal handlers")
     if t.get("tracesock.tcp.inq") is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from html import escape
 
+from ..core.sites import kind
+from ..exporters.profile import LEAVES, OVER_CAP, frame_text, sites
 from ..exporters.summary import format_bytes
 from . import RECV, SEND, VERDICT_WORDS, tcp_fields
 
@@ -435,17 +437,14 @@ class _Node:
 
 
 def _frame_kind(frame):
-    from .._otel import _kind
-
     name, path, line = frame
     if not path:
         return "synthetic"
-    return "user" if _kind(path) == "user" else "library"
+    return "user" if kind(path) == "user" else "library"
 
 
 def flame_tree(data):
     """All threads' socket time as one tree: thread > frames > socket.<method> > time split."""
-    from ..exporters.profile import LEAVES, OVER_CAP, frame_text
 
     root = _Node("all threads", "thread")
     stacks = list(data.stacks) + ([data.overflow] if data.overflow is not None else [])
@@ -454,8 +453,8 @@ def flame_tree(data):
         path += [(frame_text(f), _frame_kind(f)) for f in s.frames]
         path.append(("socket." + s.method if s.method else OVER_CAP, "method"))
         nodes = [root]
-        for name, kind in path:
-            nodes.append(nodes[-1].child(name, kind))
+        for name, lane in path:
+            nodes.append(nodes[-1].child(name, lane))
         for n in nodes:
             n.calls += s.calls
             n.bytes += s.sent + s.received
@@ -547,7 +546,6 @@ def flame_section(data):
 
 def flame_page(data, *, title="tracesock profile"):
     """A self-contained page with only the top call sites and the flame graph of a profile."""
-    from ..exporters.profile import sites
 
     return "".join([
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',

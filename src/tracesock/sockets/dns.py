@@ -11,7 +11,7 @@ socket call: inside a recording parent, slow, or failed).
 
 ``create_connection`` holds back the spans of what it does -- its
 ``getaddrinfo`` and each ``socket.connect`` attempt -- in a context variable
-(``_otel.PENDING``) and, at its end, makes one ``socket.create_connection``
+(``PENDING``) and, at its end, makes one ``socket.create_connection``
 span with all of them as children if it qualifies: it ran inside a recording
 span, was slow, raised, or any of its steps qualified on its own (a refused
 first attempt is a failed call, so the set-up it belongs to is shown whole).
@@ -20,37 +20,38 @@ Otherwise nothing is made, as for any fast call outside a trace.
 
 from __future__ import annotations
 
-import functools
 import socket as _stdsocket
-import time
 import weakref
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import _otel
-from ._events import record_rare
-from ._socket import _SUPPRESS, _current_context
-from ._syscall import now
+from ..core.events import record_rare
+from ..core.guard import swallow
+from ..core.originals import dress
+from ..core.syscall import now
+from ..telemetry import recorder
+from ..telemetry.attributes import call_attributes
+from ..telemetry.context import PENDING, current_context, parent_recording, suppressed
 
-__all__ = ["FUNCTIONS", "install", "uninstall"]
+__all__ = ["FUNCTIONS", "active", "connection_span", "replacements", "set_active"]
 
 _on = False  # instrumented: a replacement someone else kept a reference to goes quiet after
-_saved = {}  # name -> (original, replacement)
+
+
+def set_active(on):
+    """While off, the replacements only call their originals (after ``uninstrument()``,
+    for whoever kept a reference to one)."""
+    global _on
+    _on = bool(on)
+
+
+def active():
+    return _on
 
 _EAI_NAMES = {}
 for _n in dir(_stdsocket):
     if _n.startswith("EAI_"):
         _EAI_NAMES.setdefault(getattr(_stdsocket, _n), _n)
-
-
-def _failed(exc):
-    return exc is not None and not isinstance(exc, BlockingIOError)
-
-
-def _status(exc):
-    return Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
 
 
 def _host_text(host):
@@ -78,7 +79,7 @@ class _Item:
         """Worth a span on its own (outside a recording parent): slow or failed."""
         raise NotImplementedError
 
-    def emit(self, rec, parent_ctx):
+    def emit(self, parent_ctx, rec):
         raise NotImplementedError
 
 
@@ -95,7 +96,7 @@ class _Lookup(_Item):
         self.error = error
 
     def qualifies(self, rec):
-        return self.end - self.start >= rec.slow_ns or _failed(self.error)
+        return rec.qualifies(None, self.start, self.end, self.error)
 
     def attributes(self):
         f = self.function
@@ -128,12 +129,8 @@ class _Lookup(_Item):
                 attrs["tracesock.dns.error"] = _EAI_NAMES[code]
         return attrs
 
-    def emit(self, rec, parent_ctx):
-        span = rec.tracer.start_span("dns.lookup", context=parent_ctx, kind=SpanKind.INTERNAL,
-                                     attributes=self.attributes(), start_time=rec._epoch(self.start))
-        if _failed(self.error):
-            span.set_status(_status(self.error))
-        span.end(end_time=rec._epoch(self.end))
+    def emit(self, parent_ctx, rec):
+        rec.end_span(rec.span("dns.lookup", parent_ctx, self.attributes(), self.start), self.end, self.error)
 
 
 class _HeldCall(_Item):
@@ -145,17 +142,16 @@ class _HeldCall(_Item):
         self.call = call
         self.error = call.error  # the caller clears call.error once this returns
         # Now, while the socket is open: a failed attempt's socket is closed next.
-        self.attrs = _otel.call_attributes(sock, call)
-        self.alone = (call.end - call.start >= rec.slow_ns or _failed(call.error)
-                      or bool(ctx and _otel.parent_recording(ctx)))
+        self.attrs = call_attributes(sock, call, rec.stacktrace)
+        self.alone = rec.qualifies(ctx, call.start, call.end, call.error)
 
     def qualifies(self, rec):
         return self.alone
 
-    def emit(self, rec, parent_ctx):
+    def emit(self, parent_ctx, rec):
         self.call.error = self.error
         try:
-            rec._spans(self.call, None, parent_ctx, self.attrs)
+            rec.call_span(self.call, parent_ctx, self.attrs)
         finally:
             self.call.error = self.error = None
 
@@ -200,24 +196,20 @@ class _Connection(_Item):
         self.attrs = attrs
 
     def qualifies(self, rec):
-        return (self.end - self.start >= rec.slow_ns or _failed(self.error)
+        return (rec.qualifies(None, self.start, self.end, self.error)
                 or any(c.qualifies(rec) for c in self.children))
 
-    def emit(self, rec, parent_ctx):
-        span = rec.tracer.start_span("socket.create_connection", context=parent_ctx,
-                                     kind=SpanKind.INTERNAL, attributes=self.attrs,
-                                     start_time=rec._epoch(self.start))
-        if _failed(self.error):
-            span.set_status(_status(self.error))
+    def emit(self, parent_ctx, rec):
+        span = rec.span("socket.create_connection", parent_ctx, self.attrs, self.start)
         if self.sock is not None:
             _remember(self.sock, span.get_span_context())
         child_ctx = otel_trace.set_span_in_context(span, parent_ctx)
         for child in self.children:
             try:
-                child.emit(rec, child_ctx)
+                child.emit(child_ctx, rec)
             except Exception as exc:
-                _otel.swallow(exc)
-        span.end(end_time=rec._epoch(self.end))
+                swallow(exc)
+        rec.end_span(span, self.end, self.error)
 
 
 # The socket a create_connection span returned -> that span's context, so the
@@ -243,20 +235,12 @@ def connection_span(sock):
 
 def _deliver(rec, item, ctx):
     """Make ``item``'s spans now, hold it for an enclosing create_connection, or drop it."""
-    pending = _otel.PENDING.get()
+    pending = PENDING.get()
     if pending is not None:
         pending.append(item)
         return
-    in_trace = bool(ctx and _otel.parent_recording(ctx))
-    if not (in_trace or item.qualifies(rec)):
-        return
-    rec._offset = time.time_ns() - time.perf_counter_ns()
-    parent_ctx = ctx if in_trace else otel_context.Context()
-    token = otel_context.attach(otel_context.set_value(_SUPPRESS, True, parent_ctx))
-    try:
-        item.emit(rec, parent_ctx)
-    finally:
-        otel_context.detach(token)
+    if (ctx and parent_recording(ctx)) or item.qualifies(rec):
+        rec.deliver(ctx, item.emit, rec)
 
 
 # --- the replacements -----------------------------------------------------------
@@ -267,19 +251,19 @@ def _record_lookup(function, args, kwargs, start, end, result, error, ctx):
         if error is not None:
             attrs["error.type"] = type(error).__name__
         record_rare("dns", attrs, end - start)
-        rec = _otel.RECORDER
+        rec = recorder.RECORDER
         if rec.detail:
             _deliver(rec, _Lookup(function, args, kwargs, start, end, result, error), ctx)
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
 
 
 def _lookup_function(function, original):
     def lookup(*args, **kwargs):
         # On an exception the traceback keeps this frame alive, and with it the
         # caller's arguments (test_socket counts references to them): del first.
-        ctx = _current_context()
-        if not _on or (ctx and ctx.get(_SUPPRESS)):
+        ctx = current_context()
+        if not _on or suppressed(ctx):
             try:
                 return original(*args, **kwargs)
             except BaseException:
@@ -295,51 +279,43 @@ def _lookup_function(function, original):
         _record_lookup(function, args, kwargs, start, now(), result, None, ctx)
         return result
 
-    return _dress(lookup, original)
+    return dress(lookup, original, "socket")
 
 
 def _connection_function(original):
     def create_connection(*args, **kwargs):
-        ctx = _current_context()
-        if not _on or (ctx and ctx.get(_SUPPRESS)):
+        ctx = current_context()
+        if not _on or suppressed(ctx):
             return original(*args, **kwargs)
         pending = _Pending()
-        token = _otel.PENDING.set(pending)
+        token = PENDING.set(pending)
         start = now()
         try:
             sock = original(*args, **kwargs)
         except BaseException as exc:
             end = now()
-            _otel.PENDING.reset(token)
+            PENDING.reset(token)
             _record_connection(args, kwargs, start, end, None, exc, pending, ctx)
             raise
         end = now()
-        _otel.PENDING.reset(token)
+        PENDING.reset(token)
         _record_connection(args, kwargs, start, end, sock, None, pending, ctx)
         return sock
 
-    return _dress(create_connection, original)
+    return dress(create_connection, original, "socket")
 
 
 def _record_connection(args, kwargs, start, end, sock, error, pending, ctx):
     try:
         record_rare("connect", {"error.type": type(error).__name__} if error is not None else {},
                     end - start)
-        rec = _otel.RECORDER
+        rec = recorder.RECORDER
         if rec.detail:
             _deliver(rec, _Connection(args, kwargs, start, end, sock, error, list(pending)), ctx)
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
     finally:
         pending.clear()  # held calls keep their exceptions (and tracebacks): let them go
-
-
-def _dress(fn, original):
-    """``fn`` with the identity of ``original`` (doc, name, signature; pickled as socket.<name>)."""
-    functools.update_wrapper(fn, original)
-    fn.__module__ = "socket"
-    fn.__qualname__ = original.__name__
-    return fn
 
 
 FUNCTIONS = ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "getnameinfo", "create_connection")
@@ -354,24 +330,3 @@ def replacements(current):
         else:
             out[name] = _lookup_function(name, original)
     return out
-
-
-def install():
-    """Replace the socket module's resolver and create_connection functions."""
-    global _on
-    if not _saved:
-        current = {name: getattr(_stdsocket, name) for name in FUNCTIONS if hasattr(_stdsocket, name)}
-        for name, fn in replacements(current).items():
-            _saved[name] = (current[name], fn)
-            setattr(_stdsocket, name, fn)
-    _on = True
-
-
-def uninstall():
-    """Put them back -- each only if it is still ours (gevent & co may have replaced it since)."""
-    global _on
-    _on = False
-    for name, (original, fn) in _saved.items():
-        if getattr(_stdsocket, name, None) is fn:
-            setattr(_stdsocket, name, original)
-    _saved.clear()

@@ -20,10 +20,13 @@ increments are never lost without taking a lock; the collector only reads.
 
 from __future__ import annotations
 
+import errno as _errno
 import os
 import threading
 import weakref
 from bisect import bisect_left
+
+from . import speedups
 
 __all__ = [
     "BOUNDS_S",
@@ -43,7 +46,7 @@ __all__ = [
 BOUNDS_S = tuple(
     m * 10.0 ** e for e in range(-6, 1) for m in (1, 2, 5)
 ) + (10.0,)
-_BOUNDS_NS = tuple(round(b * 1e9) for b in BOUNDS_S)
+BOUNDS_NS = tuple(round(b * 1e9) for b in BOUNDS_S)
 _NONE_MIN = 1 << 62  # 'no sample yet' for min, as an int so the hot path compares ints
 
 # How many steps a single call keeps for its span.  A sendall under a signal
@@ -62,13 +65,13 @@ class Hist:
     __slots__ = ("counts", "total", "min", "max")
 
     def __init__(self):
-        self.counts = [0] * (len(_BOUNDS_NS) + 1)
+        self.counts = [0] * (len(BOUNDS_NS) + 1)
         self.total = 0
         self.min = _NONE_MIN
         self.max = -1
 
     def add(self, ns):
-        self.counts[bisect_left(_BOUNDS_NS, ns)] += 1
+        self.counts[bisect_left(BOUNDS_NS, ns)] += 1
         self.total += ns
         if ns < self.min:
             self.min = ns
@@ -141,6 +144,11 @@ class Stats:
         return h
 
 
+def errno_name(code):
+    """``EAGAIN`` for 11; ``None`` for ``None``."""
+    return _errno.errorcode.get(code, str(code)) if code is not None else None
+
+
 class Step:
     """One syscall (``kind='syscall'``) or readiness wait (``kind='wait'``)."""
 
@@ -154,6 +162,11 @@ class Step:
         self.result = result
         self.errno = errno
         self.outcome = outcome
+
+    @classmethod
+    def syscall(cls, name, start, end, result, err):
+        """A syscall step; ``err`` an errno (int) or its name."""
+        return cls("syscall", name, start, end, result, errno_name(err) if isinstance(err, int) else err)
 
     def __repr__(self):
         return (
@@ -290,7 +303,7 @@ class FastHist(Hist):
 
 WRITING = frozenset({"send", "sendto", "sendmsg", "sendall"})
 
-_local = threading.local()
+per_thread = threading.local()  # .stats, .fast: this thread's tables (read directly on the hot path)
 _registry_lock = threading.Lock()
 # id(stats table) -> (weakref to the thread's _Alive, stats table, fast table).
 # Keyed by the table, not the thread ident: idents are reused.
@@ -346,9 +359,9 @@ def _register():
     # an object in the thread's local storage says whether it still runs.
     stats, fast, alive = {}, {}, _Alive()
     key = id(stats)
-    _local.stats = stats
-    _local.fast = fast
-    _local.alive = alive
+    per_thread.stats = stats
+    per_thread.fast = fast
+    per_thread.alive = alive
     with _registry_lock:
         _prune()
         _registry[key] = (weakref.ref(alive, lambda _ref, key=key: _dead.append(key)), stats, fast)
@@ -369,7 +382,7 @@ def _prune():
 def thread_stats():
     """This thread's ``{(family, type): Stats}`` map, created on first use."""
     try:
-        return _local.stats
+        return per_thread.stats
     except AttributeError:
         return _register()[0]
 
@@ -377,7 +390,7 @@ def thread_stats():
 def thread_fast():
     """This thread's ``{(method, family, type): FastHist}`` map (the hot path's)."""
     try:
-        return _local.fast
+        return per_thread.fast
     except AttributeError:
         return _register()[1]
 
@@ -453,13 +466,17 @@ def snapshot(reset_min_max=False):
     return out
 
 
+def registered_threads():
+    """How many threads' tables the registry holds (exited ones are folded away)."""
+    return len(_registry)
+
+
 def c_fast(reset_min_max=False):
     """The C hot path's aggregates as ``{(method, family, type): FastHist}``."""
-    from . import _socket  # the module that loaded (or not) the speedups
-    if _socket._speedups is None:
+    if speedups.module is None:
         return {}
     out = {}
-    for index, family, type_, counts, total, lo, hi, nbytes, odd in _socket._speedups.snapshot(reset_min_max):
+    for index, family, type_, counts, total, lo, hi, nbytes, odd in speedups.module.snapshot(reset_min_max):
         h = FastHist()
         h.counts = counts
         h.total = total
@@ -467,8 +484,7 @@ def c_fast(reset_min_max=False):
         h.max = hi
         h.nbytes = nbytes
         h.odd = odd
-        names = _socket._C_METHODS + _socket._C_WIRE
-        out[(names[index], family, type_)] = h
+        out[(speedups.SLOTS[index], family, type_)] = h
     return out
 
 

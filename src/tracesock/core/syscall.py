@@ -57,47 +57,18 @@ import errno as _errno
 import os
 import socket as _stdsocket
 import struct
-import signal as _signal
 from array import array as _array
-import threading
 import time
 
-from ._events import INTERRUPTED, READY, TIMEOUT
+from . import libc
+from .events import INTERRUPTED, READY, TIMEOUT, errno_name
+from .originals import C_SOCKET
+from .speedups import module as _speedups
 
 __all__ = ["Deadline", "now", "wait", "syscall", "sock_call", "blocking_send", "fd_blocks", "timed_out",
-           "errno_name"]
+           "recv_now", "send_now"]
 
 now = time.perf_counter_ns
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _PollFd(ctypes.Structure):
-    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
-
-
-_poll = _libc.poll
-_poll.argtypes = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int]
-_poll.restype = ctypes.c_int
-
-_send = _libc.send
-_send.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_send.restype = ctypes.c_ssize_t
-
-
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
 
 _POLLIN = 0x001
 _POLLOUT = 0x004
@@ -108,114 +79,8 @@ _SO_RCVTIMEO = getattr(_stdsocket, "SO_RCVTIMEO", 20)
 _SO_SNDTIMEO = getattr(_stdsocket, "SO_SNDTIMEO", 21)
 _TIMEVAL = struct.Struct("@ll")
 # _socket.socket's own methods (socket.socket may have been replaced by gevent & co)
-_getsockopt = __import__("_socket").socket.getsockopt
-_fileno = __import__("_socket").socket.fileno
-
-
-# --- keeping signal handlers out of span making -------------------------------
-#
-# A Python signal handler runs in the main thread wherever the interpreter
-# happens to be -- inside OpenTelemetry's code too, which catches what it
-# raises (SimpleSpanProcessor.on_end logs and drops exceptions) or is left
-# half done by it (context.attach without its detach).  So span making in the
-# main thread runs with the asynchronous signals blocked at the OS level:
-# their C handlers run when the mask is restored, and the Python handlers at
-# the next bytecode after it, in the program's own flow.  Pending standard
-# signals coalesce exactly as they do untraced while Python's C handler only
-# sets a flag.  Synchronous signals (SIGSEGV, ...) must never be blocked.
-
-_pthread_sigmask = getattr(_libc, "pthread_sigmask", None)
-_SIGSET_BYTES = 128  # glibc and musl sigset_t
-_MAIN_THREAD = threading.main_thread().ident
-_blockable = None
-if _pthread_sigmask is not None and hasattr(_signal, "valid_signals"):
-    _sync = {getattr(_signal, n) for n in ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE",
-                                           "SIGILL", "SIGTRAP", "SIGSYS", "SIGABRT") if hasattr(_signal, n)}
-    _blockable = ctypes.create_string_buffer(_SIGSET_BYTES)
-    for _sig in _signal.valid_signals():
-        if _sig not in _sync and 0 < _sig <= _SIGSET_BYTES * 8:
-            _blockable[(_sig - 1) // 8] = bytes([_blockable[(_sig - 1) // 8][0] | 1 << ((_sig - 1) % 8)])
-    _pthread_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    _pthread_sigmask.restype = ctypes.c_int
-_SIG_BLOCK = getattr(_signal, "SIG_BLOCK", 0)
-_check_signals = ctypes.pythonapi.PyErr_CheckSignals  # raises what a handler raised
-_check_signals.argtypes = []
-_check_signals.restype = ctypes.c_int
-_KILL_BYTE, _KILL_BIT = (int(_signal.SIGKILL) - 1) // 8, 1 << ((int(_signal.SIGKILL) - 1) % 8)
-_NOT_YET = bytes(_KILL_BYTE) + bytes([_KILL_BIT])
-
-
-def _c_signals():
-    """The C extension's hold_signals/release_signals (about 10x cheaper than
-    three ctypes calls), set up for the main thread; (None, None) without it."""
-    if _blockable is None or os.environ.get("TRACESOCK_NO_SPEEDUPS", "") not in ("", "0"):
-        return None, None
-    try:
-        from . import _speedups
-        sigs = [s for s in _signal.valid_signals() if s not in _sync]
-        _speedups.signals_setup(sigs, _MAIN_THREAD)
-        return _speedups.hold_signals, _speedups.release_signals
-    except (ImportError, AttributeError):
-        return None, None
-
-
-def _main_after_fork():
-    global _MAIN_THREAD
-    _MAIN_THREAD = threading.get_ident()  # the forking thread is the child's main thread
-    if hold_signals is not None:
-        _c_signals()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_main_after_fork)
-_SIG_SETMASK = getattr(_signal, "SIG_SETMASK", 2)
-
-
-def signal_mask():
-    """A buffer for the main thread's signal mask, to give to ``block_signals``
-    and ``restore_signals``; ``None`` elsewhere (Python runs signal handlers
-    only in the main thread).  Made *before* blocking and outside the ``try``
-    whose ``finally`` restores it: a handler already due may run after any
-    bytecode and must never leave the signals blocked.  It starts with the
-    SIGKILL bit set, which no real mask has: "not blocked yet"."""
-    if _blockable is None or threading.get_ident() != _MAIN_THREAD:
-        return None
-    return ctypes.create_string_buffer(_NOT_YET, _SIGSET_BYTES)
-
-
-def block_signals(old):
-    """Block them, then run the Python handlers of signals that arrived before
-    (their C handler only set a flag): what they raise goes to the caller now,
-    and none can become due while the mask holds."""
-    if old is not None:
-        _pthread_sigmask(_SIG_BLOCK, _blockable, old)
-        _check_signals()
-
-
-def restore_signals(old):
-    if old is not None and not old.raw[_KILL_BYTE] & _KILL_BIT:
-        _pthread_sigmask(_SIG_SETMASK, old, None)
-
-
-hold_signals, release_signals = _c_signals()
-if hold_signals is not None:
-    # The C extension keeps the saved mask (and a nesting count) itself: the
-    # "token" is only a constant, and a handler raising anywhere in between
-    # can never leave the signals blocked.
-    _HELD = object()
-
-    def signal_mask():  # noqa: F811
-        return _HELD
-
-    def block_signals(old):  # noqa: F811
-        hold_signals()
-
-    def restore_signals(old):  # noqa: F811
-        release_signals()
-
-
-def errno_name(code):
-    return _errno.errorcode.get(code, str(code)) if code is not None else None
+_getsockopt = C_SOCKET.getsockopt
+_fileno = C_SOCKET.fileno
 
 
 def wait(call, fd, writing, timeout_ns):
@@ -233,16 +98,16 @@ def wait(call, fd, writing, timeout_ns):
         # _PyTime_ROUND_CEILING: never wake up before the deadline.
         ms = min(-(-timeout_ns // 1_000_000), _INT_MAX)
     call.before_waiting()
-    pfd = _PollFd(fd, _POLLOUT if writing else _POLLIN, 0)
+    pfd = libc.PollFd(fd, _POLLOUT if writing else _POLLIN, 0)
     start = now()
-    n = _poll(ctypes.byref(pfd), 1, ms)
+    n = libc.poll(ctypes.byref(pfd), 1, ms)
     end = now()
     if n > 0:
         outcome = READY
     elif n == 0:
         outcome = TIMEOUT
     else:
-        code = ctypes.get_errno()
+        code = libc.get_errno()
         if code != _EINTR:
             raise OSError(code, os.strerror(code))
         outcome = INTERRUPTED
@@ -369,17 +234,7 @@ def sock_call(call, sock, name, fn, args, writing, size_of, timeout_ns=None,
             return INTERRUPTED
 
 
-def _load_send_counted():
-    if os.environ.get("TRACESOCK_NO_SPEEDUPS", "") not in ("", "0"):
-        return None
-    try:
-        from ._speedups import send_counted
-    except ImportError:
-        return None
-    return send_counted
-
-
-_send_counted = _load_send_counted()
+_send_counted = getattr(_speedups, "send_counted", None)
 
 
 def sent_counter():
@@ -410,15 +265,15 @@ def blocking_send(call, sock, view, flags):
         _send_counted(fd, view, flags, acc)
         start, end, n, code = acc[1], acc[2], acc[3], acc[4]
     else:
-        pybuf = _PyBuffer()
-        _get_buffer(view, ctypes.byref(pybuf), 0)  # PyBUF_SIMPLE; view is a C-contiguous byte view
+        pybuf = libc.PyBuffer()
+        libc.get_buffer(view, ctypes.byref(pybuf), 0)  # PyBUF_SIMPLE; view is a C-contiguous byte view
         try:
             start = now()
-            n = _send(fd, pybuf.buf, pybuf.len, flags)
+            n = libc.send(fd, pybuf.buf, pybuf.len, flags)
             end = now()
-            code = ctypes.get_errno() if n < 0 else 0
+            code = libc.get_errno() if n < 0 else 0
         finally:
-            _release_buffer(ctypes.byref(pybuf))
+            libc.release_buffer(ctypes.byref(pybuf))
     if n < 0:
         call.syscall("send", start, end, -1, errno_name(code))
         if code == _EINTR:
@@ -433,3 +288,40 @@ def blocking_send(call, sock, view, flags):
         if call.kernel_timeout is None:
             call.interrupted()  # no SO_SNDTIMEO: only a signal cuts a blocking send short
     return n
+
+
+# --- single non-blocking syscalls on a descriptor (the TLS bio engine's) ---------
+
+_DW = int(getattr(_stdsocket, "MSG_DONTWAIT", 0x40))
+_NOSIGNAL = int(getattr(_stdsocket, "MSG_NOSIGNAL", 0x4000))
+_AGAIN = frozenset({_errno.EAGAIN, _errno.EWOULDBLOCK})
+
+
+def recv_now(call, fd, addr, buf, n):
+    """One ``recv(fd, n, MSG_DONTWAIT)`` into ``buf`` (at ``addr``): never waits
+    (CPython's method would poll first on a socket with a timeout), recorded.
+    Returns a memoryview of the bytes, ``None`` for EAGAIN, or the errno of a failure."""
+    start = now()
+    r = libc.recv(fd, addr, n, _DW)
+    end = now()
+    if r < 0:
+        code = libc.get_errno()
+        call.syscall("recv", start, end, -1, errno_name(code))
+        return None if code in _AGAIN else code
+    call.syscall("recv", start, end, r)
+    return memoryview(buf)[:r]
+
+
+def send_now(call, fd, data, offset):
+    """One ``send(fd, data[offset:], MSG_DONTWAIT)``, recorded: the count, ``None``
+    for EAGAIN, or ``-errno`` of a failure."""
+    base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    start = now()
+    r = libc.send(fd, base + offset, len(data) - offset, _DW | _NOSIGNAL)
+    end = now()
+    if r < 0:
+        code = libc.get_errno()
+        call.syscall("send", start, end, -1, errno_name(code))
+        return None if code in _AGAIN else -code
+    call.syscall("send", start, end, r)
+    return r

@@ -1,12 +1,10 @@
-"""instrument() / uninstrument(): patch ``socket.socket`` in place, reversibly.
+"""instrument() / uninstrument(): the only code that changes other people's objects.
 
-The class is patched, not the module attribute, so every socket -- created
-before or after, through ``socket.socket``, ``from socket import socket``,
-``socket.create_connection``, ``accept()``, ``dup()`` or as the base of
-``ssl.SSLSocket`` -- uses the traced methods, and ``type(sock)`` stays
-``socket.socket``.  The original entries of the class ``__dict__`` are saved
-and put back exactly (an inherited C method is restored by deleting our
-override).  Patching twice is a no-op apart from the new configuration.
+One module per target (``stdlib``, ``ssl``, ``gevent``, ``eventlet``,
+``asyncio``), each writing through the one undo log (``undo.UNDO``); modules
+imported later are patched as they arrive (``importhook.HOOK``).
+``uninstrument()`` restores every entry exactly.  Patching twice is a no-op
+apart from the new configuration.
 """
 
 from __future__ import annotations
@@ -14,19 +12,23 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
-import socket
+import sys
 import threading
 
-from . import _otel, _tls
-from . import _coexist, _dns
-from ._coexist import STD_SOCKET
-from ._socket import METHODS
+from ..core.config import ConfigError, check_tls_engine
+from ..telemetry import profile as _profile
+from ..telemetry import recorder
+from . import asyncio, eventlet, gevent, ssl, stdlib
+from .importhook import HOOK, apply
+from .undo import UNDO
 
 __all__ = ["instrument", "uninstrument", "instrumented", "is_instrumented"]
 
-_MISSING = object()
 _lock = threading.RLock()
-_saved = None  # name -> original entry in socket.socket.__dict__ (or _MISSING)
+_active = False
+# Modules patched when imported (now, if they are): name -> patch(module).
+# "socket" is eventlet's fresh import of the module: watched at every import.
+TARGETS = {**eventlet.PATCHERS, **gevent.PATCHERS, **asyncio.PATCHERS}
 
 
 def _reinit_after_fork():
@@ -48,12 +50,10 @@ def _check_settings(tracer_provider, meter_provider, profile, code_stacktrace):
         raise TypeError("tracesock: meter_provider must be an OpenTelemetry MeterProvider "
                         f"or None, not {meter_provider!r}")
     if not isinstance(profile, bool) and profile is not None:
-        from . import _profile
         if not isinstance(profile, _profile.Profile):
             raise TypeError(f"tracesock: profile must be True, False or a tracesock.Profile, not {profile!r}")
     if not isinstance(code_stacktrace, bool):
         raise TypeError(f"tracesock: code_stacktrace must be True or False, not {code_stacktrace!r}")
-    from ._config import ConfigError, check_tls_engine
     try:
         check_tls_engine()
     except ConfigError as e:
@@ -61,9 +61,9 @@ def _check_settings(tracer_provider, meter_provider, profile, code_stacktrace):
 
 
 def _check(detail, slow_threshold):
-    if detail not in _otel.DETAILS:
+    if detail not in recorder.DETAILS:
         raise ValueError(
-            f"tracesock: detail must be one of {', '.join(map(repr, _otel.DETAILS))}, not {detail!r}")
+            f"tracesock: detail must be one of {', '.join(map(repr, recorder.DETAILS))}, not {detail!r}")
     if slow_threshold is not None:
         if isinstance(slow_threshold, bool) or not isinstance(slow_threshold, numbers.Real):
             raise TypeError(
@@ -90,46 +90,43 @@ def instrument(tracer_provider=None, meter_provider=None, *, detail="calls", slo
     """
     _check(detail, slow_threshold)
     _check_settings(tracer_provider, meter_provider, profile, code_stacktrace)
-    global _saved
+    global _active
     with _lock:
         prof = None
         if profile is not False and profile is not None:
-            from . import _profile
             prof = _profile.enable(profile if isinstance(profile, _profile.Profile) else None)
-        _otel.configure(tracer_provider, meter_provider, detail, slow_threshold, prof,
-                        bool(code_stacktrace))
-        if _saved is None:
-            saved = {}
-            for name, fn in METHODS.items():
-                saved[name] = STD_SOCKET.__dict__.get(name, _MISSING)
-            for name, fn in METHODS.items():
-                setattr(STD_SOCKET, name, fn)
-            _saved = saved
-            _dns.install()
-            _coexist.install()
-            _tls.install()
+        recorder.configure(tracer_provider, meter_provider, detail, slow_threshold, prof,
+                           bool(code_stacktrace))
+        if not _active:
+            _install()
+            _active = True
+
+
+def _install():
+    stdlib.patch()
+    for name, patch in TARGETS.items():
+        module = sys.modules.get(name)
+        if module is not None and name != "socket":
+            apply(patch, module)
+        else:
+            HOOK.watch(name, patch, again=name == "socket")
+    eventlet.patch_copies()
+    ssl.install()
 
 
 def uninstrument():
-    """Put ``socket.socket`` back exactly as it was.  No-op when not instrumented."""
-    global _saved
+    """Put everything back exactly as it was.  No-op when not instrumented."""
+    global _active
     with _lock:
-        if _saved is None:
+        if not _active:
             return
-        _coexist.uninstall()
-        _dns.uninstall()
-        _tls.uninstall()
-        for name, original in _saved.items():
-            if original is _MISSING:
-                if name in STD_SOCKET.__dict__:
-                    delattr(STD_SOCKET, name)
-            else:
-                setattr(STD_SOCKET, name, original)
-        _saved = None
+        HOOK.clear()
+        UNDO.restore()
+        _active = False
 
 
 def is_instrumented():
-    return _saved is not None
+    return _active
 
 
 @contextlib.contextmanager
@@ -138,7 +135,7 @@ def instrumented(tracer_provider=None, meter_provider=None, *, detail="calls", s
     """``with tracesock.instrumented(...):`` -- instrument for the block, then restore."""
     with _lock:
         was = is_instrumented()
-        previous = _otel.RECORDER
+        previous = recorder.RECORDER
         instrument(tracer_provider, meter_provider, detail=detail, slow_threshold=slow_threshold,
                    profile=profile, code_stacktrace=code_stacktrace)
     try:
@@ -146,6 +143,6 @@ def instrumented(tracer_provider=None, meter_provider=None, *, detail="calls", s
     finally:
         with _lock:
             if was:
-                _otel.set_recorder(previous)
+                recorder.set_recorder(previous)
             else:
                 uninstrument()

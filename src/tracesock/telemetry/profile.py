@@ -46,8 +46,10 @@ import sys
 import threading
 import time
 
-from . import _otel
-from ._events import Call
+from ..core.events import Call
+from ..core.guard import swallow
+from ..core.originals import C_SOCKET
+from ..core.sites import OWN_DIR
 
 __all__ = ["Profile", "current", "enable", "disable", "FIELDS"]
 
@@ -67,7 +69,6 @@ TRUNCATED = 0
 ASYNC_CALLBACK = 1
 SYNTHETIC = ("[truncated]", "[asyncio I/O callback for the awaiting task]")
 
-_OWN_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
 _getframe = sys._getframe
 _CO_SUSPENDABLE = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, iterable coroutine, async gen
 
@@ -148,7 +149,7 @@ class Profile:
             fn = f.f_code.co_filename
             mine = own.get(fn)
             if mine is None:
-                mine = os.path.realpath(fn).startswith(_OWN_DIR)
+                mine = os.path.realpath(fn).startswith(OWN_DIR)
                 if len(own) < 4096:
                     own[fn] = mine
             if not mine:
@@ -186,7 +187,7 @@ class Profile:
         try:
             chain = _awaiting_chain(hrun_frame.f_locals.get("self"))
         except Exception as exc:
-            _otel.swallow(exc)
+            swallow(exc)
             return
         if not chain:
             return
@@ -288,7 +289,7 @@ class Profile:
             else:
                 e[5] += n
         except Exception as exc:
-            _otel.swallow(exc)
+            swallow(exc)
 
     def failed(self, method, d, exc):
         """A call whose one syscall raised (EAGAIN on a non-blocking socket is no error)."""
@@ -302,15 +303,14 @@ class Profile:
             e[11] += d
             e[8] += err
         except Exception as exc2:
-            _otel.swallow(exc2)
+            swallow(exc2)
 
     def new_call(self, method, stats, start, keep_steps, sock):
         blocking = False
         if method in _BLOCKING_SENDS:
             try:
-                import _socket
-                blocking = (_socket.socket.gettimeout(sock) is None
-                            and _socket.socket.type.__get__(sock) & 0xF == 1)
+                blocking = (C_SOCKET.gettimeout(sock) is None
+                            and C_SOCKET.type.__get__(sock) & 0xF == 1)
             except Exception:
                 blocking = False
         return ProfiledCall(method, stats, start, keep_steps, blocking)
@@ -337,7 +337,7 @@ class Profile:
             for i in range(_N):
                 e[i] += values[i]
         except Exception as exc:
-            _otel.swallow(exc)
+            swallow(exc)
 
     # --- reading -------------------------------------------------------------
 
@@ -502,14 +502,3 @@ def _after_fork_in_child():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def write_profile(path, *, folded=True):
-    """Write the process's profile now: speedscope JSON at ``path`` (and the
-    collapsed stacks next to it), or collapsed stacks only if ``path`` ends in
-    ``.folded``.  Returns the paths written.  Profiling goes on."""
-    profile = _current
-    if profile is None:
-        raise RuntimeError("tracesock: no profile: call tracesock.instrument(profile=True) first")
-    from .exporters.profile import write
-    return write(profile, path, folded=folded)

@@ -19,23 +19,24 @@ Everything else goes through ``_syscall.sock_call`` -- the one retry/wait loop.
 
 from __future__ import annotations
 
-import _socket
 import errno as _errno
 import math
-import os
 import socket as _stdsocket
 import sys as _sys
 
-from opentelemetry import context as _otel_context
+from ..core import speedups as _speedups_loader
+from ..core import tcpinfo
+from ..core.events import BOUNDS_NS, INTERRUPTED, Call, Step, errno_name, fast_hist, per_thread, \
+    stats_for, thread_stats
+from ..core.guard import from_signal_handler, swallow
+from ..core.originals import C_SOCKET, STD_SOCKET, dress
+from ..core.syscall import Deadline, blocking_send, fd_blocks, now, sent_counter, sock_call, timed_out
+from ..telemetry import recorder
+from ..telemetry.context import RUNTIME_VAR, current_context, parent_recording, suppressed
 
-from . import _otel, _tcpinfo
-from ._coexist import STD_SOCKET
-from ._events import _BOUNDS_NS, INTERRUPTED, Call, _local, fast_hist, stats_for, thread_stats
-from ._syscall import Deadline, blocking_send, fd_blocks, now, sent_counter, sock_call, timed_out
+__all__ = ["METHODS", "NOT_FAST", "SPEEDUPS", "TracedSocket", "diagnose", "nbytes", "stats_of"]
 
-__all__ = ["TracedSocket", "METHODS"]
-
-_C = _socket.socket
+_C = C_SOCKET
 _DW = int(getattr(_stdsocket, "MSG_DONTWAIT", 0x40))
 _WAITALL = int(getattr(_stdsocket, "MSG_WAITALL", 0x100))
 # Flags with which the kernel never blocks: the caller gets one try and EAGAIN.
@@ -46,22 +47,15 @@ _family = _C.family.__get__
 _type = _C.type.__get__
 _STREAM = int(_stdsocket.SOCK_STREAM)
 
-try:  # the ContextVar behind opentelemetry.context.get_current(), read directly: ~5x cheaper
-    _current_context = _otel_context._RUNTIME_CONTEXT._current_context.get
-except AttributeError:  # another runtime context implementation
-    _current_context = _otel_context.get_current
-_SUPPRESS = getattr(_otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", "suppress_instrumentation")
-
-
-def _stats(sock):
+def stats_of(sock):
     try:
-        table = _local.stats
+        table = per_thread.stats
     except AttributeError:
         table = thread_stats()
     return stats_for(table, _family(sock), _type(sock))
 
 
-def _nbytes(obj):
+def nbytes(obj):
     if type(obj) is bytes or type(obj) is bytearray:
         return len(obj)
     with memoryview(obj) as view:
@@ -225,23 +219,23 @@ def _size_arg(args, kwargs):
 
 
 def _into_size(args, kwargs):
-    nbytes = args[1] if len(args) > 1 else (kwargs or {}).get("nbytes", 0)
+    size = args[1] if len(args) > 1 else (kwargs or {}).get("nbytes", 0)
     buf = args[0] if args else (kwargs or {}).get("buffer")
     try:
-        return nbytes or _nbytes(buf)
+        return size or nbytes(buf)
     except TypeError:
         return None
 
 
 def _data_size(args, kwargs):
-    return _nbytes(args[0])
+    return nbytes(args[0])
 
 
 def _msg_size(args, kwargs):
     buffers = args[0]
     if type(buffers) not in (list, tuple):
         return None  # an iterator: counting would consume it
-    return sum(_nbytes(b) for b in buffers)
+    return sum(nbytes(b) for b in buffers)
 
 
 def _from_result(args, result):
@@ -281,21 +275,6 @@ SENDMSG.with_payload = lambda args, buf: ([buf], (), *args[2:])
 
 # --- recording helpers (never raise) ----------------------------------------
 
-def _account(st, m, call_or_none, n, requested):
-    if m.writing:
-        st.tx += n
-        if requested is not None and n < requested:
-            st.partial_sends += 1
-            if call_or_none is not None:
-                call_or_none.partial_sends += 1
-    else:
-        st.rx += n
-        if m.resizes and requested is not None and n != requested:
-            st.resizes += 1
-            if call_or_none is not None:
-                call_or_none.resized = True
-
-
 def _fast_done(sock, m, start, end, n, requested, args, kwargs, result, ctx):
     """A call that took exactly one syscall and never waited: the hot path.
 
@@ -305,21 +284,21 @@ def _fast_done(sock, m, start, end, n, requested, args, kwargs, result, ctx):
     try:
         d = end - start
         try:
-            h = _local.fast[(m.name, _family(sock), _type(sock))]
+            h = per_thread.fast[(m.name, _family(sock), _type(sock))]
         except (AttributeError, KeyError):
             h = fast_hist(m.name, _family(sock), _type(sock))
         h.add(d)
         h.nbytes += n
         if requested is not None and n != requested:
             h.odd += 1  # a partial send, or a recv buffer shrunk to what arrived
-        rec = _otel.RECORDER
+        rec = recorder.RECORDER
         if rec.profile is not None:
             rec.profile.fast(m.name, d, n, m.writing, requested is not None and n < requested)
-        if d >= rec.slow_ns or (ctx and _otel.parent_recording(ctx)):
+        if d >= rec.slow_ns or (ctx and parent_recording(ctx)):
             if rec.detail:
-                rec.emit(_fast_call(_stats(sock), m, start, end, n, args, kwargs, result), sock, ctx)
+                rec.emit(_fast_call(stats_of(sock), m, start, end, n, args, kwargs, result), sock, ctx)
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
 
 
 def _fast_call(st, m, start, end, n, args, kwargs, result, exc=None):
@@ -329,7 +308,7 @@ def _fast_call(st, m, start, end, n, args, kwargs, result, exc=None):
     call.transferred = n
     call.requested = m.requested(args, kwargs)
     if exc is None:
-        call.steps.append(_otel.step_syscall(m.syscall, start, end, n, None))
+        call.steps.append(Step.syscall(m.syscall, start, end, n, None))
         if m.resizes:
             call.recv_buffer = call.requested
             call.resized = n != call.requested
@@ -340,7 +319,7 @@ def _fast_call(st, m, start, end, n, args, kwargs, result, exc=None):
     else:
         call.error = exc
         errno = getattr(exc, "errno", None)
-        call.steps.append(_otel.step_syscall(m.syscall, start, end, -1, errno))
+        call.steps.append(Step.syscall(m.syscall, start, end, -1, errno))
         if isinstance(exc, BlockingIOError):
             call.eagain = 1
     return call
@@ -348,24 +327,24 @@ def _fast_call(st, m, start, end, n, args, kwargs, result, exc=None):
 
 def _fast_failed(sock, m, start, end, exc, args, kwargs, ctx):
     try:
-        st = _stats(sock)
+        st = stats_of(sock)
         st.hist(st.calls, (m.name, type(exc).__name__)).add(end - start)
         if isinstance(exc, OSError):
             st.hist(st.syscalls, m.syscall).add(end - start)
             if isinstance(exc, BlockingIOError):
                 st.eagain += 1
-        rec = _otel.RECORDER
+        rec = recorder.RECORDER
         if rec.profile is not None:
             rec.profile.failed(m.name, end - start, exc)
         if not rec.detail:
             return
         # EAGAIN on a non-blocking socket is an event loop's normal flow: no root span.
-        if isinstance(exc, BlockingIOError) and not (ctx and _otel.parent_recording(ctx)):
+        if isinstance(exc, BlockingIOError) and not (ctx and parent_recording(ctx)):
             return
         call = _fast_call(st, m, start, end, 0, args, kwargs, None, exc)
         rec.emit(call, sock, ctx)
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
 
 
 def _finish(call, sock, ctx):
@@ -381,27 +360,27 @@ def _finish(call, sock, ctx):
         if call.resized:
             st.resizes += 1
         if call.waits or call.tcp_before is not None:
-            _diagnose(call, sock)
-        rec = _otel.RECORDER
+            diagnose(call, sock)
+        rec = recorder.RECORDER
         if rec.profile is not None:
             rec.profile.call(call)
         if rec.detail:
             rec.emit(call, sock, ctx)
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
     # The exception's traceback holds our frames, which hold the call: without
     # this the exception, the socket and its fd would live until the next GC.
     call.error = None
 
 
 def _new_call(sock, m_name, start):
-    rec = _otel.RECORDER
+    rec = recorder.RECORDER
     if rec.profile is None:
-        call = Call(m_name, _stats(sock), start, rec.detail > 0)
+        call = Call(m_name, stats_of(sock), start, rec.detail > 0)
     else:  # sums its syscall time for the profile
-        call = rec.profile.new_call(m_name, _stats(sock), start, rec.detail > 0, sock)
+        call = rec.profile.new_call(m_name, stats_of(sock), start, rec.detail > 0, sock)
     if m_name in _SENDS and call.stats.transport == "tcp":
-        call.tcp_probe = lambda: _tcpinfo.snapshot(sock)
+        call.tcp_probe = lambda: tcpinfo.snapshot(sock)
     return call
 
 
@@ -409,20 +388,20 @@ _SENDS = frozenset({"send", "sendto", "sendmsg", "sendall", "sendfile"})
 _RECEIVES = frozenset({"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg", "tls.recv"})
 
 
-def _diagnose(call, sock):
+def diagnose(call, sock):
     """TCP state at the end of a send that waited, and the verdict; receive-side mirror."""
     st = call.stats
     if call.tcp_before is not None:
-        after = _tcpinfo.snapshot(sock)
+        after = tcpinfo.snapshot(sock)
         if after is not None:
-            call.tcp_attrs, verdict = _tcpinfo.diagnose(
+            call.tcp_attrs, verdict = tcpinfo.diagnose(
                 call.tcp_before, after, (call.end - call.start) / 1e9, call.eintr_retries,
                 call.timed_out)
             st.slow_calls[verdict] = st.slow_calls.get(verdict, 0) + 1
     elif call.method in _RECEIVES and call.waits and st.transport == "tcp":
         # A receive that had to wait: the peer was slow to send (what is queued now).
         call.tcp_attrs = {"tracesock.recv.peer_slow": call.wait_ns * 2 >= call.end - call.start}
-        queued = _tcpinfo.inq(sock)
+        queued = tcpinfo.inq(sock)
         if queued is not None:
             call.tcp_attrs["tracesock.tcp.inq"] = queued
 
@@ -431,8 +410,8 @@ def _diagnose(call, sock):
 
 def _io(sock, m, args, kwargs):
     """One logical syscall: the general entry of every method but ``sendall``."""
-    ctx = _current_context()
-    if (ctx and ctx.get(_SUPPRESS)) or not isinstance(sock, _C):
+    ctx = current_context()
+    if suppressed(ctx) or not isinstance(sock, _C):
         return m.fn(sock, *args, **kwargs)  # not ours to trace; CPython names a wrong self
     timeout = _gettimeout(sock)
     if timeout:  # a timeout: wait first, like CPython
@@ -474,7 +453,7 @@ def _done(sock, m, start, end, result, args, kwargs, ctx, timeout):
         n = m.size_of(result)
         requested = m.requested(args, kwargs) if (m.writing or m.resizes) else None
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
         return result
     if (m.writing and timeout is None and requested is not None and n < requested
             and _type(sock) & 0xF == _STREAM and fd_blocks(sock)):
@@ -587,14 +566,14 @@ def _after(call, m, args, result):
         if m.address_of is not None:
             call.address = m.address_of(args, result)
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
 
 
 def _safe(fn, *args):
     try:
         return fn(*args)
     except Exception as exc:
-        if _otel._from_signal_handler(exc):
+        if from_signal_handler(exc):
             raise  # a signal handler's exception belongs to the program
         return None  # odd arguments: CPython's method will say what is wrong
 
@@ -608,7 +587,7 @@ def _plain(sock, m, args, kwargs, ctx, name=None):
     except BaseException as exc:
         call.error = exc
         if isinstance(exc, OSError):
-            call.syscall(m.syscall, start, now(), -1, _otel.errno_name(exc.errno))
+            call.syscall(m.syscall, start, now(), -1, errno_name(exc.errno))
         if m.address_of is not None:  # a refused connect still names its peer
             call.address = _safe(m.address_of, args, None)
         _finish(call, sock, ctx)
@@ -621,33 +600,30 @@ def _plain(sock, m, args, kwargs, ctx, name=None):
 
 # --- the C hot path (optional) ------------------------------------------------
 
-_NOT_FAST = object()  # the C fast path declined: nothing was done
+NOT_FAST = object()  # the C fast path declined: nothing was done
 _PARTIAL = object()  # it made the syscall, which did not complete the call: continue here
 
 
 def _load_speedups():
-    if os.environ.get("TRACESOCK_NO_SPEEDUPS", "") not in ("", "0"):
+    """The C extension, configured with this module's objects; None without it."""
+    module = _speedups_loader.module
+    if module is None or RUNTIME_VAR is None:
         return None
     try:
-        from . import _speedups
-        var = _otel_context._RUNTIME_CONTEXT._current_context
-        _speedups.configure(_C.recv, _C.recv_into, _C.send, _C.gettimeout,
-                            _C.__dict__["family"], _C.__dict__["type"], var,
-                            _NOT_FAST, _PARTIAL, _c_slow, _BOUNDS_NS, _DW, 0)
-        return _speedups
-    except Exception:  # not built, or an unexpected OpenTelemetry runtime context
+        module.configure(_C.recv, _C.recv_into, _C.send, _C.gettimeout,
+                         _C.__dict__["family"], _C.__dict__["type"], RUNTIME_VAR,
+                         NOT_FAST, _PARTIAL, _c_slow, BOUNDS_NS, _DW, 0)
+        return module
+    except Exception:  # an unexpected OpenTelemetry runtime context
         return None
 
 
-_C_METHODS = ("recv", "recv_into", "send", "sendall")
-# Slots 4 and 5 of the C aggregates: OpenSSL's ciphertext syscalls under
-# _speedups.tls_fast (see _tls), which are syscall samples, not call samples.
-_C_WIRE = ("wire:read", "wire:write")
+_C_METHODS = _speedups_loader.C_METHODS
 
 
 def _c_slow(index, sock, start, end, n, result, args):
     """The C path's call reached the slow threshold: make its span (never raises)."""
-    rec = _otel.RECORDER
+    rec = recorder.RECORDER
     if rec.profile is not None:  # while profiling, the C path reports every call here
         # frames: 0 this, 1 the method (_accelerated), 2 its caller
         rec.profile.fast(_C_METHODS[index], end - start, n, index >= 2, False, _sys._getframe(2))
@@ -663,7 +639,7 @@ def _c_raised(sock, m, args, kwargs, exc):
     What raised may also be a signal handler that ran right after the call
     (or during its span): that is the program's exception, raised untouched.
     """
-    last = _speedups.last()
+    last = SPEEDUPS.last()
     if last is None or last[3] != id(exc):
         raise exc  # not the syscall's
     if isinstance(exc, BlockingIOError) and fd_blocks(sock):
@@ -674,7 +650,7 @@ def _c_raised(sock, m, args, kwargs, exc):
 
 def _c_continue(sock, m, args, kwargs):
     """Continue a call the C path started: it would block, or sent only part."""
-    first = _speedups.last()[:3]
+    first = SPEEDUPS.last()[:3]
     if m is SENDALL:
         return _sendall_rest(sock, args[0], 0, None, None, first[0], first)
     if m.writing:
@@ -691,11 +667,11 @@ def _c_continue(sock, m, args, kwargs):
 
 def _hot_span(sock, m, start, end, n, args, result):
     try:
-        rec = _otel.RECORDER
+        rec = recorder.RECORDER
         if rec.detail:
-            rec.emit(_fast_call(_stats(sock), m, start, end, n, args, {}, result), sock, None)
+            rec.emit(_fast_call(stats_of(sock), m, start, end, n, args, {}, result), sock, None)
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
 
 
 def recv(self, *args, **kwargs):
@@ -749,14 +725,14 @@ def sendmsg(self, *args, **kwargs):
         except TypeError:
             single = False
         if not single and _gettimeout(self) is None:
-            return _plain(self, SENDMSG, args, kwargs, _current_context())
+            return _plain(self, SENDMSG, args, kwargs, current_context())
     return _io(self, SENDMSG, args, kwargs)
 
 
 def sendall(self, *args, **kwargs):
-    ctx = _current_context()
+    ctx = current_context()
     if (kwargs or not 1 <= len(args) <= 2 or (len(args) == 2 and not isinstance(args[1], int))
-            or not isinstance(self, _C) or (ctx and ctx.get(_SUPPRESS))):
+            or not isinstance(self, _C) or suppressed(ctx)):
         return _C.sendall(self, *args, **kwargs)  # the odd case, or not ours to trace
     data = args[0]
     flags = args[1] if len(args) == 2 else 0
@@ -776,7 +752,7 @@ def sendall(self, *args, **kwargs):
             raise  # non-blocking and nothing fits, or a real error: CPython raises at once
         n = -1
     end = now()
-    if n >= 0 and n == _nbytes(data):
+    if n >= 0 and n == nbytes(data):
         _fast_done(self, SENDALL, start, end, n, n, args, kwargs, None, ctx)
         return None
     return _sendall_rest(self, data, flags, ctx, timeout, start, (start, end, n))
@@ -860,8 +836,8 @@ CONNECT_EX = _Method("connect_ex", "connect", True, 0, (), False, lambda r: 0,
 
 
 def _accept(self, *args, **kwargs):
-    ctx = _current_context()
-    if args or kwargs or not isinstance(self, _C) or (ctx and ctx.get(_SUPPRESS)):
+    ctx = current_context()
+    if args or kwargs or not isinstance(self, _C) or suppressed(ctx):
         return _C._accept(self, *args, **kwargs)  # CPython names the odd case
     timeout = _gettimeout(self)
     if timeout == 0.0 or (timeout is None and not _can_wait_to_accept(self)):
@@ -892,15 +868,15 @@ def _can_wait_to_accept(sock):
 
 
 def connect(self, *args, **kwargs):
-    ctx = _current_context()
-    if (ctx and ctx.get(_SUPPRESS)) or not isinstance(self, _C):
+    ctx = current_context()
+    if suppressed(ctx) or not isinstance(self, _C):
         return _C.connect(self, *args, **kwargs)
     return _plain(self, CONNECT, args, kwargs, ctx)
 
 
 def connect_ex(self, *args, **kwargs):
-    ctx = _current_context()
-    if (ctx and ctx.get(_SUPPRESS)) or not isinstance(self, _C):
+    ctx = current_context()
+    if suppressed(ctx) or not isinstance(self, _C):
         return _C.connect_ex(self, *args, **kwargs)
     return _plain(self, CONNECT_EX, args, kwargs, ctx)
 
@@ -909,8 +885,8 @@ _sendfile = STD_SOCKET.sendfile
 
 
 def sendfile(self, file, offset=0, count=None):
-    ctx = _current_context()
-    if (ctx and ctx.get(_SUPPRESS)) or not isinstance(self, _C):
+    ctx = current_context()
+    if suppressed(ctx) or not isinstance(self, _C):
         return _sendfile(self, file, offset, count)
     start = now()
     call = _new_call(self, "sendfile", start)
@@ -933,20 +909,20 @@ def sendfile(self, file, offset=0, count=None):
 
 
 def _sendfile_verdict(call):
-    if now() - call.start < _otel.RECORDER.slow_ns and not call.waits:
+    if now() - call.start < recorder.RECORDER.slow_ns and not call.waits:
         call.tcp_before = None  # fast: no verdict, as for a send that never waited
 
 
 def _accelerated(index, m, python_method):
     """``python_method`` with the C hot path in front (see ``_speedups.c``)."""
-    fast = _speedups.fast
+    fast = SPEEDUPS.fast
 
     def method(self, *args, **kwargs):
         try:
             r = fast(index, self, args, kwargs)
         except BaseException as exc:
             r = _c_raised(self, m, args, kwargs, exc)
-        if r is _NOT_FAST:
+        if r is NOT_FAST:
             return python_method(self, *args, **kwargs)
         return _c_continue(self, m, args, kwargs) if r is _PARTIAL else r
 
@@ -955,21 +931,21 @@ def _accelerated(index, m, python_method):
 
 
 _BY_NAME = {"recv": RECV, "recv_into": RECV_INTO, "send": SEND, "sendall": SENDALL}
-_speedups = _load_speedups()
-if _speedups is not None:
+# The C extension configured for the hot path, or None (pure Python).
+SPEEDUPS = _load_speedups()
+if SPEEDUPS is not None:
     recv = _accelerated(0, RECV, recv)
     recv_into = _accelerated(1, RECV_INTO, recv_into)
     send = _accelerated(2, SEND, send)
     sendall = _accelerated(3, SENDALL, sendall)
-if _speedups is not None:
-    def _sync_threshold(recorder):
-        if recorder.profile is not None:  # profiling: every C-path call reports to _c_slow
-            _speedups.set_slow_ns(0)
+if SPEEDUPS is not None:
+    def _sync_threshold(rec):
+        if rec.profile is not None:  # profiling: every C-path call reports to _c_slow
+            SPEEDUPS.set_slow_ns(0)
         else:
-            _speedups.set_slow_ns(recorder.slow_ns if recorder.detail else 1 << 62)
+            SPEEDUPS.set_slow_ns(rec.slow_ns if rec.detail else 1 << 62)
 
-    _otel._listeners.append(_sync_threshold)
-    _sync_threshold(_otel.RECORDER)
+    recorder.on_change(_sync_threshold)
 
 # name on socket.socket -> replacement
 METHODS = {
@@ -989,22 +965,10 @@ METHODS = {
 }
 
 
-def _dress(name, fn):
-    """Give ``fn`` the identity of the method it replaces (doc, name, signature)."""
-    original = getattr(STD_SOCKET, name)
-    for attr in ("__doc__", "__name__", "__qualname__", "__module__"):
-        try:
-            setattr(fn, attr, getattr(original, attr))
-        except (AttributeError, TypeError):
-            pass
-    if not hasattr(original, "__module__"):
-        fn.__module__ = "socket"  # a C method: pickled by reference as socket.socket.<name>
-    fn.__wrapped__ = original  # inspect.signature() follows it to the original
-    return fn
-
-
 for _name, _fn in METHODS.items():
-    _dress(_name, _fn)
+    _original = getattr(STD_SOCKET, _name)
+    # A C method names no module: pickled by reference as socket.socket.<name>.
+    dress(_fn, _original, None if hasattr(_original, "__module__") else "socket")
 
 
 class TracedSocket(STD_SOCKET):

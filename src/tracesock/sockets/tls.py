@@ -47,33 +47,32 @@ Never raises into the application: recording errors are swallowed (counted in
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
-import sys
+import socket as _stdsocket
 import threading
-import time
 import weakref
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
-from . import _otel
-from ._events import MAX_STEPS, Call, Stats, Step
-from . import _tcpinfo
-from ._socket import _NOT_FAST, _SUPPRESS, _current_context, _diagnose, _nbytes, _stats
-from ._coexist import _dress
-from ._syscall import now
+from ..core import tcpinfo
+from ..core.events import INTERRUPTED, MAX_STEPS, READY, TIMEOUT, Call, Stats, Step, errno_name
+from ..core.guard import swallow
+from ..core.originals import C_SOCKET, dress
+from ..core.syscall import blocking_send, now, recv_now, send_now, wait
+from ..telemetry import recorder
+from ..telemetry.attributes import site_attributes, socket_attributes, step_counters, timeout_attribute
+from ..telemetry.context import SUPPRESS, current_context, suppressed
+from . import dns, methods
+from .methods import NOT_FAST, diagnose, nbytes, stats_of
 
-__all__ = ["install", "uninstall", "is_installed", "patch_class", "TlsCall", "ENGINES"]
+__all__ = ["ENGINES", "TlsCall", "bio_wrap_socket", "current_call", "replacements", "resume",
+           "pending_links", "setup_wire", "suspend", "wire_active", "wrap_socket_replacement"]
 
 ENGINES = ("native", "bio")
 
-_lock = threading.RLock()
-_saved = None  # True while ssl.SSLSocket is patched
-_patched = []  # (class, {name: original entry of its __dict__}) for each patched class
-_saved_ctx = None  # original SSLContext._wrap_socket entry (bio engine only)
-_finder = None
-_engine = "native"
-_MISSING = object()
 _tl = threading.local()
 
 
@@ -89,16 +88,6 @@ class TlsCall(Call):
         self.engine = "native"
         self.wire = False  # the ciphertext syscalls are recorded (bio engine, or native with _WIRE)
         self.link = None  # tls.handshake: the create_connection span of the wrapped socket
-
-
-# --- what counts as a failure --------------------------------------------------
-
-def _is_flow(exc):
-    """Would-block outcomes of non-blocking sockets: normal flow, not failures."""
-    if isinstance(exc, BlockingIOError):
-        return True
-    ssl = sys.modules.get("ssl")
-    return ssl is not None and isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError))
 
 
 # --- spans ------------------------------------------------------------------------
@@ -145,13 +134,13 @@ def _handshake_attributes(sock, attrs):
         if reused is not None:
             attrs["tls.resumed"] = bool(reused)
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
 
 
 def _attributes(sock, call, handshake):
     raw = _raw(sock)
-    attrs = _otel.socket_attributes(raw, call) if raw is not None else {"network.transport": call.stats.transport}
-    _otel._site_attributes(attrs)
+    attrs = socket_attributes(raw, call) if raw is not None else {"network.transport": call.stats.transport}
+    site_attributes(attrs, recorder.RECORDER.stacktrace)
     attrs["tracesock.tls.engine"] = call.engine
     if handshake:
         _handshake_attributes(sock, attrs)
@@ -162,10 +151,10 @@ def _attributes(sock, call, handshake):
     if call.wire:
         attrs["tracesock.wire.bytes.sent"] = call.wire_tx
         attrs["tracesock.wire.bytes.received"] = call.wire_rx
-        _otel.step_counters(attrs, call)
+        step_counters(attrs, call)
         if call.dropped_steps:
             attrs["tracesock.steps.dropped"] = call.dropped_steps
-    _otel.timeout_attribute(attrs, sock)
+    timeout_attribute(attrs, sock)
     if call.tcp_attrs:
         attrs.update(call.tcp_attrs)
     if call.error is not None:
@@ -176,34 +165,19 @@ def _attributes(sock, call, handshake):
 def emit(call, sock, ctx, handshake=False):
     """Make the ``tls.*`` span of a finished call, if it qualifies.  Never raises."""
     try:
-        rec = _otel.RECORDER
-        if not rec.detail:
-            return
-        parent = ctx.get(_otel._SPAN_KEY) if ctx else None
-        in_trace = parent is not None and parent.is_recording()
-        failed = call.error is not None and not _is_flow(call.error)
-        slow = call.end - call.start >= rec.slow_ns
-        if not (in_trace or slow or failed):
+        rec = recorder.RECORDER
+        if not rec.detail or not rec.qualifies(ctx, call.start, call.end, call.error):
             return
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
         return
-    parent_ctx = ctx if in_trace else otel_context.Context()
+    rec.deliver(ctx, _span, rec, call, sock, handshake)
+
+
+def _span(parent_ctx, rec, call, sock, handshake):
     if call.link is not None:  # under the socket.create_connection span it follows
         parent_ctx = otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(call.link), parent_ctx)
-    _otel.with_signals_held(_span, rec, call, sock, parent_ctx, handshake, failed)
-
-
-def _span(rec, call, sock, parent_ctx, handshake, failed):
-    try:
-        rec._offset = time.time_ns() - time.perf_counter_ns()
-        token = otel_context.attach(otel_context.set_value(_SUPPRESS, True, parent_ctx))
-        try:
-            rec._spans(call, sock, parent_ctx, _attributes(sock, call, handshake), call.method, failed)
-        finally:
-            otel_context.detach(token)
-    except Exception as exc:
-        _otel.swallow(exc)
+    rec.call_span(call, parent_ctx, _attributes(sock, call, handshake), call.method)
 
 
 def _finish(call, sock, ctx, handshake=False, end=None):
@@ -214,18 +188,18 @@ def _finish(call, sock, ctx, handshake=False, end=None):
             err = type(call.error).__name__ if call.error is not None else None
             st.hist(st.handshakes, err).add(call.end - call.start)
         if call.tcp_before is not None:
-            if call.waits or call.end - call.start >= _otel.RECORDER.slow_ns:
-                _diagnose(call, _raw(sock))  # TCP state deltas and the verdict
+            if call.waits or call.end - call.start >= recorder.RECORDER.slow_ns:
+                diagnose(call, _raw(sock))  # TCP state deltas and the verdict
             else:
                 call.tcp_before = None
         elif call.waits and call.method == "tls.recv":
-            _diagnose(call, _raw(sock))  # the receive-side mirror: was the peer slow to send?
-        profile = _otel.RECORDER.profile
+            diagnose(call, _raw(sock))  # the receive-side mirror: was the peer slow to send?
+        profile = recorder.RECORDER.profile
         if profile is not None and not handshake:
             profile.call(call)  # plaintext bytes, under the caller's stack
         emit(call, sock, ctx, handshake)
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
     call.error = None  # no cycle through the exception's traceback
 
 
@@ -233,7 +207,7 @@ def _finish(call, sock, ctx, handshake=False, end=None):
 
 def _requested_send(args, kwargs):
     data = args[0] if args else kwargs.get("data")
-    return _nbytes(data)
+    return nbytes(data)
 
 
 def _requested_recv(args, kwargs):
@@ -242,12 +216,12 @@ def _requested_recv(args, kwargs):
 
 
 def _requested_recv_into(args, kwargs):
-    nbytes = args[1] if len(args) > 1 else kwargs.get("nbytes")
-    if nbytes:
-        return nbytes
+    size = args[1] if len(args) > 1 else kwargs.get("nbytes")
+    if size:
+        return size
     buf = args[0] if args else kwargs.get("buffer")
     try:
-        return _nbytes(buf) or 1024
+        return nbytes(buf) or 1024
     except TypeError:
         return None
 
@@ -271,14 +245,14 @@ def _moved(result, requested):
 def _raw(sock):
     """The ``_socket.socket`` under ``sock`` (itself for ``ssl.SSLSocket``; gevent's
     SSLSocket wraps one, ``_sock``), or None (closed by gevent)."""
-    if isinstance(sock, _c_socket.socket):
+    if isinstance(sock, C_SOCKET):
         return sock
     raw = getattr(sock, "_sock", None)
-    return raw if isinstance(raw, _c_socket.socket) else None
+    return raw if isinstance(raw, C_SOCKET) else None
 
 
 def _new(sock, name, start):
-    call = TlsCall(name, _stats(_raw(sock)), start, _otel.RECORDER.detail > 0)
+    call = TlsCall(name, stats_of(_raw(sock)), start, recorder.RECORDER.detail > 0)
     if isinstance(getattr(sock, "_sslobj", None), _BioSSL):
         call.engine = "bio"
         call.wire = True
@@ -293,10 +267,9 @@ _WIRE = None
 _TLS_FAST = None  # _speedups.tls_fast, with _WIRE
 
 
-def _wire_setup():
+def setup_wire():
     global _WIRE, _TLS_FAST
-    from . import _socket as _socket_layer
-    speedups = _socket_layer._speedups
+    speedups = methods.SPEEDUPS
     if speedups is None or _WIRE is not None:
         return
     try:
@@ -307,7 +280,7 @@ def _wire_setup():
             speedups.tls_fast_setup(_UNUSUAL, _NESTED)
             _TLS_FAST = speedups.tls_fast
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
 
 
 def _wire_begin(call, sock):
@@ -316,7 +289,7 @@ def _wire_begin(call, sock):
         try:
             call.wire = _WIRE[0](sock._sslobj)
         except Exception as exc:
-            _otel.swallow(exc)
+            swallow(exc)
 
 
 def _wire_end(call, sock):
@@ -332,7 +305,7 @@ def _wire_end(call, sock):
         events, dropped, rx, tx, _start, _end, over = _WIRE[1]()
         _apply_events(call, sock, events, dropped, rx, tx, over)
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
 
 
 def _apply_events(call, sock, events, dropped, rx, tx, over=None):
@@ -385,7 +358,7 @@ def _apply_events(call, sock, events, dropped, rx, tx, over=None):
         if over is not None:
             _apply_overflow(call, over, waited)
     except Exception as exc:
-        _otel.swallow(exc)
+        swallow(exc)
 
 
 def _final_wait(call, since):
@@ -444,9 +417,9 @@ def _tcp_snapshot_plan(call, sock):
     if call.method not in _TLS_SENDS or call.stats.transport != "tcp":
         return
     if call.engine != "native":
-        call.tcp_probe = lambda: _tcpinfo.snapshot(sock)
+        call.tcp_probe = lambda: tcpinfo.snapshot(sock)
     elif call.requested is not None and call.requested >= _SNAPSHOT_FROM:
-        call.tcp_before = _tcpinfo.snapshot(_raw(sock))
+        call.tcp_before = tcpinfo.snapshot(_raw(sock))
 
 
 _SEND_KIND = {"tls.send": 1, "tls.sendall": 1, "tls.recv": 0}
@@ -466,9 +439,9 @@ def _after_fast(sock, span_name, requested_of, args, kwargs, result, exc):
         _apply_events(call, sock, events, dropped, rx, tx, over)
         if exc is None:
             call.transferred = _moved(result, call.requested)
-        _finish(call, sock, _current_context(), end=end)
+        _finish(call, sock, current_context(), end=end)
     except Exception as err:
-        _otel.swallow(err)
+        swallow(err)
 
 
 def _recorded(call, sock, original, args, kwargs):
@@ -494,7 +467,7 @@ def _io_method(original, span_name, requested_of):
     def method(self, *args, **kwargs):
         fast = _TLS_FAST
         if (fast is not None and kind is not None and getattr(_tl, "call", None) is None
-                and isinstance(self, _c_socket.socket)):
+                and isinstance(self, C_SOCKET)):
             try:
                 result = fast(original, self, args, kwargs, kind)
             except BaseException as exc:
@@ -502,13 +475,13 @@ def _io_method(original, span_name, requested_of):
                 raise
             if result is _NESTED:
                 return original(self, *args, **kwargs)
-            if result is not _NOT_FAST:
+            if result is not NOT_FAST:
                 if type(result) is tuple and result and result[0] is _UNUSUAL:
                     result = result[1]
                     _after_fast(self, span_name, requested_of, args, kwargs, result, None)
                 return result
-        ctx = _current_context()
-        if ((ctx and ctx.get(_SUPPRESS)) or getattr(_tl, "call", None) is not None
+        ctx = current_context()
+        if (suppressed(ctx) or getattr(_tl, "call", None) is not None
                 or getattr(self, "_sslobj", None) is None):
             return original(self, *args, **kwargs)
         try:
@@ -516,7 +489,7 @@ def _io_method(original, span_name, requested_of):
             call.requested = requested_of(args, kwargs)
             _tcp_snapshot_plan(call, self)
         except Exception as exc:
-            _otel.swallow(exc)
+            swallow(exc)
             return original(self, *args, **kwargs)
         try:
             result = _recorded(call, self, original, args, kwargs)
@@ -526,7 +499,7 @@ def _io_method(original, span_name, requested_of):
         try:
             call.transferred = _moved(result, call.requested)
         except Exception as exc:
-            _otel.swallow(exc)
+            swallow(exc)
         _finish(call, self, ctx)
         return result
 
@@ -535,8 +508,8 @@ def _io_method(original, span_name, requested_of):
 
 def _handshake_method(original):
     def do_handshake(self, *args, **kwargs):
-        ctx = _current_context()
-        if (ctx and ctx.get(_SUPPRESS)) or getattr(_tl, "call", None) is not None:
+        ctx = current_context()
+        if suppressed(ctx) or getattr(_tl, "call", None) is not None:
             return original(self, *args, **kwargs)
         try:
             # A non-blocking handshake goes on where its last attempt stopped.
@@ -545,17 +518,17 @@ def _handshake_method(original):
                 call = _new(self, "tls.handshake", now())
                 call.link = _take_link(self)
         except Exception as exc:
-            _otel.swallow(exc)
+            swallow(exc)
             return original(self, *args, **kwargs)
         try:
             result = _recorded(call, self, original, args, kwargs)
         except BaseException as exc:
-            if _is_flow(exc):
+            if recorder.would_block(exc):
                 call.error = None
                 try:  # not done yet: the handshake goes on at the next attempt
                     _hs_pending[self] = call
                 except Exception as err:
-                    _otel.swallow(err)
+                    swallow(err)
                 raise
             _finish(call, self, ctx, handshake=True)
             raise
@@ -579,29 +552,19 @@ _IO_METHODS = {
 }
 
 
-def patch_class(cls, methods=None):
-    """Put the recording methods on ``cls`` (``ssl.SSLSocket``, or another
-    class with its interface, such as gevent's), undone by ``uninstall()``.
-    ``methods``: the names to patch (default: all that ``cls`` defines itself)."""
-    with _lock:
-        if any(c is cls for c, _ in _patched):
-            return
-        saved = {}
-        replacements = {}
-        for name, (span_name, requested_of) in _IO_METHODS.items():
-            original = cls.__dict__.get(name, _MISSING)
-            if original is _MISSING or not callable(original) or (methods and name not in methods):
-                continue
-            saved[name] = original
-            replacements[name] = _dress(_io_method(original, span_name, requested_of), original)
-        original = cls.__dict__.get("do_handshake", _MISSING)
-        if original is not _MISSING and callable(original) and (not methods or "do_handshake" in methods):
-            saved["do_handshake"] = original
-            replacements["do_handshake"] = _dress(_handshake_method(original), original)
-        for name, fn in replacements.items():
-            setattr(cls, name, fn)
-        _patched.append((cls, saved))
-        _wire_setup()
+def replacements(cls, names=None):
+    """``{name: recording method}`` for the methods ``cls`` defines itself
+    (``ssl.SSLSocket``, or a class with its interface such as gevent's);
+    ``names``: only these."""
+    out = {}
+    for name, (span_name, requested_of) in _IO_METHODS.items():
+        original = cls.__dict__.get(name)
+        if callable(original) and (not names or name in names):
+            out[name] = dress(_io_method(original, span_name, requested_of), original)
+    original = cls.__dict__.get("do_handshake")
+    if callable(original) and (not names or "do_handshake" in names):
+        out["do_handshake"] = dress(_handshake_method(original), original)
+    return out
 
 
 # --- the handshake after socket.create_connection ----------------------------------
@@ -609,6 +572,11 @@ def patch_class(cls, methods=None):
 # SSLSocket -> the create_connection span context of the socket it wrapped,
 # until its first handshake (do_handshake_on_connect=False).
 _links = weakref.WeakKeyDictionary()
+
+
+def pending_links():
+    """How many wrapped sockets still hold their create_connection span for a first handshake."""
+    return len(_links)
 
 
 def _take_link(sock):
@@ -624,13 +592,11 @@ def _take_link(sock):
 def _wrap_socket_method(original):
     """``SSLContext.wrap_socket``: a socket that ``socket.create_connection``
     returned (with a span) hands that span to the wrapping socket's handshake."""
-    from . import _dns
-
     def wrap_socket(self, sock, *args, **kwargs):
         try:
-            link = _dns.connection_span(sock)
+            link = dns.connection_span(sock)
         except Exception as exc:
-            _otel.swallow(exc)
+            swallow(exc)
             link = None
         if link is None:
             return original(self, sock, *args, **kwargs)
@@ -651,198 +617,70 @@ def _wrap_socket_method(original):
     return wrap_socket
 
 
-def _patch_ssl(ssl):
-    global _saved
-    patch_class(ssl.SSLSocket)
-    ctx_cls = ssl.SSLContext
-    original = ctx_cls.__dict__.get("wrap_socket")
-    if callable(original):
-        with _lock:
-            _patched.append((ctx_cls, {"wrap_socket": original}))
-            ctx_cls.wrap_socket = _dress(_wrap_socket_method(original), original)
-    _saved = True
-    if _engine == "bio":
-        _install_bio(ssl)
+def wrap_socket_replacement(original):
+    """``SSLContext.wrap_socket``'s replacement (see ``_wrap_socket_method``)."""
+    return dress(_wrap_socket_method(original), original)
 
 
-def _unpatch_ssl():
-    global _saved
-    while _patched:
-        cls, saved = _patched.pop()
-        for name, original in saved.items():
-            setattr(cls, name, original)
-    if _saved is None:
-        return
-    _saved = None
-    _uninstall_bio()
+# --- green threads ---------------------------------------------------------------------
+
+def current_call():
+    """The ``tls.*`` call this thread (or greenlet) is recording, or None."""
+    return getattr(_tl, "call", None)
 
 
-# --- import hook: ssl imported after instrument() ----------------------------------
-
-class _SSLFinder:
-    """Patches ``ssl`` right after it is first executed (then gets out of the way)."""
-
-    def __init__(self):
-        self._busy = False
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "ssl" or self._busy:
-            return None
-        self._busy = True
-        try:
-            spec = None
-            for finder in list(sys.meta_path):
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(name, path, target)
-                if spec is not None:
-                    break
-        finally:
-            self._busy = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return None
-        spec.loader = _PatchingLoader(spec.loader)
-        return spec
+def suspend(call, sock):
+    """Before a green thread waits (gevent's hub): the call in progress stops
+    being this thread's, its wire level so far collected.  Returns what
+    ``resume`` needs."""
+    conn = None
+    if call.wire and call.engine == "native":
+        conn = _Conn(getattr(sock, "_sslobj", None))
+        _wire_end(call, sock)  # what OpenSSL did so far; the thread's recording stops
+    _tl.call = None  # calls of other greenlets are theirs, not nested in this one
+    return conn
 
 
-class _PatchingLoader:
-    def __init__(self, loader):
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        # The module keeps its real loader, as if we had never been there.
-        try:
-            module.__loader__ = self.loader
-            if module.__spec__ is not None:
-                module.__spec__.loader = self.loader
-        except Exception:
-            pass
-        self.loader.exec_module(module)
-        global _finder
-        with _lock:
-            if _finder is not None and _saved is None:
-                try:
-                    sys.meta_path.remove(_finder)
-                except ValueError:
-                    pass
-                _finder = None
-                try:
-                    _patch_ssl(module)
-                except Exception as exc:
-                    _otel.swallow(exc)
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
+def resume(call, conn):
+    """After the wait: the call is this thread's again, its wire level recording again."""
+    _tl.call = call
+    if conn is not None:
+        _wire_begin(call, conn)
 
 
-def install(engine=None):
-    """Called by ``instrument()``: patch ``ssl`` now, or when it is imported."""
-    global _finder, _engine
-    with _lock:
-        if engine is None:
-            engine = os.environ.get("TRACESOCK_TLS_ENGINE", "").strip().lower() or "native"
-        if engine not in ENGINES:
-            _otel._log.warning("tracesock: TRACESOCK_TLS_ENGINE=%r is not one of %s; using 'native'",
-                               engine, ", ".join(ENGINES))
-            engine = "native"
-        if _saved is not None or _finder is not None:
-            return
-        _engine = engine
-        ssl = sys.modules.get("ssl")
-        if ssl is not None and hasattr(ssl, "SSLSocket"):
-            _patch_ssl(ssl)
-        else:
-            _finder = _SSLFinder()
-            sys.meta_path.insert(0, _finder)
+class _Conn:
+    """What ``_wire_begin`` reads of a socket: its TLS object (kept across a wait,
+    in case another greenlet closes the socket meanwhile)."""
+
+    __slots__ = ("_sslobj",)
+
+    def __init__(self, sslobj):
+        self._sslobj = sslobj
 
 
-def uninstall():
-    global _finder
-    with _lock:
-        if _finder is not None:
-            try:
-                sys.meta_path.remove(_finder)
-            except ValueError:
-                pass
-            _finder = None
-        _unpatch_ssl()
-
-
-def is_installed():
-    return _saved is not None or _finder is not None
+def wire_active():
+    """Does the native engine have its wire level (the C extension watching OpenSSL)?"""
+    return _WIRE is not None
 
 
 # --- the bio engine (experimental) -----------------------------------------------------
 
-import _socket as _c_socket  # noqa: E402
-import errno as _errno  # noqa: E402
-import math  # noqa: E402
-
-import ctypes  # noqa: E402
-
-from ._events import INTERRUPTED, READY, TIMEOUT  # noqa: E402
-from ._syscall import blocking_send, errno_name, wait as _wait  # noqa: E402
-
-_C = _c_socket.socket
+_C = C_SOCKET
 _C_GETTIMEOUT = _C.gettimeout
 _C_FILENO = _C.fileno
-_DW = int(getattr(_c_socket, "MSG_DONTWAIT", 0x40))
 _HEADER = 5
 _MAX_RECORD = 16384 + 2048  # largest TLS ciphertext record body
 _rbuf = threading.local()  # per-thread receive buffer (see _BioSSL._recv)
 _CHUNK = 1 << 20  # a write larger than this is encrypted and sent in pieces this size
-_libc = ctypes.CDLL(None, use_errno=True)
-_lrecv = _libc.recv
-_lrecv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_lrecv.restype = ctypes.c_ssize_t
-_lsend = _libc.send
-_lsend.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_lsend.restype = ctypes.c_ssize_t
-_NOSIGNAL = int(getattr(_c_socket, "MSG_NOSIGNAL", 0x4000))
-
-
-_AGAIN = frozenset({_errno.EAGAIN, _errno.EWOULDBLOCK})
-
-
-def _recv_into_now(call, fd, addr, buf, n):
-    """One ``recv(fd, n, MSG_DONTWAIT)`` into ``buf`` (at ``addr``): never waits
-    (CPython's method would poll first on a socket with a timeout), recorded.
-    Returns a memoryview of the bytes, ``None`` for EAGAIN, or the errno of a failure."""
-    start = now()
-    r = _lrecv(fd, addr, n, _DW)
-    end = now()
-    if r < 0:
-        code = ctypes.get_errno()
-        call.syscall("recv", start, end, -1, errno_name(code))
-        return None if code in _AGAIN else code
-    call.syscall("recv", start, end, r)
-    return memoryview(buf)[:r]
-
-
-def _send_now(call, fd, data, offset):
-    """One ``send(fd, data[offset:], MSG_DONTWAIT)``, recorded: the count, ``None``
-    for EAGAIN, or ``-errno`` of a failure."""
-    base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-    start = now()
-    r = _lsend(fd, base + offset, len(data) - offset, _DW | _NOSIGNAL)
-    end = now()
-    if r < 0:
-        code = ctypes.get_errno()
-        call.syscall("send", start, end, -1, errno_name(code))
-        return None if code in _AGAIN else -code
-    call.syscall("send", start, end, r)
-    return r
+_NOSIGNAL = int(getattr(_stdsocket, "MSG_NOSIGNAL", 0x4000))
 _messages = {}  # "handshake_timeout" / "<op>_line" -> text learned from _ssl.c
 
 
 def _scratch_call(sock):
     """Where wire steps go when no tls.* call is being recorded: metrics only, and
     not even those under OpenTelemetry's suppress key (like a suppressed socket call)."""
-    ctx = _current_context()
-    stats = _DISCARD if ctx and ctx.get(_SUPPRESS) else _stats(sock)
+    ctx = current_context()
+    stats = _DISCARD if suppressed(ctx) else stats_of(sock)
     return TlsCall("wire", stats, now(), False)
 
 
@@ -855,11 +693,10 @@ def _handshake_timeout_message(ssl):
     msg = _messages.get("handshake_timeout")
     if msg is None:
         msg = "The handshake operation timed out"
-        token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
+        token = otel_context.attach(otel_context.set_value(SUPPRESS, True))
         a = b = None
         try:
-            import socket as _std_socket
-            a, b = _std_socket.socketpair()
+            a, b = _stdsocket.socketpair()
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -1073,7 +910,7 @@ class _BioSSL:
             left = deadline - now()
             if left <= 0:
                 raise self._timed_out(call, op, not writing)
-            outcome = _wait(call, fd, writing, left)
+            outcome = wait(call, fd, writing, left)
             if outcome is TIMEOUT:
                 raise self._timed_out(call, op, not writing)
             if outcome is not INTERRUPTED:
@@ -1108,7 +945,7 @@ class _BioSSL:
         fd = _C_FILENO(sock)
         try:
             while sent < total:
-                n = _send_now(call, fd, data, sent)
+                n = send_now(call, fd, data, sent)
                 if n is not None and n < 0:
                     raise self._failed(op, -n)
                 if n is None:
@@ -1153,7 +990,7 @@ class _BioSSL:
             if deadline is not None:
                 self._ready(call, sock, fd, False, op, deadline)
             else:
-                _wait(call, fd, False, None)
+                wait(call, fd, False, None)
 
     def _try_fill(self, call, fd, op):
         """One non-blocking receive of what OpenSSL reads next: True if it got
@@ -1181,13 +1018,13 @@ class _BioSSL:
         return True
 
     def _recv(self, call, fd, n):
-        """``_recv_into_now`` into this thread's buffer: a memoryview of what came."""
+        """``recv_now`` into this thread's buffer: a memoryview of what came."""
         try:
             buf, addr = _rbuf.buf, _rbuf.addr
         except AttributeError:  # one buffer per thread: what arrives is copied into the BIO at once
             buf = _rbuf.buf = bytearray(_HEADER + _MAX_RECORD)
             addr = _rbuf.addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-        return _recv_into_now(call, fd, addr, buf, min(n, len(buf)))
+        return recv_now(call, fd, addr, buf, min(n, len(buf)))
 
     def _feed(self, call, data):
         call.wire_rx += len(data)
@@ -1225,15 +1062,15 @@ class _BioSSL:
             object.__setattr__(self, "_header", b"")
 
 
-_STREAM_FAMILIES = tuple(getattr(_c_socket, n) for n in ("AF_INET", "AF_INET6", "AF_UNIX")
-                         if hasattr(_c_socket, n))
+_STREAM_FAMILIES = tuple(getattr(_stdsocket, n) for n in ("AF_INET", "AF_INET6", "AF_UNIX")
+                         if hasattr(_stdsocket, n))
 
 
 def _eligible(ssl, ctx, sock):
     if not isinstance(sock, ssl.SSLSocket):
         return False
     try:
-        if sock.family not in _STREAM_FAMILIES or (sock.type & 0xF) != _c_socket.SOCK_STREAM:
+        if sock.family not in _STREAM_FAMILIES or (sock.type & 0xF) != _stdsocket.SOCK_STREAM:
             return False
         ktls = getattr(ssl, "OP_ENABLE_KTLS", 0)
         if ktls and ctx.options & ktls:
@@ -1243,11 +1080,8 @@ def _eligible(ssl, ctx, sock):
     return True
 
 
-def _install_bio(ssl):
-    global _saved_ctx
-    cls = ssl.SSLContext
-    original = cls.__dict__.get("_wrap_socket", _MISSING)
-    inherited = getattr(cls, "_wrap_socket")
+def bio_wrap_socket(ssl, inherited):
+    """``SSLContext._wrap_socket`` for the bio engine: an ``SSLSocket`` gets a ``_BioSSL``."""
 
     def _wrap_socket(self, sock, server_side, server_hostname=None, *, owner=None, session=None):
         if not _eligible(ssl, self, sock):
@@ -1257,19 +1091,4 @@ def _install_bio(ssl):
                              owner=owner, session=session)
         return _BioSSL(ssl, obj, incoming, outgoing, sock)
 
-    _dress(_wrap_socket, inherited)
-    _saved_ctx = (cls, inherited, original)
-    cls._wrap_socket = _wrap_socket
-
-
-def _uninstall_bio():
-    global _saved_ctx
-    if _saved_ctx is None:
-        return
-    cls, _, original = _saved_ctx
-    if original is _MISSING:
-        if "_wrap_socket" in cls.__dict__:
-            delattr(cls, "_wrap_socket")
-    else:
-        cls._wrap_socket = original
-    _saved_ctx = None
+    return dress(_wrap_socket, inherited)

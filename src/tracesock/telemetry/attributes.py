@@ -1,0 +1,117 @@
+"""Span attributes of socket and TLS calls (names: docs/telemetry.md)."""
+
+from __future__ import annotations
+
+from ..core import sites
+from ..core.originals import C_SOCKET
+
+import socket as _stdsocket
+
+__all__ = ["call_attributes", "site_attributes", "socket_attributes", "step_attributes",
+           "step_counters", "timeout_attribute"]
+
+
+def _network_type(family):
+    if family == _stdsocket.AF_INET:
+        return "ipv4"
+    if family == getattr(_stdsocket, "AF_INET6", None):
+        return "ipv6"
+    return None
+
+
+def _split_address(addr):
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), addr[1] if isinstance(addr[1], int) else None
+    if isinstance(addr, (str, bytes)) and addr:
+        return addr if isinstance(addr, str) else addr.decode("utf-8", "backslashreplace"), None
+    return None, None
+
+
+def socket_attributes(sock, call):
+    """Connection attributes of a call span (syscalls only happen here, off the hot path)."""
+    attrs = {"network.transport": call.stats.transport}
+    family = C_SOCKET.family.__get__(sock)
+    ntype = _network_type(family)
+    if ntype:
+        attrs["network.type"] = ntype
+    peer = call.address
+    if peer is None:
+        try:
+            peer = sock.getpeername()
+        except (OSError, ValueError):
+            peer = None
+    host, port = _split_address(peer)
+    if host is not None:
+        attrs["network.peer.address"] = host
+    if port is not None:
+        attrs["network.peer.port"] = port
+    try:
+        host, port = _split_address(sock.getsockname())
+    except (OSError, ValueError):
+        host = port = None
+    if host is not None:
+        attrs["network.local.address"] = host
+    if port is not None:
+        attrs["network.local.port"] = port
+    return attrs
+
+
+def site_attributes(attrs, stacktrace=False):
+    """``code.*``: where in the program the call was made (``code.stacktrace`` if asked for; large)."""
+    frame = sites.call_site()
+    if frame is not None:
+        code = frame.f_code
+        attrs["code.function.name"] = getattr(code, "co_qualname", code.co_name)
+        attrs["code.file.path"] = code.co_filename
+        attrs["code.line.number"] = frame.f_lineno
+    if stacktrace:  # opt-in: instrument(code_stacktrace=True)
+        attrs["code.stacktrace"] = sites.stacktrace()
+
+
+def step_counters(attrs, call):
+    """What the call's syscalls and waits added up to (shared with the tls.* spans)."""
+    attrs["tracesock.syscalls"] = call.syscalls
+    attrs["tracesock.partial_sends"] = call.partial_sends
+    attrs["tracesock.eintr_retries"] = call.eintr_retries
+    attrs["tracesock.eagain"] = call.eagain
+    attrs["tracesock.waits"] = call.waits
+    attrs["tracesock.wait.duration"] = call.wait_ns / 1e9
+
+
+def timeout_attribute(attrs, sock):
+    """``tracesock.timeout``: the socket's timeout, when it has one."""
+    try:
+        timeout = sock.gettimeout()
+    except Exception:
+        timeout = None
+    if timeout is not None:
+        attrs["tracesock.timeout"] = timeout
+
+
+def call_attributes(sock, call, stacktrace=False):
+    attrs = socket_attributes(sock, call)
+    site_attributes(attrs, stacktrace)
+    if call.requested is not None:
+        attrs["tracesock.bytes.requested"] = call.requested
+    attrs["tracesock.bytes.transferred"] = call.transferred
+    step_counters(attrs, call)
+    timeout_attribute(attrs, sock)
+    if call.recv_buffer is not None:
+        attrs["tracesock.recv.buffer_size"] = call.recv_buffer
+        attrs["tracesock.recv.resized"] = call.resized
+    if call.dropped_steps:
+        attrs["tracesock.steps.dropped"] = call.dropped_steps
+    if call.tcp_attrs:
+        attrs.update(call.tcp_attrs)
+    if call.error is not None:
+        attrs["error.type"] = type(call.error).__name__
+    return attrs
+
+
+def step_attributes(step):
+    attrs = {"tracesock.syscall.result": step.result if step.result is not None else -1}
+    if step.errno:
+        attrs["tracesock.syscall.errno"] = step.errno
+    if step.kind == "wait":
+        attrs["tracesock.wait.outcome"] = step.outcome
+    return attrs

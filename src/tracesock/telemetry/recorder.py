@@ -1,0 +1,270 @@
+"""The one way spans are made: which operations get one, and how.
+
+An operation (a socket call, a TLS call, a lookup, a connection set-up) gets
+a span when it **qualifies**: it ran inside a recording span, it was slower
+than ``slow_threshold``, or it failed (a would-block is the normal flow of a
+non-blocking socket, not a failure).  The decision is taken after the
+operation, so a fast call outside a trace never builds anything.
+
+Spans are made by ``Recorder.deliver``: with OpenTelemetry's
+suppress-instrumentation key set (a span processor that exports over a
+socket is not traced: no feedback loop), with the main thread's signals held
+(``core.signals``) and never raising (``core.guard``).  Socket calls inside a
+sampled trace with the SDK's own processors skip the API and hand finished
+spans straight to the processors (``_DirectSpans``: about 5x cheaper).
+
+The traced code never knows who listens: it hands its records to
+``RECORDER`` (replaced as a whole by ``configure``) and is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ..core.guard import swallow
+from ..core.signals import with_signals_held
+from ..version import __version__
+from .attributes import call_attributes, step_attributes
+from .context import PENDING, SPAN_KEY, SUPPRESS, parent_recording
+from .metrics import bridge_for
+
+__all__ = ["DETAILS", "RECORDER", "Recorder", "configure", "failed", "on_change", "set_recorder", "would_block"]
+
+log = logging.getLogger("tracesock")
+
+DETAILS = {"metrics": 0, "calls": 1, "syscalls": 2}
+_UNSET = Status(StatusCode.UNSET)
+
+
+def would_block(error):
+    """The normal flow of a non-blocking socket: ``BlockingIOError``, and the
+    ``SSLWantReadError``/``SSLWantWriteError`` of a TLS socket."""
+    if isinstance(error, BlockingIOError):
+        return True
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(error, (ssl.SSLWantReadError, ssl.SSLWantWriteError))
+
+
+def failed(error):
+    """Is ``error`` (``None``: none) a failure, not a would-block?"""
+    return error is not None and not would_block(error)
+
+
+def error_status(error):
+    return Status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
+
+
+class Recorder:
+    """The active configuration: which spans to make and where they go."""
+
+    def __init__(self, tracer_provider=None, detail="calls", slow_threshold=0.1, profile=None,
+                 stacktrace=False):
+        self.detail = DETAILS[detail]
+        self.profile = profile  # a telemetry.profile.Profile recording every call, or None
+        self.stacktrace = stacktrace  # code.stacktrace on call spans
+        self.detail_name = detail
+        self.slow_threshold = slow_threshold
+        # Decided after the call: a huge number disables "slow" spans.
+        self.slow_ns = int(slow_threshold * 1e9) if slow_threshold is not None else 1 << 62
+        self.tracer_provider = tracer_provider
+        self.tracer = otel_trace.get_tracer("tracesock", __version__, tracer_provider=tracer_provider)
+        self._offset = time.time_ns() - time.perf_counter_ns()
+
+    def epoch(self, ns):
+        """A ``perf_counter_ns`` time as OpenTelemetry's wall-clock nanoseconds."""
+        return ns + self._offset
+
+    def qualifies(self, ctx, start, end, error):
+        """Does an operation get a span: in a recording span, slow, or failed?"""
+        return (bool(ctx) and parent_recording(ctx)) or end - start >= self.slow_ns or failed(error)
+
+    # -- making spans
+
+    def deliver(self, ctx, make, *args):
+        """``make(parent_ctx, *args)`` makes spans now, under ``ctx``'s recording
+        span or as a root; suppressed, signals held, never raising (but a signal
+        handler's exception, held back meanwhile, surfaces right after: it
+        belongs to the program)."""
+        with_signals_held(self._deliver, ctx, make, args)
+
+    def _deliver(self, ctx, make, args):
+        try:
+            self._offset = time.time_ns() - time.perf_counter_ns()
+            parent_ctx = ctx if ctx and parent_recording(ctx) else otel_context.Context()
+            # A span processor might do socket I/O in on_start/on_end: not traced.
+            token = otel_context.attach(otel_context.set_value(SUPPRESS, True, parent_ctx))
+            try:
+                make(parent_ctx, *args)
+            finally:
+                otel_context.detach(token)
+        except Exception as exc:
+            swallow(exc)
+            log.debug("tracesock: span emission failed", exc_info=True)
+
+    def span(self, name, parent_ctx, attrs, start):
+        """A started span (``end_span`` ends it) for operations with children of their own."""
+        return self.tracer.start_span(name, context=parent_ctx, kind=SpanKind.INTERNAL,
+                                      attributes=attrs, start_time=self.epoch(start))
+
+    def end_span(self, span, end, error=None):
+        if failed(error):
+            span.set_status(error_status(error))
+        span.end(end_time=self.epoch(end))
+
+    def call_span(self, call, parent_ctx, attrs, name=None):
+        """A call's span (``socket.<method>`` unless ``name``) and its steps as children."""
+        span = self.span(name or "socket." + call.method, parent_ctx, attrs, call.start)
+        if call.steps and self._with_steps(call):
+            child_ctx = otel_trace.set_span_in_context(span, parent_ctx)
+            for step in call.steps:
+                child = self.span("syscall." + step.name, child_ctx, step_attributes(step), step.start)
+                child.end(end_time=self.epoch(step.end))
+        self.end_span(span, call.end, call.error)
+
+    def _with_steps(self, call):
+        return self.detail >= 2 or call.syscalls > 1 or call.waits
+
+    # -- socket calls
+
+    def emit(self, call, sock, ctx):
+        """The spans of a finished socket call, if it qualifies.  Never raises."""
+        if (PENDING.get() is None and not (ctx and ctx.get(SPAN_KEY) is not None)
+                and call.end - call.start < self.slow_ns and not failed(call.error)):
+            return  # does not qualify: no need to hold signals back
+        with_signals_held(self._emit, call, sock, ctx)
+
+    def _emit(self, call, sock, ctx):
+        try:
+            pending = PENDING.get()
+            if pending is not None:  # inside socket.create_connection: decided at its end
+                pending.hold_call(self, call, sock, ctx)
+                return
+            if not self.qualifies(ctx, call.start, call.end, call.error):
+                return
+            if ctx and parent_recording(ctx):
+                direct = _direct_spans(self.tracer)
+                parent_sc = ctx.get(SPAN_KEY).get_span_context()
+                if direct is not None and parent_sc.trace_flags.sampled:
+                    # The SDK's own processors export under suppression themselves.
+                    self._offset = time.time_ns() - time.perf_counter_ns()
+                    self._direct(direct, call, sock, parent_sc)
+                    return
+            self._deliver(ctx, self._socket_span, (call, sock))
+        except Exception as exc:
+            swallow(exc)
+            log.debug("tracesock: span emission failed", exc_info=True)
+
+    def _socket_span(self, parent_ctx, call, sock):
+        self.call_span(call, parent_ctx, call_attributes(sock, call, self.stacktrace))
+
+    def _direct(self, direct, call, sock, parent_sc):
+        status = error_status(call.error) if failed(call.error) else _UNSET
+        sc = direct.span("socket." + call.method, parent_sc, call_attributes(sock, call, self.stacktrace),
+                         self.epoch(call.start), self.epoch(call.end), status)
+        if call.steps and self._with_steps(call):
+            for step in call.steps:
+                direct.span("syscall." + step.name, sc, step_attributes(step),
+                            self.epoch(step.start), self.epoch(step.end), _UNSET)
+
+
+class _DirectSpans:
+    """Finished spans handed straight to the SDK's span processors.
+
+    ``Tracer.start_span`` + ``end`` costs ~25 us a span, mostly in work that
+    cannot change the outcome for our spans: the sampler (a ParentBased
+    sampler keeps every child of a sampled local parent), attribute
+    validation (ours are ints, floats, bools and strings by construction) and
+    processor hooks that the SDK's own Simple/Batch processors leave empty.
+    When -- and only when -- the provider is the SDK's with exactly that
+    configuration, we build the ``ReadableSpan`` ourselves, with the same ids,
+    parent, resource and scope the SDK would give it, and call ``on_end``.
+    Anything else takes the ordinary API path.
+    """
+
+    __slots__ = ("processor", "processors", "new_span_id", "resource", "scope", "info",
+                 "SpanContext", "ReadableSpan")
+
+    def __init__(self, tracer, sdk):
+        self.processor = tracer.span_processor
+        self.processors = tracer.span_processor._span_processors
+        self.new_span_id = tracer.id_generator.generate_span_id
+        self.resource = tracer.resource
+        self.scope = tracer._instrumentation_scope
+        self.info = tracer.instrumentation_info
+        self.SpanContext = otel_trace.SpanContext
+        self.ReadableSpan = sdk.ReadableSpan
+
+    def span(self, name, parent_sc, attributes, start, end, status):
+        sc = self.SpanContext(parent_sc.trace_id, self.new_span_id(), False,
+                              parent_sc.trace_flags, parent_sc.trace_state)
+        self.processor.on_end(self.ReadableSpan(
+            name=name, context=sc, parent=parent_sc, resource=self.resource,
+            attributes=attributes, kind=SpanKind.INTERNAL, instrumentation_info=self.info,
+            status=status, start_time=start, end_time=end, instrumentation_scope=self.scope))
+        return sc
+
+
+_direct_cache = {}  # id(tracer) -> (tracer, processors tuple, _DirectSpans or None)
+
+
+def _direct_spans(tracer):
+    entry = _direct_cache.get(id(tracer))
+    processors = getattr(getattr(tracer, "span_processor", None), "_span_processors", None)
+    if entry is not None and entry[0] is tracer and entry[1] is processors:
+        return entry[2]
+    direct = None
+    try:
+        from opentelemetry.sdk import trace as sdk
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+        sampler = getattr(tracer, "sampler", None)
+        if (type(tracer) is sdk.Tracer and isinstance(sampler, ParentBased)
+                and getattr(sampler, "_local_parent_sampled", None) is ALWAYS_ON
+                and isinstance(processors, tuple)
+                and all(type(p) in (SimpleSpanProcessor, BatchSpanProcessor) for p in processors)
+                and getattr(tracer, "_is_enabled", lambda: True)()
+                and hasattr(tracer, "_instrumentation_scope")):
+            direct = _DirectSpans(tracer, sdk)
+    except Exception:
+        direct = None
+    _direct_cache[id(tracer)] = (tracer, processors, direct)
+    return direct
+
+
+# --- metrics ---------------------------------------------------------------
+
+
+
+
+# --- the active recorder -----------------------------------------------------
+
+RECORDER = Recorder()
+_listeners = []  # called with the new Recorder whenever it changes
+
+
+def on_change(listener):
+    """Call ``listener(recorder)`` now and whenever the active recorder changes
+    (the C hot path keeps its own copy of the threshold)."""
+    _listeners.append(listener)
+    listener(RECORDER)
+
+
+def set_recorder(recorder):
+    global RECORDER
+    RECORDER = recorder
+    for listener in _listeners:
+        listener(recorder)
+
+
+def configure(tracer_provider=None, meter_provider=None, detail="calls", slow_threshold=0.1,
+              profile=None, stacktrace=False):
+    bridge = bridge_for(meter_provider)
+    set_recorder(Recorder(tracer_provider, detail, slow_threshold, profile, stacktrace))
+    return RECORDER, bridge
