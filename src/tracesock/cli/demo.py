@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ._args import OneLineParser
+from .args import OneLineParser
 from ..demo import SCENARIOS, run_scenario
 from ..report import analyze, html, load, text
 

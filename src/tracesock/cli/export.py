@@ -9,7 +9,7 @@ import sys
 
 from ..exporters.formats import detect, jaeger_to_otlp, otlp_to_jaeger, validate_jaeger
 
-from ._args import OneLineParser
+from .args import OneLineParser
 
 PROG = "tracesock export"
 FORMATS = ("jaeger", "otlp-json")

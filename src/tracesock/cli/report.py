@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ._args import OneLineParser
+from .args import OneLineParser
 from ..exporters.profile import load as load_profile, merge, sites
 from ..report import analyze, html, load, text
 

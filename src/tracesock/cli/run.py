@@ -27,7 +27,7 @@ from ..exporters import start
 from ..exporters.profile import paths_for
 from ..exporters.profile import write as write_files
 from ..telemetry import profile as live_profile
-from ._args import OneLineParser
+from .args import OneLineParser
 
 PROG = "tracesock run"
 

@@ -22,17 +22,12 @@ C_WIRE = ("wire:read", "wire:write")
 SLOTS = C_METHODS + C_WIRE
 
 
-def _load():
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return None
+module = None
+if os.environ.get(DISABLE_ENV, "") in ("", "0"):
     try:
-        from .. import _speedups
-    except ImportError:
-        return None
-    return _speedups
-
-
-module = _load()
+        from .. import _speedups as module
+    except ImportError:  # not built (no compiler at install time)
+        module = None
 
 
 def available():
