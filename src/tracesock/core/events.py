@@ -301,7 +301,12 @@ class FastHist(Hist):
         self.odd = 0
 
 
-WRITING = frozenset({"send", "sendto", "sendmsg", "sendall"})
+# Method names by direction, the one list (a tls.* call is named by its span).
+SOCKET_SENDS = frozenset({"send", "sendto", "sendmsg", "sendall", "sendfile"})
+SOCKET_RECEIVES = frozenset({"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg"})
+TLS_SENDS = frozenset({"tls.send", "tls.sendall"})
+SENDS = SOCKET_SENDS | TLS_SENDS
+RECEIVES = SOCKET_RECEIVES | {"tls.recv"}
 
 per_thread = threading.local()  # .stats, .fast: this thread's tables (read directly on the hot path)
 _registry_lock = threading.Lock()
@@ -435,7 +440,7 @@ def _fold(into, stats, fast, reset_min_max):
                 h.reset_min_max()
             continue
         s.hist(s.fast, method).merge(h)
-        if method in WRITING:
+        if method in SENDS:
             s.tx += h.nbytes
             s.partial_sends += h.odd
         else:

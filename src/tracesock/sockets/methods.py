@@ -26,7 +26,7 @@ import sys as _sys
 
 from ..core import speedups as _speedups_loader
 from ..core import tcpinfo
-from ..core.events import BOUNDS_NS, INTERRUPTED, Call, Step, errno_name, fast_hist, per_thread, \
+from ..core.events import BOUNDS_NS, INTERRUPTED, RECEIVES, SOCKET_SENDS, Call, Step, errno_name, fast_hist, per_thread, \
     stats_for, thread_stats
 from ..core.guard import from_signal_handler, swallow
 from ..core.originals import C_SOCKET, STD_SOCKET, dress
@@ -353,7 +353,7 @@ def _finish(call, sock, ctx):
         st = call.stats
         err = type(call.error).__name__ if call.error is not None else None
         st.hist(st.calls, (call.method, err)).add(call.end - call.start)
-        if call.method in ("send", "sendto", "sendmsg", "sendall", "sendfile"):
+        if call.method in SOCKET_SENDS:
             st.tx += call.transferred
         elif call.method not in ("accept", "connect", "connect_ex"):
             st.rx += call.transferred
@@ -379,13 +379,11 @@ def _new_call(sock, m_name, start):
         call = Call(m_name, stats_of(sock), start, rec.detail > 0)
     else:  # sums its syscall time for the profile
         call = rec.profile.new_call(m_name, stats_of(sock), start, rec.detail > 0, sock)
-    if m_name in _SENDS and call.stats.transport == "tcp":
+    if m_name in SOCKET_SENDS and call.stats.transport == "tcp":
         call.tcp_probe = lambda: tcpinfo.snapshot(sock)
     return call
 
 
-_SENDS = frozenset({"send", "sendto", "sendmsg", "sendall", "sendfile"})
-_RECEIVES = frozenset({"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg", "tls.recv"})
 
 
 def diagnose(call, sock):
@@ -398,7 +396,7 @@ def diagnose(call, sock):
                 call.tcp_before, after, (call.end - call.start) / 1e9, call.eintr_retries,
                 call.timed_out)
             st.slow_calls[verdict] = st.slow_calls.get(verdict, 0) + 1
-    elif call.method in _RECEIVES and call.waits and st.transport == "tcp":
+    elif call.method in RECEIVES and call.waits and st.transport == "tcp":
         # A receive that had to wait: the peer was slow to send (what is queued now).
         call.tcp_attrs = {"tracesock.recv.peer_slow": call.wait_ns * 2 >= call.end - call.start}
         queued = tcpinfo.inq(sock)

@@ -58,7 +58,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from ..core import tcpinfo
-from ..core.events import INTERRUPTED, MAX_STEPS, READY, TIMEOUT, Call, Stats, Step, errno_name
+from ..core.events import INTERRUPTED, MAX_STEPS, READY, TIMEOUT, TLS_SENDS, Call, Stats, Step, errno_name
 from ..core.guard import swallow
 from ..core.originals import C_SOCKET, dress
 from ..core.syscall import blocking_send, now, recv_now, send_now, wait
@@ -404,7 +404,6 @@ def _apply_overflow(call, over, waited):
             _final_wait(call, trailing)
 
 
-_TLS_SENDS = frozenset({"tls.send", "tls.sendall"})
 _SNAPSHOT_FROM = 64 << 10  # native engine: plaintext size from which a send may fill the buffer
 
 
@@ -414,7 +413,7 @@ def _tcp_snapshot_plan(call, sock):
     plain send.  native engine: OpenSSL blocks inside its own write, unseen,
     so for large sends (a snapshot costs a few us: not for every small
     record) it is taken up front and kept only if the call was slow."""
-    if call.method not in _TLS_SENDS or call.stats.transport != "tcp":
+    if call.method not in TLS_SENDS or call.stats.transport != "tcp":
         return
     if call.engine != "native":
         call.tcp_probe = lambda: tcpinfo.snapshot(sock)

@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 
-from ..core.events import Call
+from ..core.events import RECEIVES, SENDS, Call
 from ..core.guard import swallow
 from ..core.originals import C_SOCKET
 from ..core.sites import OWN_DIR
@@ -72,8 +72,6 @@ SYNTHETIC = ("[truncated]", "[asyncio I/O callback for the awaiting task]")
 _getframe = sys._getframe
 _CO_SUSPENDABLE = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, iterable coroutine, async gen
 
-_WRITES = frozenset({"send", "sendto", "sendmsg", "sendall", "sendfile", "tls.send", "tls.sendall"})
-_RECEIVES = frozenset({"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg", "tls.recv"})
 _BLOCKING_SENDS = frozenset({"send", "sendall"})
 
 
@@ -325,8 +323,8 @@ class Profile:
                 sys_ns = max(d - wait, 0)  # a plain Call (configuration changed mid-call), sendfile
             method = call.method
             n = call.transferred or 0
-            sent = n if method in _WRITES else 0
-            received = n if method in _RECEIVES else 0
+            sent = n if method in SENDS else 0
+            received = n if method in RECEIVES else 0
             err = 1 if call.error is not None and not isinstance(call.error, BlockingIOError) else 0
             values = (1, d, sys_ns, wait, sent, received, call.partial_sends, call.eintr_retries, err,
                       call.syscalls)
