@@ -63,34 +63,17 @@ class MetricsBridge:
         self._flushed = {}  # (instrument name, attrs key) -> (counts, total)
         self.merged_samples = 0
         self.replayed_samples = 0
-        hist = dict(unit="s")
-        try:
-            self.call_duration = meter.create_histogram(
-                "tracesock.call.duration", description="Duration of traced socket API calls",
-                explicit_bucket_boundaries_advisory=list(BOUNDS_S), **hist)
-            self.syscall_duration = meter.create_histogram(
-                "tracesock.syscall.duration", description="Duration of each socket syscall",
-                explicit_bucket_boundaries_advisory=list(BOUNDS_S), **hist)
-            self.wait_duration = meter.create_histogram(
-                "tracesock.wait.duration", description="Duration of readiness waits (poll)",
-                explicit_bucket_boundaries_advisory=list(BOUNDS_S), **hist)
-            self.tls_handshake_duration = meter.create_histogram(
-                "tracesock.tls.handshake.duration", description="Duration of TLS handshakes",
-                explicit_bucket_boundaries_advisory=list(BOUNDS_S), **hist)
-        except TypeError:  # API older than explicit_bucket_boundaries_advisory
-            self.call_duration = meter.create_histogram("tracesock.call.duration", **hist)
-            self.syscall_duration = meter.create_histogram("tracesock.syscall.duration", **hist)
-            self.wait_duration = meter.create_histogram("tracesock.wait.duration", **hist)
-            self.tls_handshake_duration = meter.create_histogram(
-                "tracesock.tls.handshake.duration", **hist)
-        self.rare = {}  # DNS lookups, connection set-up (process-wide aggregates)
-        for key, (name, description) in RARE_HISTOGRAMS.items():
-            try:
-                self.rare[key] = meter.create_histogram(
-                    name, description=description,
-                    explicit_bucket_boundaries_advisory=list(BOUNDS_S), **hist)
-            except TypeError:  # API older than explicit_bucket_boundaries_advisory
-                self.rare[key] = meter.create_histogram(name, description=description, **hist)
+        self.call_duration = _histogram(meter, "tracesock.call.duration",
+                                        "Duration of traced socket API calls")
+        self.syscall_duration = _histogram(meter, "tracesock.syscall.duration",
+                                           "Duration of each socket syscall")
+        self.wait_duration = _histogram(meter, "tracesock.wait.duration",
+                                        "Duration of readiness waits (poll)")
+        self.tls_handshake_duration = _histogram(meter, "tracesock.tls.handshake.duration",
+                                                 "Duration of TLS handshakes")
+        # DNS lookups, connection set-up (process-wide aggregates)
+        self.rare = {key: _histogram(meter, name, description)
+                     for key, (name, description) in RARE_HISTOGRAMS.items()}
         # A provider sees what happened since it was attached, not before.
         self._base = self._totals()
         self._base_dropped = dropped_count()
@@ -251,6 +234,15 @@ class MetricsBridge:
             self.replayed_samples += take
             if take < c:
                 dropped(c - take)
+
+
+def _histogram(meter, name, description):
+    """A histogram in seconds over ``BOUNDS_S`` (the SDK's default buckets are ms-scale)."""
+    try:
+        return meter.create_histogram(name, unit="s", description=description,
+                                      explicit_bucket_boundaries_advisory=list(BOUNDS_S))
+    except TypeError:  # API older than explicit_bucket_boundaries_advisory
+        return meter.create_histogram(name, unit="s", description=description)
 
 
 def _merge_into_sdk(instrument, attrs, counts, total, lo, hi):
