@@ -30,12 +30,12 @@ from opentelemetry.trace import SpanKind
 from ..version import __version__
 from ..core.config import ConfigError, check_output, otlp_protocol
 from .. import patching
+from ..telemetry.context import SUPPRESS
 from .file import JaegerFileExporter
 from .summary import SummaryProcessor
 
 __all__ = ["Session", "start", "program_name"]
 
-_SUPPRESS = getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", "suppress_instrumentation")
 PARENT_ENV = "TRACESOCK_PARENT"  # W3C traceparent of the parent process's run span (--children)
 
 
@@ -134,7 +134,7 @@ class _PrometheusServer:
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
             def process_request_thread(self, request, client_address):
-                token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
+                token = otel_context.attach(otel_context.set_value(SUPPRESS, True))
                 try:
                     super().process_request_thread(request, client_address)
                 finally:
@@ -152,7 +152,7 @@ class _PrometheusServer:
         self.thread.start()
 
     def _serve(self):
-        token = otel_context.attach(otel_context.set_value(_SUPPRESS, True))
+        token = otel_context.attach(otel_context.set_value(SUPPRESS, True))
         try:
             self.server.serve_forever(poll_interval=0.2)
         finally:
