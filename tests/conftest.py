@@ -79,6 +79,34 @@ def _never_leave_patched():
     assert "recv" not in socket.socket.__dict__
 
 
+# --- one CA for every TLS test: session-scoped (making keys is the slow part) -----------
+# ssl and trustme are imported in the fixtures, not at the top: a test may check what a
+# later import of ssl does.
+
+@pytest.fixture(scope="session")
+def ca():
+    trustme = pytest.importorskip("trustme")
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_ctx(ca):
+    """A server context with a certificate for localhost and 127.0.0.1."""
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def client_ctx(ca):
+    """A client context trusting ``ca``."""
+    import ssl
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
 def has_ipv6():
     if not socket.has_ipv6:
         return False

@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import os
 import socket
-import ssl
 import subprocess
 import sys
 import textwrap
@@ -74,18 +73,6 @@ async def _echo_session(tracer, server_ssl=None, client_ssl=None, messages=(b"he
     return replies
 
 
-@pytest.fixture(scope="module")
-def tls():
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost")
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
-
-
 def test_streams_echo_plain(traced):
     tracesock.uninstrument()
     plain = asyncio.run(_echo_session(traced.tracer))
@@ -120,8 +107,7 @@ def test_streams_echo_plain(traced):
     assert traced.value(m, "tracesock.io", network_io_direction="transmit") >= 2 * 100_005
 
 
-def test_streams_echo_tls(traced, tls):
-    server_ctx, client_ctx = tls
+def test_streams_echo_tls(traced, server_ctx, client_ctx):
     tracesock.uninstrument()
     plain = asyncio.run(_echo_session(traced.tracer, server_ctx, client_ctx))
     traced.clear()

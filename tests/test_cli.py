@@ -23,25 +23,19 @@ import urllib.request
 import pytest
 
 from tracesock.exporters.formats import validate_jaeger
+from harness import cli_env
 
 PY = sys.executable
 LIMIT = 120  # only a bound against a hung child, never an assertion about speed
 
 
-def env_without_tracesock(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TRACESOCK_", "OTEL_")) and k != "PYTHONPATH"}
-    env.update(extra)
-    return env
-
-
 def tracesock(*args, cwd, env=None, input=None):
-    return subprocess.run([PY, "-m", "tracesock", *args], cwd=cwd, env=env or env_without_tracesock(),
+    return subprocess.run([PY, "-m", "tracesock", *args], cwd=cwd, env=env or cli_env(),
                           input=input, capture_output=True, text=True, timeout=LIMIT)
 
 
 def plain(*args, cwd, env=None, input=None):
-    return subprocess.run([PY, *args], cwd=cwd, env=env or env_without_tracesock(),
+    return subprocess.run([PY, *args], cwd=cwd, env=env or cli_env(),
                           input=input, capture_output=True, text=True, timeout=LIMIT)
 
 
@@ -98,7 +92,7 @@ def test_help_on_every_subcommand(tmp_path, args):
 def test_console_script_is_installed(tmp_path):
     script = os.path.join(os.path.dirname(PY), "tracesock")
     r = subprocess.run([script, "run", "--help"], capture_output=True, text=True, timeout=LIMIT,
-                       env=env_without_tracesock())
+                       env=cli_env())
     assert r.returncode == 0 and "tracesock run" in r.stdout
 
 
@@ -267,7 +261,7 @@ def test_uncaught_exception_traceback_is_the_programs(tmp_path):
 
 def _serve_and_interrupt(cmd, cwd):
     """Start ``cmd`` (an http.server), fetch a page from it, SIGINT it; (rc, stdout, stderr, port)."""
-    env = env_without_tracesock(PYTHONUNBUFFERED="1")
+    env = cli_env(PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -342,7 +336,7 @@ def test_keyboard_interrupt_exit_status(tmp_path):
 ])
 def test_bad_setting_is_one_line_naming_it(tmp_path, args, env, name):
     write(tmp_path / "prog.py", "print('the program ran')\n")
-    r = tracesock("run", *args, "prog.py", cwd=tmp_path, env=env_without_tracesock(**env))
+    r = tracesock("run", *args, "prog.py", cwd=tmp_path, env=cli_env(**env))
     assert r.returncode == 2
     assert r.stdout == ""  # stopped before the program
     assert r.stderr.count("\n") == 1, r.stderr
@@ -352,7 +346,7 @@ def test_bad_setting_is_one_line_naming_it(tmp_path, args, env, name):
 
 def test_option_wins_over_variable(tmp_path):
     write(tmp_path / "prog.py", "import socket\na, b = socket.socketpair()\na.sendall(b'x')\n")
-    env = env_without_tracesock(TRACESOCK_DETAIL="metrics", TRACESOCK_OUTPUT="env-{pid}.json")
+    env = cli_env(TRACESOCK_DETAIL="metrics", TRACESOCK_OUTPUT="env-{pid}.json")
     r = tracesock("run", "--detail", "calls", "prog.py", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     (path,) = glob.glob(str(tmp_path / "env-*.json"))  # the variable applies where no option is given
@@ -371,7 +365,7 @@ def test_missing_extra_names_it(tmp_path, blocked, args, extra):
     write(tmp_path / "prog.py", "print('ran')\n")
     code = (f"import sys; sys.modules[{blocked!r}] = None\n"
             f"from tracesock.cli import main\nsys.exit(main(['run', *{args!r}, 'prog.py']))\n")
-    r = subprocess.run([PY, "-c", code], cwd=tmp_path, env=env_without_tracesock(),
+    r = subprocess.run([PY, "-c", code], cwd=tmp_path, env=cli_env(),
                        capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == 2
     assert r.stdout == ""
@@ -402,7 +396,7 @@ def test_children_are_traced_through_the_bootstrap(tmp_path):
         print("parent", b.recv(100).decode(), flush=True)
         sys.exit(subprocess.run([sys.executable, "child.py"]).returncode)
     """)
-    env = env_without_tracesock(PYTHONPATH=str(custom))
+    env = cli_env(PYTHONPATH=str(custom))
     r = tracesock("run", "--children", "--output", "trace.json", "parent.py", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "parent from the parent\nchild yes from the child\n"

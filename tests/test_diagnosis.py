@@ -15,19 +15,9 @@ import time
 import pytest
 
 from tracesock.core import tcpinfo
+from harness import tcp_pair
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO is Linux")
-
-
-def _tcp_pair(sndbuf=None):
-    srv = socket.create_server(("127.0.0.1", 0))
-    cli = socket.socket()
-    if sndbuf:
-        cli.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    cli.connect(srv.getsockname())
-    conn, _ = srv.accept()
-    srv.close()
-    return cli, conn
 
 
 def _reader(sock, pause=0.0, size=1 << 20):
@@ -42,7 +32,7 @@ def _reader(sock, pause=0.0, size=1 << 20):
 
 
 def _sendall(telemetry, data, sndbuf=None, pause=0.0, size=1 << 20, timeout=None, storm=None):
-    cli, conn = _tcp_pair(sndbuf)
+    cli, conn = tcp_pair(sndbuf=sndbuf)
     cli.settimeout(timeout)
     t = threading.Thread(target=_reader, args=(conn, pause, size))
     t.start()
@@ -130,7 +120,7 @@ def test_timeout_is_timeout(traced):
 
 @linux_only
 def test_fast_send_takes_no_snapshot(traced):
-    cli, conn = _tcp_pair()
+    cli, conn = tcp_pair()
     with cli, conn, traced.tracer.start_as_current_span("p"):
         cli.sendall(b"small")
         conn.recv(10)
@@ -140,7 +130,7 @@ def test_fast_send_takes_no_snapshot(traced):
 
 @linux_only
 def test_receive_that_waited_records_the_peer_as_slow(traced):
-    cli, conn = _tcp_pair()
+    cli, conn = tcp_pair()
     conn.settimeout(5)
     t = threading.Timer(0.1, cli.sendall, (b"late data",))
     with cli, conn, traced.tracer.start_as_current_span("p"):
@@ -155,7 +145,7 @@ def test_receive_that_waited_records_the_peer_as_slow(traced):
 @linux_only
 @pytest.mark.skipif(not shutil.which("ss"), reason="ss (iproute2) not installed")
 def test_tcp_info_parsing_matches_ss():
-    cli, conn = _tcp_pair()
+    cli, conn = tcp_pair()
     with cli, conn:
         cli.sendall(b"x" * 100000)
         conn.recv(1 << 20)
@@ -226,7 +216,7 @@ def test_slow_sendfile_to_a_slow_reader_gets_tcp_state_and_verdict(telemetry, tm
     telemetry.instrument(detail="calls", slow_threshold=0.05)
     path = tmp_path / "big.bin"
     path.write_bytes(os.urandom(1 << 20) * 8)
-    cli, conn = _tcp_pair()
+    cli, conn = tcp_pair()
     t = threading.Thread(target=_reader, args=(conn, 0.005, 65536))
     t.start()
     try:
@@ -250,7 +240,7 @@ def test_fast_sendfile_gets_no_verdict(telemetry, tmp_path):
     telemetry.instrument(detail="calls", slow_threshold=10)
     path = tmp_path / "small.bin"
     path.write_bytes(b"z" * 1000)
-    cli, conn = _tcp_pair()
+    cli, conn = tcp_pair()
     with cli, conn, open(path, "rb") as f:
         with telemetry.tracer.start_as_current_span("parent"):
             assert cli.sendfile(f) == 1000
@@ -261,18 +251,10 @@ def test_fast_sendfile_gets_no_verdict(telemetry, tmp_path):
 
 @linux_only
 @pytest.mark.parametrize("engine", ["native", "bio"])
-def test_slow_tls_sendall_to_a_slow_reader_gets_tcp_state_and_verdict(telemetry, monkeypatch, engine):
-    import ssl
-
-    import trustme
-
+def test_slow_tls_sendall_to_a_slow_reader_gets_tcp_state_and_verdict(telemetry, monkeypatch, engine,
+                                                                      server_ctx, client_ctx):
     monkeypatch.setenv("TRACESOCK_TLS_ENGINE", engine)
     telemetry.instrument(detail="calls", slow_threshold=0.05)
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
     listener = socket.create_server(("127.0.0.1", 0))
     data = os.urandom(1 << 20) * 8
 

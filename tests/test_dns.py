@@ -15,6 +15,7 @@ from opentelemetry import context as otel_context
 
 import tracesock
 from tracesock.sockets import dns
+from harness import outcome
 
 BAD = "tracesock-test.invalid"  # RFC 6761: never resolves
 
@@ -25,13 +26,6 @@ def _refused_port():
     port = s.getsockname()[1]
     s.close()  # bound, never listening: connect() is refused
     return port
-
-
-def _outcome(fn, *args):
-    try:
-        return ("ok", fn(*args))
-    except OSError as exc:
-        return ("error", type(exc), exc.errno, str(exc))
 
 
 def _by_id(spans):
@@ -71,11 +65,12 @@ def test_same_results_and_errors_as_untraced(traced):
         (socket.getnameinfo, ("127.0.0.1", 80), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV),
         (socket.getnameinfo, ("127.0.0.1", 80), 0),
     ]
-    plain = [_outcome(getattr(socket, fn.__name__), *args) for fn, *args in calls]
+    plain = [outcome(getattr(socket, fn.__name__), *args) for fn, *args in calls]
     traced.instrument(detail="syscalls", slow_threshold=None)
     with traced.tracer.start_as_current_span("app"):
-        observed = [_outcome(getattr(socket, fn.__name__), *args) for fn, *args in calls]
+        observed = [outcome(getattr(socket, fn.__name__), *args) for fn, *args in calls]
     assert observed == plain
+    assert all(o[0] == "return" or o[1] == "socket.gaierror" for o in plain), plain  # lookups, no TypeError
     # wrong arguments raise exactly what CPython raises
     for fn, args, kwargs in [("gethostbyname", (), {}), ("gethostbyname", ("a",), {"x": 1}),
                              ("getaddrinfo", (), {}), ("getnameinfo", ("x", 0), {})]:

@@ -25,7 +25,8 @@ from tracesock.exporters.formats import jaeger_to_otlp, otlp_to_jaeger, spans_to
 from tracesock.exporters.summary import SummaryProcessor
 
 from otlp_receiver import OTLPReceiver
-from test_cli import LIMIT, PY, env_without_tracesock, load_trace, spans_of, tags, trace_files
+from harness import cli_env
+from test_cli import LIMIT, PY, load_trace, spans_of, tags, trace_files
 
 TRANSFER = """\
     import socket, sys, threading
@@ -59,7 +60,7 @@ def write(path, text):
 def test_otlp_export_to_a_real_receiver(tmp_path):
     write(tmp_path / "transfer.py", TRANSFER)
     with OTLPReceiver() as rx:
-        env = env_without_tracesock(
+        env = cli_env(
             OTEL_EXPORTER_OTLP_ENDPOINT=rx.endpoint, OTEL_SERVICE_NAME="uploader",
             OTEL_RESOURCE_ATTRIBUTES="deployment.environment=test,team=net")
         r = subprocess.run([PY, "-m", "tracesock", "run", "--exporter", "otlp", "--detail", "syscalls",
@@ -103,7 +104,7 @@ def test_otlp_export_to_a_real_receiver(tmp_path):
 def test_otlp_file_and_console_together(tmp_path):
     write(tmp_path / "prog.py", "import socket\na, b = socket.socketpair()\na.sendall(b'hi')\nb.recv(2)\n")
     with OTLPReceiver() as rx:
-        env = env_without_tracesock(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=rx.endpoint + "/v1/traces")
+        env = cli_env(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=rx.endpoint + "/v1/traces")
         r = subprocess.run([PY, "-m", "tracesock", "run", "--exporter", "otlp,file", "--exporter", "console",
                             "prog.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=LIMIT)
         assert r.returncode == 0, r.stderr
@@ -123,7 +124,7 @@ def test_prometheus_endpoint_scraped(tmp_path):
 
     (tmp_path / "serve.py").write_text(textwrap.dedent(TRANSFER) + "sys.stdin.readline()\n")
     proc = subprocess.Popen([PY, "-m", "tracesock", "run", "--prometheus-port", "0", "serve.py"],
-                            cwd=tmp_path, env=env_without_tracesock(),
+                            cwd=tmp_path, env=cli_env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -169,7 +170,7 @@ def test_prometheus_port_in_use_is_one_line(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         r = subprocess.run([PY, "-m", "tracesock", "run", "--prometheus-port", str(port), "prog.py"],
-                           cwd=tmp_path, env=env_without_tracesock(), capture_output=True, text=True,
+                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                            timeout=LIMIT)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "--prometheus-port" in r.stderr and str(port) in r.stderr
@@ -282,7 +283,7 @@ def test_run_reports_dropped_spans(tmp_path):
             b.recv(4)
     """)
     r = subprocess.run([PY, "-m", "tracesock", "run", "--max-spans", "50", "chatty.py"], cwd=tmp_path,
-                       env=env_without_tracesock(), capture_output=True, text=True, timeout=LIMIT)
+                       env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == 0, r.stderr
     (path,) = trace_files(tmp_path)
     doc = load_trace(path)
@@ -378,7 +379,7 @@ APP = """\
 @pytest.mark.parametrize("disabled", [False, True])
 def test_opentelemetry_instrument_turns_it_on(tmp_path, disabled):
     write(tmp_path / "app.py", APP)
-    env = env_without_tracesock(OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none",
+    env = cli_env(OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none",
                                 OTEL_LOGS_EXPORTER="none")
     if disabled:
         env["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"] = "tracesock"
@@ -394,7 +395,7 @@ def test_opentelemetry_instrument_turns_it_on(tmp_path, disabled):
 
 def test_opentelemetry_instrument_bad_variable_is_one_line(tmp_path):
     write(tmp_path / "app.py", APP)
-    env = env_without_tracesock(OTEL_TRACES_EXPORTER="none", TRACESOCK_SLOW_THRESHOLD="soon")
+    env = cli_env(OTEL_TRACES_EXPORTER="none", TRACESOCK_SLOW_THRESHOLD="soon")
     instrument = os.path.join(os.path.dirname(PY), "opentelemetry-instrument")
     r = subprocess.run([instrument, PY, "app.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=LIMIT)

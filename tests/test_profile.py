@@ -27,6 +27,7 @@ from tracesock.core import guard
 from tracesock.telemetry import recorder
 from tracesock.exporters.profile import (collect, folded_path, load, load_doc, sites, to_folded,
                                          to_speedscope)
+from harness import cli_env
 
 PY = sys.executable
 LIMIT = 120  # a bound against a hung child only
@@ -36,13 +37,6 @@ HERE = os.path.abspath(__file__)
 # (npm pack speedscope && tar xzf speedscope-*.tgz package/dist/release/file-format-schema.json).
 SCHEMA = os.environ.get("TRACESOCK_SPEEDSCOPE_SCHEMA") or os.path.join(
     os.path.dirname(HERE), "data", "speedscope-file-format-schema.json")
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TRACESOCK_", "OTEL_")) and k != "PYTHONPATH"}
-    env.update(extra)
-    return env
 
 
 def _line_of(marker, path=HERE):
@@ -106,7 +100,7 @@ def test_run_profile_two_sites(tmp_path):
     script.write_text(TWO_SITES)
     out = tmp_path / "prof.speedscope.json"
     r = subprocess.run([PY, "-m", "tracesock", "run", "--no-summary", "--exporter", "none",
-                        "--profile", str(out), str(script)], cwd=tmp_path, env=_env(),
+                        "--profile", str(out), str(script)], cwd=tmp_path, env=cli_env(),
                        capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "done\n" and r.stderr == ""  # the program's output is its own (--no-summary)
@@ -490,12 +484,12 @@ def test_report_top_call_sites_and_self_contained_flame_graph(tmp_path):
     prof = tmp_path / "p.speedscope.json"
     trace = tmp_path / "t.json"
     r = subprocess.run([PY, "-m", "tracesock", "run", "--no-summary", "-o", str(trace),
-                        "--profile", str(prof), str(script)], cwd=tmp_path, env=_env(),
+                        "--profile", str(prof), str(script)], cwd=tmp_path, env=cli_env(),
                        capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == 0, r.stderr
     html = tmp_path / "r.html"
     r = subprocess.run([PY, "-m", "tracesock", "report", str(trace), str(prof), "--html", str(html)],
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=LIMIT)
+                       cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == 0, r.stderr
     text = r.stdout
     assert "top call sites" in text
@@ -535,12 +529,12 @@ def test_run_profile_never_replaces_an_existing_file_without_overwrite(tmp_path)
     out = tmp_path / "p.speedscope.json"
     out.write_text("keep me")
     cmd = [PY, "-m", "tracesock", "run", "--no-summary", "--exporter", "none", "--profile", str(out)]
-    r = subprocess.run(cmd + [str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+    r = subprocess.run(cmd + [str(script)], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                        timeout=LIMIT)
     assert r.returncode == 2 and r.stdout == ""
     assert "--profile" in r.stderr and "exists" in r.stderr and len(r.stderr.splitlines()) == 1
     assert out.read_text() == "keep me"
-    r = subprocess.run(cmd[:4] + ["--overwrite"] + cmd[4:] + [str(script)], cwd=tmp_path, env=_env(),
+    r = subprocess.run(cmd[:4] + ["--overwrite"] + cmd[4:] + [str(script)], cwd=tmp_path, env=cli_env(),
                        capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == 0, r.stderr
     assert load(str(out)).stacks
@@ -552,7 +546,7 @@ def test_run_profile_says_where_it_wrote_with_the_summary(tmp_path):
     script.write_text("import socket\na, b = socket.socketpair()\na.send(b'x')\nprint(b.recv(1))\n")
     out = tmp_path / "p.folded"
     r = subprocess.run([PY, "-m", "tracesock", "run", "--exporter", "none", "--profile", str(out),
-                        str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                        str(script)], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                        timeout=LIMIT)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "b'x'\n"
@@ -563,17 +557,8 @@ def test_run_profile_says_where_it_wrote_with_the_summary(tmp_path):
     assert all(f[1] == "<module> (p.py:3)" or f[1] == "<module> (p.py:4)" for f, _ in lines)
 
 
-def test_tls_calls_are_profiled_with_plaintext_bytes(profile):
+def test_tls_calls_are_profiled_with_plaintext_bytes(server_ctx, client_ctx, profile):
     """ssl.SSLSocket's sendall/recv appear at the caller's line, with the plaintext counts."""
-    import ssl
-
-    import trustme
-
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     data = b"p" * 100_000

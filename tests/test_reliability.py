@@ -80,6 +80,7 @@ import tracesock
 from tracesock.core import speedups
 from tracesock.sockets import methods
 from conftest import Telemetry
+from harness import brief, describe, outcome, points, tcp_pair
 
 HAS_ITIMER = hasattr(signal, "setitimer")
 needs_itimer = pytest.mark.skipif(not HAS_ITIMER, reason="needs setitimer")
@@ -98,24 +99,7 @@ def figure(name, value):
     print(f"[figure] {name} = {value}")
 
 
-# --- outcome comparison ------------------------------------------------------
-
-def _tname(obj):
-    return None if obj is None else type(obj).__qualname__
-
-
-def describe(exc):
-    """What a program can see of an exception."""
-    return ("raise", _tname(exc), getattr(exc, "errno", None), str(exc), repr(exc.args),
-            _tname(exc.__context__), _tname(exc.__cause__))
-
-
-def outcome(fn, *args):
-    try:
-        return ("return", fn(*args))
-    except Exception as exc:  # noqa: BLE001 - the point is to capture everything
-        return describe(exc)
-
+# --- payloads and runs (outcomes: harness.outcome) -----------------------------
 
 def payload(n, seed=0):
     """``n`` reproducible pseudo-random bytes: reordering or corruption changes the hash."""
@@ -144,16 +128,6 @@ def both(telemetry, scenario, **kwargs):
     finally:
         tracesock.uninstrument()
     return plain, traced
-
-
-def tcp_pair(timeout=10):
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        srv.settimeout(timeout)
-        c = socket.create_connection(srv.getsockname(), timeout=timeout)
-        s, _ = srv.accept()
-    c.settimeout(None)
-    s.settimeout(None)
-    return c, s
 
 
 def make_pair(kind):
@@ -240,17 +214,6 @@ class Stop(Exception):
 
 class StopBase(BaseException):
     """Raised by a signal handler, like KeyboardInterrupt (not an Exception)."""
-
-
-def points(reader):
-    """{metric name: [data point]} of one collection."""
-    out = {}
-    data = reader.get_metrics_data()
-    for rm in data.resource_metrics if data else ():
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                out.setdefault(metric.name, []).extend(metric.data.data_points)
-    return out
 
 
 def total(pts, name, **attrs):
@@ -426,8 +389,7 @@ def test_handler_raising_mid_sendall_surfaces_with_cpython_partial_progress(tele
 
     received = []
     plain, traced = both(telemetry, scenario)
-    expected = (("raise", "Stop", None, "handler raised at signal 20", "('handler raised at signal 20',)",
-                 None, None), None, True, True, True)
+    expected = (describe(Stop("handler raised at signal 20")), None, True, True, True)
     assert plain == traced == expected
     failed = [s for s in telemetry.spans("socket.sendall") if s.attributes.get("error.type") == "Stop"]
     assert len(failed) == 1
@@ -501,7 +463,7 @@ def test_handler_raising_in_blocked_recv_loses_no_data(telemetry, mode):
 
     plain, traced = both(telemetry, scenario)
     assert plain == traced
-    assert plain[0][:2] == ("raise", "Stop") and plain[1] == b"after the interruption"
+    assert plain[0][:2] == ("raise", f"{__name__}.Stop") and plain[1] == b"after the interruption"
 
 
 def _storm_of_raising_handlers(exc_type, limit=20, n=4000):
@@ -729,7 +691,7 @@ def test_peer_goes_away_mid_sendall_same_error(telemetry, kind, how, mode):
     assert plain == traced
     assert plain[1] == sha(data[:1 << 20])
     exc_type = "BrokenPipeError" if kind == "unix" else "ConnectionResetError"
-    assert plain[0][:3] == ("raise", exc_type, errno.EPIPE if kind == "unix" else errno.ECONNRESET)
+    assert plain[0][:3] == ("raise", "builtins." + exc_type, errno.EPIPE if kind == "unix" else errno.ECONNRESET)
     span = [s for s in telemetry.spans("socket.sendall") if "error.type" in s.attributes]
     assert span and span[0].attributes["error.type"] == exc_type
 
@@ -778,7 +740,7 @@ def test_peer_reset_mid_recv_same_bytes_then_same_error(telemetry, method, mode)
     plain, traced = both(telemetry, scenario)
     assert plain == traced
     assert plain[:2] == (len(data), sha(data))
-    assert plain[2][:3] == ("raise", "ConnectionResetError", errno.ECONNRESET)
+    assert plain[2][:3] == ("raise", "builtins.ConnectionResetError", errno.ECONNRESET)
     assert plain[3] == ("return", b"")  # after the reset has been reported: EOF
 
 
@@ -815,7 +777,7 @@ def test_half_close_both_directions_intact(telemetry, kind, mode):
     assert plain == traced
     assert plain[0] == sha(request).encode() and plain[1] == sha(reply)
     assert plain[2] == (b"", b"")
-    assert plain[3][:3] == ("raise", "BrokenPipeError", errno.EPIPE)
+    assert plain[3][:3] == ("raise", "builtins.BrokenPipeError", errno.EPIPE)
 
 
 @pytest.mark.parametrize("mode", ["blocking", "timeout"])
@@ -834,7 +796,7 @@ def test_peer_goes_away_while_recv_is_blocked(telemetry, how, mode):
     plain, traced = both(telemetry, scenario)
     assert plain == traced
     if how == "reset":
-        assert plain[0][:3] == ("raise", "ConnectionResetError", errno.ECONNRESET)
+        assert plain[0][:3] == ("raise", "builtins.ConnectionResetError", errno.ECONNRESET)
     else:
         assert plain[0] == ("return", b"")
 
@@ -886,8 +848,7 @@ def test_sendall_deadline_is_for_the_whole_call(telemetry, kind):
     received = []
     plain, traced = both(telemetry, scenario)
     assert plain == traced
-    assert plain == (("raise", "TimeoutError", None, "timed out", "('timed out',)", None, None),
-                     None, True, True)
+    assert plain == (describe(TimeoutError("timed out")), None, True, True)
     m = telemetry.metrics()
     assert telemetry.value(m, "tracesock.timeouts") == 1
     # what the timed-out sendall queued is counted, exactly
@@ -914,7 +875,7 @@ def test_sendall_timeout_to_a_stalled_reader(telemetry, kind):
 
     plain, traced = both(telemetry, scenario)
     assert plain == traced
-    assert plain[0][:4] == ("raise", "TimeoutError", None, "timed out") and plain[2] is True
+    assert brief(plain[0]) == ("raise", "builtins.TimeoutError", None, "timed out") and plain[2] is True
 
 
 def test_recv_timeout_after_partial_data(telemetry):
@@ -933,7 +894,7 @@ def test_recv_timeout_after_partial_data(telemetry):
     plain, traced = both(telemetry, scenario)
     assert plain == traced
     assert plain[:2] == (10_000, sha(payload(10_000, seed=11)))
-    assert plain[2][:4] == ("raise", "TimeoutError", None, "timed out")
+    assert brief(plain[2]) == ("raise", "builtins.TimeoutError", None, "timed out")
 
 
 @pytest.mark.parametrize("kind", ["unix", "tcp"])
@@ -990,8 +951,8 @@ def test_nonblocking_paths_account_for_every_byte(telemetry, kind):
         assert telemetry.value(m, "tracesock.io", **{"network.io.direction": direction,
                                                      "network.transport": transport}) == moved[-1]
     assert telemetry.value(m, "tracesock.eagain") >= 5
-    eagain = ("raise", "BlockingIOError", errno.EAGAIN, "[Errno 11] Resource temporarily unavailable")
-    assert plain[0][:4] == plain[1][:4] == plain[2][:4] == plain[5][:4] == plain[7][:4] == eagain
+    eagain = ("raise", "builtins.BlockingIOError", errno.EAGAIN, "[Errno 11] Resource temporarily unavailable")
+    assert brief(plain[0]) == brief(plain[1]) == brief(plain[2]) == brief(plain[5]) == brief(plain[7]) == eagain
     assert plain[4] is True and plain[6][:2] == (None, True)
 
 
@@ -1033,7 +994,7 @@ def _workload(seed=20):
         c.sendall(b"over tcp")
         seen.append(s.recv(100))
         s.settimeout(0.01)
-        seen.append(outcome(s.recv, 100)[:4])  # a failed call: TimeoutError
+        seen.append(brief(outcome(s.recv, 100)))  # a failed call: TimeoutError
     with refusing_port() as port:
         seen.append(outcome(socket.create_connection, ("127.0.0.1", port))[:3])
     return seen
@@ -1847,7 +1808,7 @@ def test_bad_arguments_on_a_socket_with_a_timeout_fail_at_once(telemetry, name, 
             return outcome(call, a)
 
     plain, traced = both(telemetry, scenario)
-    assert plain[0] == "raise" and plain[1] != "TimeoutError", plain
+    assert plain[0] == "raise" and plain[1] != "builtins.TimeoutError", plain
     assert traced == plain
 
 

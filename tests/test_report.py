@@ -7,7 +7,6 @@ subprocesses (and from the demo's own scenarios); nothing is mocked.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
@@ -20,6 +19,7 @@ import pytest
 from tracesock import demo
 from tracesock.report import analyze, load, load_doc
 from tracesock.report.html import interrupted_children, render as render_html
+from harness import cli_env
 
 PY = sys.executable
 LIMIT = 120  # a bound against a hung child, never an assertion about speed
@@ -71,13 +71,8 @@ def _line(marker):
     raise AssertionError(marker)
 
 
-def _env():
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("TRACESOCK_", "OTEL_")) and k != "PYTHONPATH"}
-
-
 def _tracesock(*args, cwd):
-    return subprocess.run([PY, "-m", "tracesock", *args], cwd=cwd, env=_env(), capture_output=True,
+    return subprocess.run([PY, "-m", "tracesock", *args], cwd=cwd, env=cli_env(), capture_output=True,
                           text=True, timeout=LIMIT)
 
 

@@ -23,6 +23,8 @@ import textwrap
 
 import pytest
 
+from harness import cli_env
+
 PY = sys.executable
 LIMIT = 120  # a bound against a hung child only
 
@@ -39,18 +41,11 @@ PROGRAM = textwrap.dedent(f"""
 """)
 
 
-def env(**extra):
-    out = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TRACESOCK_", "OTEL_")) and k != "PYTHONPATH"}
-    out.update(extra)
-    return out
-
-
 def run(args, cwd, umask=None, **extra):
     def pre():
         if umask is not None:
             os.umask(umask)
-    return subprocess.run([PY, "-m", "tracesock", "run", *args], cwd=cwd, env=env(**extra),
+    return subprocess.run([PY, "-m", "tracesock", "run", *args], cwd=cwd, env=cli_env(**extra),
                           capture_output=True, text=True, timeout=LIMIT, preexec_fn=pre)
 
 
@@ -106,7 +101,7 @@ def test_file_appearing_during_the_run_is_left_alone(tmp_path):
 
 @pytest.mark.parametrize("value", ["1", "true", "yes"])
 def test_disabled_is_a_pure_pass_through(tmp_path, program, value):
-    plain = subprocess.run([PY, str(program), "7"], cwd=tmp_path, env=env(), capture_output=True,
+    plain = subprocess.run([PY, str(program), "7"], cwd=tmp_path, env=cli_env(), capture_output=True,
                            text=True, timeout=LIMIT)
     r = run([str(program), "7"], tmp_path, TRACESOCK_DISABLED=value)
     assert (r.returncode, r.stdout, r.stderr) == (plain.returncode, plain.stdout, plain.stderr) \
@@ -122,7 +117,7 @@ def test_disabled_reaches_children_and_opentelemetry_instrument(tmp_path):
                       "sys.exit(subprocess.run([sys.executable, 'child.py']).returncode)\n")
     # the parent is traced; the child was told to be, but TRACESOCK_DISABLED wins there
     r = subprocess.run([PY, "-m", "tracesock", "run", "--no-summary", "--children", str(parent)],
-                       cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=LIMIT)
+                       cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == 0 and "method: function" in r.stdout, (r.stdout, r.stderr)
     assert len(glob.glob(str(tmp_path / "tracesock-*.json"))) == 2
     for f in glob.glob(str(tmp_path / "tracesock-*.json")):
@@ -130,7 +125,7 @@ def test_disabled_reaches_children_and_opentelemetry_instrument(tmp_path):
     parent.write_text("import os, subprocess, sys\nos.environ['TRACESOCK_DISABLED'] = '1'\n"
                       "sys.exit(subprocess.run([sys.executable, 'child.py']).returncode)\n")
     r = subprocess.run([PY, "-m", "tracesock", "run", "--no-summary", "--children", str(parent)],
-                       cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=LIMIT)
+                       cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == 0 and "method: method_descriptor" in r.stdout, (r.stdout, r.stderr)
     assert len(glob.glob(str(tmp_path / "tracesock-*.json"))) == 1  # the parent's only
 
@@ -140,7 +135,7 @@ def test_disabled_reaches_children_and_opentelemetry_instrument(tmp_path):
     for disabled, expect in (("0", "method: function"), ("1", "method: method_descriptor")):
         r = subprocess.run([instrument, "--traces_exporter", "none", "--metrics_exporter", "none",
                             PY, str(child)], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=LIMIT, env=env(TRACESOCK_DISABLED=disabled))
+                           timeout=LIMIT, env=cli_env(TRACESOCK_DISABLED=disabled))
         assert r.returncode == 0 and expect in r.stdout, (disabled, r.stdout, r.stderr)
 
 

@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 import tracesock
 from tracesock.core import events
+from harness import points
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("tracesock_soak", os.path.join(_HERE, "..", "benchmarks", "soak.py"))
@@ -74,10 +75,6 @@ def test_soak_200k_calls_state_memory_and_series_bounded():
     assert f["leaky_attributes"] == []
 
 
-def _points(reader):
-    return soak.metric_points(reader)
-
-
 def test_metric_series_do_not_grow_with_connections_to_new_ports(telemetry):
     """3,000 TCP connections to 3,000 listeners (new ports each), refused connects to 300
     different ports, UDP to 300 different ports: the series after equal the series after
@@ -117,10 +114,10 @@ def test_metric_series_do_not_grow_with_connections_to_new_ports(telemetry):
     for i in range(20):
         once(i)
     first = {name: sorted(tuple(sorted(p.attributes.items())) for p in pts)
-             for name, pts in _points(telemetry.reader).items()}
+             for name, pts in points(telemetry.reader, prefix="tracesock.").items()}
     for i in range(3000):
         once(i)
-    pts = _points(telemetry.reader)
+    pts = points(telemetry.reader, prefix="tracesock.")
     after = {name: sorted(tuple(sorted(p.attributes.items())) for p in plist) for name, plist in pts.items()}
     assert after == first
     n_series = sum(len(v) for v in after.values())

@@ -20,6 +20,7 @@ from tracesock.telemetry.context import SUPPRESS
 from tracesock.telemetry.metrics import bridge_for
 
 from conftest import has_ipv6
+from harness import tcp_pair
 
 
 def _drain(sock):
@@ -27,16 +28,8 @@ def _drain(sock):
         pass
 
 
-def _tcp_pair(family=socket.AF_INET, host="127.0.0.1"):
-    srv = socket.create_server((host, 0), family=family)
-    cli = socket.create_connection(srv.getsockname()[:2])
-    conn, _ = srv.accept()
-    srv.close()
-    return cli, conn
-
-
 def test_call_span_names_and_attributes_tcp(traced):
-    cli, conn = _tcp_pair()
+    cli, conn = tcp_pair()
     local_port, peer_port = cli.getsockname()[1], cli.getpeername()[1]
     with cli, conn, traced.tracer.start_as_current_span("parent") as parent:
         cli.sendall(b"hello world")
@@ -73,7 +66,7 @@ def test_call_span_names_and_attributes_tcp(traced):
 
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
 def test_ipv6_network_type(traced):
-    cli, conn = _tcp_pair(socket.AF_INET6, "::1")
+    cli, conn = tcp_pair(family=socket.AF_INET6, host="::1")
     with cli, conn, traced.tracer.start_as_current_span("p"):
         cli.send(b"x")
         conn.recv(1)
