@@ -32,7 +32,7 @@ from ..core.guard import from_signal_handler, swallow
 from ..core.originals import C_SOCKET, STD_SOCKET, dress
 from ..core.syscall import Deadline, blocking_send, fd_blocks, now, sent_counter, sock_call, timed_out
 from ..telemetry import recorder
-from ..telemetry.context import RUNTIME_VAR, current_context, parent_recording, suppressed
+from ..telemetry.context import RUNTIME_VAR, SUPPRESS, current_context, parent_recording
 
 __all__ = ["METHODS", "NOT_FAST", "SPEEDUPS", "TracedSocket", "diagnose", "nbytes", "stats_of"]
 
@@ -409,7 +409,7 @@ def diagnose(call, sock):
 def _io(sock, m, args, kwargs):
     """One logical syscall: the general entry of every method but ``sendall``."""
     ctx = current_context()
-    if suppressed(ctx) or not isinstance(sock, _C):
+    if (ctx and ctx.get(SUPPRESS)) or not isinstance(sock, _C):
         return m.fn(sock, *args, **kwargs)  # not ours to trace; CPython names a wrong self
     timeout = _gettimeout(sock)
     if timeout:  # a timeout: wait first, like CPython
@@ -730,7 +730,7 @@ def sendmsg(self, *args, **kwargs):
 def sendall(self, *args, **kwargs):
     ctx = current_context()
     if (kwargs or not 1 <= len(args) <= 2 or (len(args) == 2 and not isinstance(args[1], int))
-            or not isinstance(self, _C) or suppressed(ctx)):
+            or not isinstance(self, _C) or (ctx and ctx.get(SUPPRESS))):
         return _C.sendall(self, *args, **kwargs)  # the odd case, or not ours to trace
     data = args[0]
     flags = args[1] if len(args) == 2 else 0
@@ -835,7 +835,7 @@ CONNECT_EX = _Method("connect_ex", "connect", True, 0, (), False, lambda r: 0,
 
 def _accept(self, *args, **kwargs):
     ctx = current_context()
-    if args or kwargs or not isinstance(self, _C) or suppressed(ctx):
+    if args or kwargs or not isinstance(self, _C) or (ctx and ctx.get(SUPPRESS)):
         return _C._accept(self, *args, **kwargs)  # CPython names the odd case
     timeout = _gettimeout(self)
     if timeout == 0.0 or (timeout is None and not _can_wait_to_accept(self)):
@@ -867,14 +867,14 @@ def _can_wait_to_accept(sock):
 
 def connect(self, *args, **kwargs):
     ctx = current_context()
-    if suppressed(ctx) or not isinstance(self, _C):
+    if (ctx and ctx.get(SUPPRESS)) or not isinstance(self, _C):
         return _C.connect(self, *args, **kwargs)
     return _plain(self, CONNECT, args, kwargs, ctx)
 
 
 def connect_ex(self, *args, **kwargs):
     ctx = current_context()
-    if suppressed(ctx) or not isinstance(self, _C):
+    if (ctx and ctx.get(SUPPRESS)) or not isinstance(self, _C):
         return _C.connect_ex(self, *args, **kwargs)
     return _plain(self, CONNECT_EX, args, kwargs, ctx)
 
@@ -884,7 +884,7 @@ _sendfile = STD_SOCKET.sendfile
 
 def sendfile(self, file, offset=0, count=None):
     ctx = current_context()
-    if suppressed(ctx) or not isinstance(self, _C):
+    if (ctx and ctx.get(SUPPRESS)) or not isinstance(self, _C):
         return _sendfile(self, file, offset, count)
     start = now()
     call = _new_call(self, "sendfile", start)

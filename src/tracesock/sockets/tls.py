@@ -64,7 +64,7 @@ from ..core.originals import C_SOCKET, dress
 from ..core.syscall import blocking_send, now, recv_now, send_now, wait
 from ..telemetry import recorder
 from ..telemetry.attributes import site_attributes, socket_attributes, step_counters, timeout_attribute
-from ..telemetry.context import SUPPRESS, current_context, suppressed
+from ..telemetry.context import SUPPRESS, current_context
 from . import dns, methods
 from .methods import NOT_FAST, diagnose, nbytes, stats_of
 
@@ -480,7 +480,7 @@ def _io_method(original, span_name, requested_of):
                     _after_fast(self, span_name, requested_of, args, kwargs, result, None)
                 return result
         ctx = current_context()
-        if (suppressed(ctx) or getattr(_tl, "call", None) is not None
+        if ((ctx and ctx.get(SUPPRESS)) or getattr(_tl, "call", None) is not None
                 or getattr(self, "_sslobj", None) is None):
             return original(self, *args, **kwargs)
         try:
@@ -508,7 +508,7 @@ def _io_method(original, span_name, requested_of):
 def _handshake_method(original):
     def do_handshake(self, *args, **kwargs):
         ctx = current_context()
-        if suppressed(ctx) or getattr(_tl, "call", None) is not None:
+        if (ctx and ctx.get(SUPPRESS)) or getattr(_tl, "call", None) is not None:
             return original(self, *args, **kwargs)
         try:
             # A non-blocking handshake goes on where its last attempt stopped.
@@ -679,7 +679,7 @@ def _scratch_call(sock):
     """Where wire steps go when no tls.* call is being recorded: metrics only, and
     not even those under OpenTelemetry's suppress key (like a suppressed socket call)."""
     ctx = current_context()
-    stats = _DISCARD if suppressed(ctx) else stats_of(sock)
+    stats = _DISCARD if (ctx and ctx.get(SUPPRESS)) else stats_of(sock)
     return TlsCall("wire", stats, now(), False)
 
 

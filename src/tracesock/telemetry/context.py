@@ -39,5 +39,6 @@ def parent_recording(ctx):
 
 
 def suppressed(ctx):
-    """Is instrumentation suppressed in ``ctx`` (the telemetry pipeline's own I/O)?"""
+    """Is instrumentation suppressed in ``ctx`` (the telemetry pipeline's own I/O)?
+    (The socket methods test ``ctx and ctx.get(SUPPRESS)`` inline: no call on the hot path.)"""
     return bool(ctx and ctx.get(SUPPRESS))

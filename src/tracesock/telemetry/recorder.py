@@ -134,22 +134,25 @@ class Recorder:
 
     def emit(self, call, sock, ctx):
         """The spans of a finished socket call, if it qualifies.  Never raises."""
-        if (PENDING.get() is None and not (ctx and ctx.get(SPAN_KEY) is not None)
-                and call.end - call.start < self.slow_ns and not failed(call.error)):
+        if (not (ctx and ctx.get(SPAN_KEY) is not None) and call.end - call.start < self.slow_ns
+                and not failed(call.error) and PENDING.get() is None):
             return  # does not qualify: no need to hold signals back
         with_signals_held(self._emit, call, sock, ctx)
 
     def _emit(self, call, sock, ctx):
+        # qualifies(), written out: this runs for every call inside a trace.
         try:
             pending = PENDING.get()
             if pending is not None:  # inside socket.create_connection: decided at its end
                 pending.hold_call(self, call, sock, ctx)
                 return
-            if not self.qualifies(ctx, call.start, call.end, call.error):
+            parent = ctx.get(SPAN_KEY) if ctx else None
+            in_trace = parent is not None and parent.is_recording()
+            if not (in_trace or call.end - call.start >= self.slow_ns or failed(call.error)):
                 return
-            if ctx and parent_recording(ctx):
+            if in_trace:
                 direct = _direct_spans(self.tracer)
-                parent_sc = ctx.get(SPAN_KEY).get_span_context()
+                parent_sc = parent.get_span_context()
                 if direct is not None and parent_sc.trace_flags.sampled:
                     # The SDK's own processors export under suppression themselves.
                     self._offset = time.time_ns() - time.perf_counter_ns()
@@ -167,8 +170,9 @@ class Recorder:
         status = error_status(call.error) if failed(call.error) else _UNSET
         sc = direct.span("socket." + call.method, parent_sc, call_attributes(sock, call, self.stacktrace),
                          self.epoch(call.start), self.epoch(call.end), status)
-        if call.steps and self._with_steps(call):
-            for step in call.steps:
+        steps = call.steps
+        if steps and (self.detail >= 2 or call.syscalls > 1 or call.waits):
+            for step in steps:
                 direct.span("syscall." + step.name, sc, step_attributes(step),
                             self.epoch(step.start), self.epoch(step.end), _UNSET)
 
