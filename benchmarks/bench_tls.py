@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import trustme  # noqa: E402
 
 import tracesock  # noqa: E402
-from tracesock import _tls  # noqa: E402
+from tracesock.patching import ssl as ssl_patching  # noqa: E402
 
 from bench import Modes  # noqa: E402
 
@@ -156,7 +156,7 @@ def main(argv=None):
         print(f"  {m:14s} {rate[m] / (1 << 20):9.0f} {rate[m] / rate['plain']:6.2f}x")
     tracesock.uninstrument()
     modes.processor.force_flush()
-    print(f"spans made and exported: {modes.exporter.count}; engine used last: {_tls._engine}")
+    print(f"spans made and exported: {modes.exporter.count}; engine used last: {ssl_patching.engine()}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from ..sockets import tls
 from .importhook import HOOK
 from .undo import UNDO
 
-__all__ = ["install", "patched"]
+__all__ = ["engine", "install", "patched"]
 
 _state = {"ssl": None, "engine": "native"}  # the patched ssl module, the engine chosen
 
@@ -55,6 +55,11 @@ def install():
         _patch(ssl)
     else:
         HOOK.watch("ssl", _patch)
+
+
+def engine():
+    """The TLS engine chosen at the last ``instrument()``: ``native`` or ``bio``."""
+    return _state["engine"]
 
 
 def patched():
