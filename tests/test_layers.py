@@ -7,9 +7,9 @@ Read from the source (AST), every import between tracesock's modules must:
 * go to the same layer or one below (never up);
 * form no cycle;
 * sit at module level: an import inside a function is how a cycle hides (allowed for
-  other packages -- optional extras, start-up cost -- and in the two sitecustomize
+  other packages -- optional extras, start-up cost -- in the two sitecustomize
   hooks, which run at interpreter start and must survive a tracesock that cannot
-  be imported);
+  be imported, and in the pytest plugin's entry point, loaded into every pytest run);
 * name nothing private: a name two modules share is public in the module that owns
   it (``from x import _y`` is refused; the C extension ``_speedups`` is loaded by
   ``core.speedups`` alone).
@@ -26,7 +26,10 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 PACKAGE = os.path.join(SRC, "tracesock")
 LAYERS = {"version": 0, "_speedups": 0, "core": 1, "telemetry": 2, "sockets": 3, "patching": 4}
 OUTER = 5
-LAZY_HOOKS = {"tracesock.bootstrap.sitecustomize", "tracesock.conformance.sitecustomize"}
+# Loaded where tracesock must cost nothing until used: the two sitecustomize hooks (at
+# interpreter start) and the pytest plugin's entry point (in every pytest run).
+LAZY_HOOKS = {"tracesock.bootstrap.sitecustomize", "tracesock.conformance.sitecustomize",
+              "tracesock.pytest_plugin"}
 
 
 def _modules():

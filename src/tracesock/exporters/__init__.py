@@ -62,17 +62,19 @@ def program_name(argv):
 
 
 class _RunTracer(otel_trace.Tracer):
-    """Starts root spans as children of the process's ``tracesock.run`` span."""
+    """Starts root spans as children of the provider's current fallback parent:
+    the process's ``tracesock.run`` span (or, under pytest, the running test's)."""
 
-    def __init__(self, tracer, run_context):
+    def __init__(self, tracer, provider):
         self._tracer = tracer
-        self._run_context = run_context
+        self._provider = provider
 
     def _context(self, context):
         current = otel_trace.get_current_span(context)
-        if current.get_span_context().is_valid or self._run_context is None:
+        fallback = self._provider.run_context
+        if current.get_span_context().is_valid or fallback is None:
             return context
-        parent = otel_trace.get_current_span(self._run_context)
+        parent = otel_trace.get_current_span(fallback)
         return otel_trace.set_span_in_context(parent, context)
 
     def start_span(self, name, context=None, *args, **kwargs):
@@ -85,10 +87,10 @@ class _RunTracer(otel_trace.Tracer):
 class _RunTracerProvider(otel_trace.TracerProvider):
     def __init__(self, provider):
         self.provider = provider
-        self.run_context = None
+        self.run_context = None  # read at every root span: may change (one per test under pytest)
 
     def get_tracer(self, *args, **kwargs):
-        return _RunTracer(self.provider.get_tracer(*args, **kwargs), self.run_context)
+        return _RunTracer(self.provider.get_tracer(*args, **kwargs), self)
 
 
 def _missing_extra(what, extra, error):
@@ -194,7 +196,7 @@ class _Gate(SpanProcessor):
             for p in self.processors:
                 p.on_end(span)
 
-    def shutdown(self):
+    def shutdown(self, print_summary=True):
         with self._lock:
             self.closed = True
         for p in self.processors:
@@ -320,7 +322,7 @@ class Session:
 
     # --- tear down --------------------------------------------------------------
 
-    def shutdown(self):
+    def shutdown(self, print_summary=True):
         with self._lock:
             if self._done or os.getpid() != self.pid:  # a fork()ed copy: the parent writes
                 return
@@ -344,7 +346,7 @@ class Session:
                 self.prometheus.close()
         except Exception as e:  # never turn the program's exit into a traceback
             lines.append(f"tracesock: error at exit: {type(e).__name__}: {e}")
-        if self.summary is not None:
+        if self.summary is not None and print_summary:
             lines.insert(0, self.render_summary())
         if lines:
             out = self.stderr or sys.stderr

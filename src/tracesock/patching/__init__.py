@@ -16,13 +16,14 @@ import sys
 import threading
 
 from ..core.config import ConfigError, check_tls_engine
+from ..core.originals import STD_SOCKET
 from ..telemetry import profile as _profile
 from ..telemetry import recorder
 from . import asyncio, eventlet, gevent, ssl, stdlib
 from .importhook import HOOK, apply
 from .undo import UNDO
 
-__all__ = ["instrument", "uninstrument", "instrumented", "is_instrumented"]
+__all__ = ["instrument", "uninstrument", "instrumented", "is_instrumented", "reassert"]
 
 _lock = threading.RLock()
 _active = False
@@ -127,6 +128,14 @@ def uninstrument():
 
 def is_instrumented():
     return _active
+
+
+def reassert():
+    """``socket.socket``'s traced methods back where another patcher restored the
+    originals it saved before us (see ``UndoLog.reassert``).  No-op when not instrumented."""
+    with _lock:
+        if _active:
+            UNDO.reassert(STD_SOCKET)
 
 
 @contextlib.contextmanager

@@ -25,14 +25,16 @@ class UndoLog:
     __slots__ = ("_entries", "_ours", "lock")
 
     def __init__(self):
-        self._entries = []  # (owner, name, original entry or MISSING, value, only_if_ours) or (undo,)
+        # (owner, name, original entry or MISSING, value, only_if_ours, what owner.name was) or (undo,)
+        self._entries = []
         self._ours = {}  # id(value) -> value, for every value set and not yet restored
         self.lock = threading.RLock()
 
     def set(self, owner, name, value, only_if_ours=False):
         """``setattr(owner, name, value)``, undone by ``restore()``."""
         with self.lock:
-            self._entries.append((owner, name, vars(owner).get(name, MISSING), value, only_if_ours))
+            self._entries.append((owner, name, vars(owner).get(name, MISSING), value, only_if_ours,
+                                  getattr(owner, name, MISSING)))
             self._ours[id(value)] = value
             setattr(owner, name, value)
 
@@ -48,6 +50,20 @@ class UndoLog:
                 if len(entry) > 1 and entry[0] is owner and entry[1] == name:
                     return entry[2] if entry[2] is not MISSING else getattr(owner, name)
         return getattr(owner, name)
+
+    def reassert(self, owner):
+        """Set again what another patcher's own "restore" put back over us: an
+        attribute of ``owner`` that is once more exactly what it was before
+        tracesock set it (pytest-socket's teardown puts ``socket.socket.connect``
+        back to the method it saved at import, over ours).  Anything else that
+        replaced ours is left alone."""
+        with self.lock:
+            for entry in self._entries:
+                if len(entry) > 1 and entry[0] is owner:
+                    _owner, name, _original, value, _only, before = entry
+                    current = getattr(owner, name, MISSING)
+                    if current is before and current is not value:
+                        setattr(owner, name, value)
 
     def is_ours(self, value):
         """Was ``value`` set by tracesock (and not restored since)?"""
@@ -66,7 +82,7 @@ class UndoLog:
                     if len(entry) == 1:
                         entry[0]()
                         continue
-                    owner, name, original, value, only_if_ours = entry
+                    owner, name, original, value, only_if_ours, _before = entry
                     if only_if_ours and vars(owner).get(name, MISSING) is not value:
                         continue
                     if original is MISSING:

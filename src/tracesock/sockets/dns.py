@@ -32,6 +32,7 @@ from ..core.syscall import now
 from ..telemetry import recorder
 from ..telemetry.attributes import call_attributes
 from ..telemetry.context import PENDING, current_context, parent_recording, suppressed
+from . import policy
 
 __all__ = ["FUNCTIONS", "active", "connection_span", "replacements", "set_active"]
 
@@ -258,6 +259,14 @@ def _record_lookup(function, args, kwargs, start, end, result, error, ctx):
         swallow(exc)
 
 
+def _target(function, args, kwargs):
+    """What a lookup resolves: ``getnameinfo``'s address, the others' host name."""
+    if function == "getnameinfo":
+        sockaddr = _arg(args, kwargs, 0, "sockaddr")
+        return sockaddr[0] if isinstance(sockaddr, tuple) and sockaddr else sockaddr
+    return _arg(args, kwargs, 0, "host")
+
+
 def _lookup_function(function, original):
     def lookup(*args, **kwargs):
         # On an exception the traceback keeps this frame alive, and with it the
@@ -269,6 +278,8 @@ def _lookup_function(function, original):
             except BaseException:
                 del args, kwargs
                 raise
+        if policy.check is not None:
+            policy.before_lookup(function, _target(function, args, kwargs))
         start = now()
         try:
             result = original(*args, **kwargs)

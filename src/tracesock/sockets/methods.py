@@ -33,6 +33,7 @@ from ..core.originals import C_SOCKET, STD_SOCKET, dress
 from ..core.syscall import Deadline, blocking_send, fd_blocks, now, sent_counter, sock_call, timed_out
 from ..telemetry import recorder
 from ..telemetry.context import RUNTIME_VAR, SUPPRESS, current_context, parent_recording
+from . import policy
 
 __all__ = ["METHODS", "NOT_FAST", "SPEEDUPS", "TracedSocket", "diagnose", "nbytes", "stats_of"]
 
@@ -703,6 +704,8 @@ def sendto(self, *args, **kwargs):
         args = (args[0], 0, args[1])  # CPython's sendto(data, address) form
         if not _is_buffer(args[0]):
             return _C.sendto(self, args[0], args[2])  # let CPython name the bad argument
+    if policy.check is not None:
+        policy.before_connect(self, "sendto", args[2])
     return _io(self, SENDTO, args, kwargs)
 
 
@@ -715,6 +718,8 @@ def _is_buffer(obj):
 
 
 def sendmsg(self, *args, **kwargs):
+    if policy.check is not None and len(args) > 3:
+        policy.before_connect(self, "sendmsg", args[3])
     # Only the one-buffer form can continue after a partial send; for the others
     # the blocking kernel semantics are kept by CPython's own call.
     if len(args) >= 1 and not kwargs and isinstance(self, _C):
@@ -869,6 +874,8 @@ def connect(self, *args, **kwargs):
     ctx = current_context()
     if (ctx and ctx.get(SUPPRESS)) or not isinstance(self, _C):
         return _C.connect(self, *args, **kwargs)
+    if policy.check is not None and args:
+        policy.before_connect(self, "connect", args[0])
     return _plain(self, CONNECT, args, kwargs, ctx)
 
 
@@ -876,6 +883,8 @@ def connect_ex(self, *args, **kwargs):
     ctx = current_context()
     if (ctx and ctx.get(SUPPRESS)) or not isinstance(self, _C):
         return _C.connect_ex(self, *args, **kwargs)
+    if policy.check is not None and args:
+        policy.before_connect(self, "connect_ex", args[0])
     return _plain(self, CONNECT_EX, args, kwargs, ctx)
 
 
