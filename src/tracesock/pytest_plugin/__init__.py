@@ -246,16 +246,14 @@ class _Controller:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     state = _state(config)
-    if state is None:
+    if state is None or not (state.worker_data or (state.session is not None and state.worker is None)):
         return
     from . import session
-    if state.session is not None and state.worker is None:
+    if state.session is not None:
         data, footer = state.session.figures.data(), state.footer
-    elif state.worker_data:
+    else:
         data = session.merge([d["figures"] for d in state.worker_data])
         footer = [line for d in state.worker_data for line in d["footer"]]
-    else:
-        return
     terminalreporter.write_sep("=", "tracesock")
     for line in session.render(data, footer):
         terminalreporter.write_line(line)

@@ -30,7 +30,7 @@ from ..core.events import RECEIVES, SENDS
 from ..exporters import start
 from ..exporters.summary import format_bytes
 from ..version import __version__
-from .trace import _recording
+from .trace import RECORDING
 
 __all__ = ["DEFAULT_OUTPUT", "SessionTrace", "check_output_path", "merge", "output_for", "render"]
 
@@ -138,7 +138,7 @@ class SessionTrace:
         self.session = start(settings, ["pytest"] + ([f"--worker={worker}"] if worker else []),
                              environ=environ, register_atexit=False)
         self.session.provider.add_span_processor(self.figures)
-        self.session.provider.add_span_processor(SimpleSpanProcessor(_recording))
+        self.session.provider.add_span_processor(SimpleSpanProcessor(RECORDING))
         self._tracer = self.session.provider.get_tracer("tracesock", __version__)
         self._current = None
 

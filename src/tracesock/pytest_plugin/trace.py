@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from ..core.events import RECEIVES, SENDS
 from .. import patching
 
-__all__ = ["DnsLookup", "Recording", "SocketCall", "SocketTrace", "Syscall", "Totals"]
+__all__ = ["RECORDING", "DnsLookup", "Recording", "SocketCall", "SocketTrace", "Syscall", "Totals"]
 
 MAX_SPANS = 500_000  # per test; beyond, spans are counted (SocketTrace.dropped), not kept
 
@@ -143,7 +143,7 @@ class Recording(SpanExporter):
 
 
 _provider = None  # ours, for tests run without --tracesock (made on first use)
-_recording = Recording()
+RECORDING = Recording()
 
 
 def recording_provider():
@@ -151,7 +151,7 @@ def recording_provider():
     global _provider
     if _provider is None:
         _provider = TracerProvider()
-        _provider.add_span_processor(SimpleSpanProcessor(_recording))
+        _provider.add_span_processor(SimpleSpanProcessor(RECORDING))
     return _provider
 
 
@@ -166,8 +166,8 @@ class recorded:
         self._instrumented = None
 
     def __enter__(self):
-        start = _recording.open()
-        self.trace = SocketTrace(lambda: _recording.since(start))
+        start = RECORDING.open()
+        self.trace = SocketTrace(lambda: RECORDING.since(start))
         self._instrumented = patching.instrumented(self.provider, self.meter_provider, detail="syscalls",
                                                    slow_threshold=0)
         self._instrumented.__enter__()
@@ -179,7 +179,7 @@ class recorded:
             self._instrumented.__exit__(*exc)
         finally:
             self.trace.freeze()
-            _recording.close()
+            RECORDING.close()
         return False
 
 
