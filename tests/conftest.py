@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import tracesock
+from harness import points
 
 
 class Telemetry:
@@ -37,15 +38,8 @@ class Telemetry:
 
     def metrics(self):
         """{metric name: {frozenset(attributes): point}} of one collection."""
-        out = {}
-        data = self.reader.get_metrics_data()
-        for rm in data.resource_metrics if data else ():
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    points = out.setdefault(metric.name, {})
-                    for p in metric.data.data_points:
-                        points[frozenset(p.attributes.items())] = p
-        return out
+        return {name: {frozenset(p.attributes.items()): p for p in pts}
+                for name, pts in points(self.reader).items()}
 
     def value(self, metrics, name, **attrs):
         """Sum of a counter's points (or histogram counts) whose attributes include ``attrs``."""
