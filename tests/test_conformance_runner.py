@@ -507,3 +507,27 @@ def _keep_stub_flag(build_env):
         env["STUB_FLAG_FILE"] = os.environ["STUB_FLAG_FILE"]
         return env
     return wrapper
+
+
+@pytest.mark.skipif(not _have_regrtest_and_otel(), reason="needs the stdlib test package")
+def test_interpreters_from_paths_and_roots(tmp_path):
+    """--python PATH and --root DIR take interpreters from anywhere, not only pyenv."""
+    ver = "%d.%d" % sys.version_info[:2]
+    assert c.interpreters_from([sys.executable]) == {ver: sys.executable}
+    root = tmp_path / "root"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "usr" / "bin" / f"python{ver}").symlink_to(sys.executable)
+    (root / "usr" / "bin" / f"python{ver}-config").write_text("not an interpreter")
+    found = c.interpreters_from(roots=[str(root)])
+    assert found == {ver: str(root / "usr" / "bin" / f"python{ver}")}
+    assert c.interpreters_from(roots=[str(root)], versions=["3.99"]) == {}
+    with pytest.raises(ValueError, match=r"--python /nonexistent/python3: not a CPython"):
+        c.interpreters_from(["/nonexistent/python3"])
+    with pytest.raises(ValueError, match=r"--root /nonexistent: no such directory"):
+        c.interpreters_from(roots=["/nonexistent"])
+
+
+def test_bad_python_option_is_one_line(capsys):
+    assert c.main(["--python", "/nonexistent/python3"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "tracesock.conformance: --python /nonexistent/python3: not a CPython with its stdlib 'test' package"

@@ -66,7 +66,7 @@ DEFAULT_SUITES = (
     "test_poll",
 )
 
-ALL_VERSIONS = ("3.10", "3.11", "3.12", "3.13")
+ALL_VERSIONS = ("3.10", "3.11", "3.12", "3.13", "3.14", "3.15")
 
 # regrtest ``-i`` patterns applied to BOTH runs, with the reason (also listed
 # in docs/conformance.md).
@@ -253,6 +253,47 @@ def find_interpreters(versions) -> dict:
                 found[ver] = os.path.realpath(cand) if not os.path.islink(cand) else cand
                 break
     return found
+
+
+def _version_of(python: str) -> str | None:
+    """``"3.X"`` of an interpreter that has the stdlib ``test`` package (None otherwise)."""
+    try:
+        out = subprocess.run(
+            [python, "-I", "-c", "import test.libregrtest, sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def interpreters_from(paths=(), roots=(), versions=None) -> dict:
+    """Map ``"3.X"`` -> interpreter for ``--python PATH`` (each must be usable: ValueError
+    naming it otherwise) and for the interpreters found under each ``--root DIR``
+    (``DIR/usr/local/bin``, ``DIR/usr/bin``, ``DIR/bin``, ``DIR/versions/*/bin``: an install
+    prefix, a pyenv root, or ``/`` inside a chroot).  ``versions``: keep only these."""
+    found = {}
+    for path in paths:
+        ver = _version_of(path)
+        if ver is None:
+            raise ValueError(f"--python {path}: not a CPython with its stdlib 'test' package")
+        found.setdefault(ver, path)
+    for root in roots:
+        if not os.path.isdir(root):
+            raise ValueError(f"--root {root}: no such directory")
+        pattern = re.compile(r"python3\.\d+$")
+        candidates = []
+        for sub in ("usr/local/bin", "usr/bin", "bin", "versions/*/bin"):
+            for cand in sorted(glob.glob(os.path.join(root, sub, "python3.*")), key=_version_key, reverse=True):
+                if pattern.search(cand) and os.access(cand, os.X_OK):
+                    candidates.append(cand)
+        for cand in candidates:
+            ver = _version_of(cand)
+            if ver is not None:
+                found.setdefault(ver, cand)
+    if versions is not None:
+        found = {v: p for v, p in found.items() if v in versions}
+    return dict(sorted(found.items(), key=lambda kv: tuple(int(x) for x in kv[0].split("."))))
 
 
 def _has_regrtest(python: str) -> bool:
@@ -1069,6 +1110,11 @@ def make_parser() -> argparse.ArgumentParser:
         description="Run CPython's socket-related regression suites unpatched and with tracesock "
         "instrumented in every regrtest process, and compare.",
     )
+    p.add_argument("--python", action="append", default=[], metavar="PATH", dest="pythons",
+                   help="an interpreter to test (repeatable), instead of looking in pyenv and PATH")
+    p.add_argument("--root", action="append", default=[], metavar="DIR", dest="roots",
+                   help="test the interpreters found under DIR (DIR/usr/bin/python3.X, ..., "
+                        "DIR/versions/*/bin: a prefix, a pyenv root, / inside a chroot); repeatable")
     p.add_argument("--versions", default="all",
                    help="comma list like 3.10,3.12, or 'default' (this interpreter's version) or 'all' (default: all installed of %s)" % ",".join(ALL_VERSIONS))
     p.add_argument("--suites", default=None,
@@ -1131,7 +1177,16 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, flush=True)
 
-    interpreters = find_interpreters(versions)
+    if args.pythons or args.roots:
+        try:
+            interpreters = interpreters_from(args.pythons, args.roots,
+                                             None if args.versions == "all" else versions)
+        except ValueError as exc:
+            print(f"tracesock.conformance: {exc}", file=sys.stderr)
+            return 2
+        versions = list(interpreters) if args.versions == "all" else versions
+    else:
+        interpreters = find_interpreters(versions)
     missing = [v for v in versions if v not in interpreters]
     if missing:
         log(f"no interpreter with a stdlib 'test' package for: {', '.join(missing)} (skipped)")
