@@ -28,21 +28,19 @@ def set_check(fn):
 
 def before_connect(sock, what, address):
     """``sock`` is about to ``what`` (connect, connect_ex, sendto, sendmsg) to ``address``."""
-    fn = check
-    if fn is None:
-        return
-    ctx = current_context()
-    if ctx and ctx.get(SUPPRESS):
-        return
-    fn(what, _family(sock), address)
+    if check is not None:
+        _check(what, _family(sock), address)
 
 
 def before_lookup(function, target):
     """A lookup (``getaddrinfo`` & co.) of ``target``: a host name, address or ``(host, port)``."""
+    if check is not None:
+        _check(function, None, target)
+
+
+def _check(what, family, target):
     fn = check
-    if fn is None:
-        return
     ctx = current_context()
-    if ctx and ctx.get(SUPPRESS):
+    if fn is None or (ctx and ctx.get(SUPPRESS)):
         return
-    fn(function, None, target)
+    fn(what, family, target)
