@@ -1,7 +1,7 @@
 """The pytest plugin's cost: a suite of 200 small socket tests, side by side in one run.
 
-    python benchmarks/bench_pytest.py            # 7 rounds
-    python benchmarks/bench_pytest.py --quick    # 3 rounds
+    python benchmarks/bench_pytest.py            # 10 rounds
+    python benchmarks/bench_pytest.py --quick    # 4 rounds
 
 Modes, interleaved round by round (the best round of each is kept, so a noisy
 neighbour slows every mode alike): ``plain`` (the plugin not loaded:
@@ -77,13 +77,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     opts = ap.parse_args(argv)
-    rounds = 3 if opts.quick else 7
+    rounds = 4 if opts.quick else 10
     with tempfile.TemporaryDirectory() as directory:
         with open(os.path.join(directory, "test_suite.py"), "w") as f:
             f.write(SUITE.format(tests=TESTS))
         best = {}
-        for _ in range(rounds):
-            for mode in MODES:
+        for i in range(rounds):
+            # every other round in reverse: no mode always runs right after another
+            for mode in (list(MODES) if i % 2 == 0 else list(reversed(MODES))):
                 took = _run(directory, mode)
                 best[mode] = min(best.get(mode, took), took)
     print(f"pytest, {TESTS} small socket tests (7 exchanges each), whole process, best of {rounds}")
