@@ -1006,3 +1006,25 @@ def test_signal_handler_exception_is_never_lost_or_replaced(exc_name, mode):
     # code did, so it is accounted for, not counted as lost.  Anything else is.
     assert traced["ignored"] <= traced["raised"] // 20, traced
     assert traced["caught"] == {name: traced["raised"] - traced["ignored"]}, traced
+
+
+def test_instrument_that_fails_halfway_leaves_nothing_patched(monkeypatch):
+    """A target whose patcher raises (here: ssl's, after socket.socket and the resolver
+    functions were patched) makes instrument() raise with everything put back."""
+    from tracesock.patching import ssl as ssl_patching
+
+    def broken():
+        raise RuntimeError("ssl patcher broke")
+
+    before = dict(socket.socket.__dict__)
+    lookup = socket.getaddrinfo
+    monkeypatch.setattr(ssl_patching, "install", broken)
+    with pytest.raises(RuntimeError, match="ssl patcher broke"):
+        tracesock.instrument()
+    assert not tracesock.is_instrumented()
+    assert dict(socket.socket.__dict__) == before
+    assert socket.getaddrinfo is lookup
+    monkeypatch.undo()
+    tracesock.instrument()  # and it still works afterwards
+    assert "recv" in socket.socket.__dict__
+    tracesock.uninstrument()

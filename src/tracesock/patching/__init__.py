@@ -99,7 +99,12 @@ def instrument(tracer_provider=None, meter_provider=None, *, detail="calls", slo
         recorder.configure(tracer_provider, meter_provider, detail, slow_threshold, prof,
                            bool(code_stacktrace))
         if not _active:
-            _install()
+            try:
+                _install()
+            except BaseException:
+                HOOK.clear()
+                UNDO.restore()  # never half-patched: all of it, or nothing
+                raise
             _active = True
 
 
