@@ -461,3 +461,34 @@ def test_socket_trace_inside_a_traced_session(pytester):
     result.assert_outcomes(passed=1)
     spans, test_of = _trace(pytester.path / "t.json")
     assert {test_of(i) for i, s in spans.items() if s["operationName"] == "socket.send"} == {"test_socket_trace_inside_a_traced_session.py::test_x"}
+
+
+def test_session_trace_over_otlp_to_a_real_receiver(pytester, monkeypatch):
+    """Configured the usual way (TRACESOCK_EXPORTER, OTEL_*), the session goes to a
+    collector: a real OTLP/HTTP receiver decoding the protobuf."""
+    from otlp_receiver import OTLPReceiver
+
+    pytester.makepyfile(test_session=SESSION_TESTS)
+    with OTLPReceiver() as rx:
+        monkeypatch.setenv("TRACESOCK_EXPORTER", "otlp")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint)
+        result = run(pytester, "--tracesock")
+        result.assert_outcomes(passed=3)
+        spans = rx.wait_for(lambda spans: sum(s.name == "tracesock.test" for s in spans) == 3, timeout=5)
+    tests = {s.span_id: s for s in spans if s.name == "tracesock.test"}
+    assert sorted(s.attributes["test.case.name"] for s in tests.values()) == [
+        "test_session.py::test_no_sockets", "test_session.py::test_one", "test_session.py::test_threaded"]
+    assert all(s.attributes["test.case.result.status"] == "pass" for s in tests.values())
+    sends = [s for s in spans if s.name == "socket.sendall"]
+    assert sends and all(s.parent_span_id in tests for s in sends)  # the thread's too
+    assert not list(pytester.path.glob("tracesock-pytest*.json"))  # otlp alone: no file
+    assert f"trace: sent over OTLP to {rx.endpoint}" in result.stdout.str()
+
+
+@needs_netns
+def test_deny_network_in_xdist_workers(pytester):
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_deny=DENY_TESTS)
+    result = run_isolated(pytester, "-n", "2", "--tracesock-deny-network")
+    result.assert_outcomes(passed=3, failed=4)
+    assert f"connect {FAR}:" in result.stdout.str()
