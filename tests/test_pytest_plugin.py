@@ -10,7 +10,6 @@ succeed -- and nothing can leave the machine either way.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

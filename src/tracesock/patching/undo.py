@@ -4,8 +4,7 @@ Every attribute tracesock sets on a standard-library or third-party object
 goes through ``UNDO.set``, which saves the entry it shadows (or that there
 was none); ``UNDO.restore()`` puts them all back, newest first, so that
 ``uninstrument()`` leaves every object exactly as it found it.  (gevent's
-``monkey`` keeps the same kind of store: one ``saved`` dict and a
-``get_original``.)
+``monkey`` keeps the same kind of store: one ``saved`` dict.)
 
 An entry set with ``only_if_ours`` is put back only if it is still ours: a
 module function that another patcher (gevent's resolver) replaced after us
@@ -42,14 +41,6 @@ class UndoLog:
         """Call ``undo()`` at ``restore()``, in order with the attributes set before and after."""
         with self.lock:
             self._entries.append((undo,))
-
-    def get_original(self, owner, name):
-        """What ``owner.name`` was before tracesock first set it (now, if it did not)."""
-        with self.lock:
-            for entry in self._entries:  # the oldest entry holds the original
-                if len(entry) > 1 and entry[0] is owner and entry[1] == name:
-                    return entry[2] if entry[2] is not MISSING else getattr(owner, name)
-        return getattr(owner, name)
 
     def reassert(self, owner):
         """Set again what another patcher's own "restore" put back over us: an
