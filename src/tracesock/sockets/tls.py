@@ -51,6 +51,7 @@ import ctypes
 import math
 import os
 import socket as _stdsocket
+import sys
 import threading
 import weakref
 
@@ -673,6 +674,23 @@ _rbuf = threading.local()  # per-thread receive buffer (see _BioSSL._recv)
 _CHUNK = 1 << 20  # a write larger than this is encrypted and sent in pieces this size
 _NOSIGNAL = int(getattr(_stdsocket, "MSG_NOSIGNAL", 0x4000))
 _messages = {}  # "handshake_timeout" / "<op>_line" -> text learned from _ssl.c
+# Since 3.13 _ssl.c raises the socket's OSError when a syscall fails under
+# SSL_read_ex/SSL_write_ex (gh-115627); before, their 0 return made it SSLEOFError
+# whatever the errno.
+_ERRNO_UNDER_IO = sys.version_info >= (3, 13)
+_V = sys.version_info
+# _ssl.c turns OpenSSL's ERR_LIB_SYS errors into OSError (gh-127257: 3.14, and the
+# backports to 3.13.2, 3.12.9, 3.11.12) ...
+_SYS_ERRORS_RAISED = (_V >= (3, 14) or (3, 13, 2) <= _V < (3, 14) or (3, 12, 9) <= _V < (3, 13)
+                      or (3, 11, 12) <= _V < (3, 12))
+
+
+def _sys_errors(ssl):
+    """Does a failed socket call under OpenSSL surface as its errno's OSError even where
+    OpenSSL's own error is queued first?  ERR_LIB_SYS as ``_ssl.c`` handles it, from an
+    OpenSSL whose record layer (3.2+) queues one for a failed read or write: then a fatal
+    alert that cannot be sent (EPIPE after a peer's reset) is the error the caller sees."""
+    return _SYS_ERRORS_RAISED and ssl.OPENSSL_VERSION_INFO >= (3, 2)
 
 
 def _scratch_call(sock):
@@ -723,8 +741,9 @@ def _want_write(ssl, op):
 
 
 def _eof_error(ssl, op):
-    """What ``_ssl.c`` raises when the socket fails under ``SSL_read_ex``/``SSL_write_ex``:
-    they return 0, so ``SSL_ERROR_SYSCALL`` becomes ``SSLEOFError`` whatever the errno."""
+    """What ``_ssl.c`` before 3.13 raises when the socket fails under ``SSL_read_ex``/
+    ``SSL_write_ex``: they return 0, so ``SSL_ERROR_SYSCALL`` becomes ``SSLEOFError``
+    whatever the errno."""
     return _ssl_error(ssl, op, ssl.SSLEOFError, ssl.SSL_ERROR_EOF,
                       "EOF occurred in violation of protocol")
 
@@ -771,7 +790,7 @@ class _BioSSL:
     """
 
     __slots__ = ("_obj", "_in", "_out", "_sock", "_ssl", "_pending_out", "_pending_write", "_lock",
-                 "_need", "_header", "_body", "_first", "__weakref__")
+                 "_need", "_header", "_body", "_first", "_dead", "__weakref__")
 
     def __init__(self, ssl, obj, incoming, outgoing, sock):
         object.__setattr__(self, "_obj", obj)
@@ -786,6 +805,7 @@ class _BioSSL:
         object.__setattr__(self, "_header", b"")  # the record header read so far (None: in a body)
         object.__setattr__(self, "_body", -1)  # length of the body after a plausible header
         object.__setattr__(self, "_first", True)  # no record header seen yet
+        object.__setattr__(self, "_dead", None)  # errno of a fatal alert the socket refused
 
     def __getattr__(self, name):
         return getattr(self._obj, name)
@@ -857,6 +877,7 @@ class _BioSSL:
             tried = not self._try_fill(call, _C_FILENO(sock), op)
         while True:
             failure = None
+            unsent = None
             try:
                 result = fn(*args)
             except ssl.SSLWantReadError as exc:
@@ -864,17 +885,18 @@ class _BioSSL:
             except (ssl.SSLError, OSError, ValueError) as exc:
                 # Fatal: OpenSSL queued an alert for the peer, which goes out
                 # before the error is raised, as over the descriptor.
-                try:
-                    self._flush(call, sock, op, deadline, True)
-                except Exception:
-                    pass
-                raise
+                unsent = self._send_alert(call, sock, op, deadline, exc)
+                exc = None
+                if unsent is None:
+                    raise
             else:
                 if not self._flush(call, sock, op, deadline, nonblocking):
                     if op == "write":
                         object.__setattr__(self, "_pending_write", result)
                     raise _want_write(ssl, op)
                 return result
+            if unsent is not None:
+                raise unsent  # outside the handler: no context, as _ssl.c's error has none
             # OpenSSL needs more ciphertext: send what it queued, then read.
             if not self._flush(call, sock, op, deadline, nonblocking):
                 failure = None
@@ -888,9 +910,33 @@ class _BioSSL:
                     failure = None
             failure = None
 
+    def _send_alert(self, call, sock, op, deadline, error):
+        """Send the alert OpenSSL queued on a fatal ``error``, one try, as over the descriptor.
+
+        None, or the OSError of a send that failed where ``_ssl.c`` reports that
+        rather than the TLS error (``_sys_errors``); the operations after it fail
+        with that errno too, as they do over the descriptor (OpenSSL 3.6, 3.14)."""
+        ssl = self._ssl
+        try:
+            self._flush(call, sock, op, deadline, True)
+        except OSError as exc:
+            if _sys_errors(ssl) and not isinstance(exc, ssl.SSLError):
+                object.__setattr__(self, "_dead", exc.errno)
+                exc.__context__ = None
+                exc.__traceback__ = None
+                return exc
+        except Exception:
+            pass
+        finally:
+            # OpenSSL does not try an alert again that the socket refused
+            object.__setattr__(self, "_pending_out", b"")
+        if self._dead is not None and isinstance(error, ssl.SSLError):
+            return OSError(self._dead, os.strerror(self._dead))
+        return None
+
     def _failed(self, op, code):
         """The exception ``_ssl.c`` raises when a syscall under ``op`` fails with ``code``."""
-        if op in ("read", "write"):
+        if op in ("read", "write") and not (_ERRNO_UNDER_IO or _sys_errors(self._ssl)):
             return _eof_error(self._ssl, op)
         return OSError(code, os.strerror(code))
 
