@@ -554,3 +554,22 @@ def test_histogram_bounds_reach_minutes(traced):
     i = bounds.index(500.0)
     assert point.bucket_counts[i] == 1 and bounds[i - 1] == 200.0
     assert point.bucket_counts[-1] == 0  # nothing in the overflow bucket
+
+
+def test_exemplars_link_to_spans_and_counts_stay_exact(telemetry):
+    # Every call in a recording parent gets a span: each collection's point carries an
+    # exemplar with that span's ids, and the exemplar's sample is counted once, not twice.
+    telemetry.instrument(slow_threshold=None)
+    a, b = socket.socketpair()
+    with a, b:
+        for i in range(1, 4):
+            with telemetry.tracer.start_as_current_span("app"):
+                a.sendall(b"x" * 10)
+                b.recv(10)
+            key = frozenset({"tracesock.call": "sendall", "network.transport": "unix"}.items())
+            point = telemetry.metrics()["tracesock.call.duration"][key]
+            assert point.count == i and sum(point.bucket_counts) == i
+            (exemplar,) = point.exemplars
+            (span,) = [s for s in telemetry.spans("socket.sendall")][-1:]
+            assert (exemplar.trace_id, exemplar.span_id) == (span.context.trace_id, span.context.span_id)
+            assert exemplar.value == pytest.approx((span.end_time - span.start_time) / 1e9, abs=1e-6)
