@@ -6,7 +6,8 @@
         spans = rx.wait_for(lambda spans: any(s.name == "tracesock.run" for s in spans))
 
 Each decoded span is a :class:`ReceivedSpan` with plain-Python attributes and
-its resource's attributes.
+its resource's attributes; each metric data point posted to ``/v1/metrics`` is a
+:class:`ReceivedPoint` (``rx.points``, in arrival order; ``rx.wait_for_points``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -52,9 +57,53 @@ class ReceivedSpan:
     events: list = field(default_factory=list)
 
 
+@dataclass
+class ReceivedPoint:
+    """One metric data point as posted (sums and gauges: ``value``; histograms: the rest)."""
+    metric: str
+    unit: str
+    kind: str  # "sum", "gauge", "histogram"
+    temporality: int  # AggregationTemporality: 1 delta, 2 cumulative (0 for gauges)
+    attributes: dict
+    resource: dict
+    scope: str
+    request: int  # index of the export request it came in
+    value: float = None
+    count: int = None
+    sum: float = None
+    bucket_counts: list = None
+    explicit_bounds: list = None
+    exemplars: list = None  # (trace id hex, span id hex, value)
+
+
+def _points(request, index):
+    out = []
+    for rm in request.resource_metrics:
+        resource = _attrs(rm.resource.attributes)
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                kind = m.WhichOneof("data")
+                data = getattr(m, kind)
+                for p in data.data_points:
+                    common = dict(metric=m.name, unit=m.unit, kind=kind, attributes=_attrs(p.attributes),
+                                  resource=resource, scope=sm.scope.name, request=index,
+                                  temporality=getattr(data, "aggregation_temporality", 0))
+                    if kind == "histogram":
+                        out.append(ReceivedPoint(
+                            **common, count=p.count, sum=p.sum, bucket_counts=list(p.bucket_counts),
+                            explicit_bounds=list(p.explicit_bounds),
+                            exemplars=[(e.trace_id.hex(), e.span_id.hex(), e.as_double) for e in p.exemplars]))
+                    else:
+                        value = p.as_int if p.WhichOneof("value") == "as_int" else p.as_double
+                        out.append(ReceivedPoint(**common, value=value))
+    return out
+
+
 class OTLPReceiver:
     def __init__(self, host="127.0.0.1"):
         self.spans = []
+        self.points = []
+        self.metric_requests = 0
         self.requests = []  # (path, content-type, content-encoding)
         self._cond = threading.Condition()
         receiver = self
@@ -71,14 +120,20 @@ class OTLPReceiver:
                 elif encoding == "deflate":
                     body = zlib.decompress(body)
                 receiver.requests.append((self.path, self.headers.get("Content-Type"), encoding))
-                if self.path != "/v1/traces":
+                if self.path == "/v1/traces":
+                    request = ExportTraceServiceRequest()
+                    request.ParseFromString(body)
+                    receiver._add(request)
+                    out = ExportTraceServiceResponse().SerializeToString()
+                elif self.path == "/v1/metrics":
+                    request = ExportMetricsServiceRequest()
+                    request.ParseFromString(body)
+                    receiver._add_metrics(request)
+                    out = ExportMetricsServiceResponse().SerializeToString()
+                else:
                     self.send_response(404)
                     self.end_headers()
                     return
-                request = ExportTraceServiceRequest()
-                request.ParseFromString(body)
-                receiver._add(request)
-                out = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(out)))
@@ -107,6 +162,20 @@ class OTLPReceiver:
         with self._cond:
             self.spans.extend(spans)
             self._cond.notify_all()
+
+    def _add_metrics(self, request):
+        with self._cond:
+            self.points.extend(_points(request, self.metric_requests))
+            self.metric_requests += 1
+            self._cond.notify_all()
+
+    def wait_for_points(self, predicate, timeout=60):
+        """The metric points received once ``predicate(points)`` holds (AssertionError after ``timeout``)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(list(self.points)), timeout):
+                raise AssertionError(f"the receiver did not get the expected metrics; got "
+                                     f"{sorted({p.metric for p in self.points})}")
+            return list(self.points)
 
     def wait_for(self, predicate, timeout=60):
         """The spans received once ``predicate(spans)`` holds (AssertionError after ``timeout``)."""

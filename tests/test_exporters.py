@@ -71,8 +71,8 @@ def test_otlp_export_to_a_real_receiver(tmp_path):
         # the process has exited, so everything was flushed at exit
         spans = rx.wait_for(lambda spans: any(s.name == "tracesock.run" for s in spans), timeout=1)
     assert trace_files(tmp_path) == []  # otlp alone: no file
-    assert all(path == "/v1/traces" and ctype == "application/x-protobuf"
-               for path, ctype, _ in rx.requests)
+    assert all(path in ("/v1/traces", "/v1/metrics") and ctype == "application/x-protobuf"
+               for path, ctype, _ in rx.requests)  # the metrics go along (tests/test_otlp_metrics.py)
     by_id = {s.span_id: s for s in spans}
     (run,) = [s for s in spans if s.name == "tracesock.run"]
     assert run.parent_span_id == "" and run.attributes["process.exit.code"] == 0

@@ -44,6 +44,11 @@ def propagate(session, environ=None):
     environ.update(to_env(settings))
     environ[BOOTSTRAP_ENV] = "1"
     environ[PARENT_ENV] = session.traceparent()
+    # One scrape endpoint per port: OTEL_METRICS_EXPORTER=prometheus serves the
+    # parent's metrics only (children push theirs, or keep them).
+    names = [n.strip() for n in environ.get("OTEL_METRICS_EXPORTER", "").split(",") if n.strip()]
+    if "prometheus" in (n.lower() for n in names):
+        environ["OTEL_METRICS_EXPORTER"] = ",".join(n for n in names if n.lower() != "prometheus") or "none"
     path = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if DIRECTORY not in path:
         environ["PYTHONPATH"] = os.pathsep.join([DIRECTORY] + path)

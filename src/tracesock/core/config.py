@@ -295,3 +295,88 @@ def otlp_protocol(environ=None):
                                   f"(choose from {', '.join(OTLP_PROTOCOLS)})")
             return raw.lower()
     return "http/protobuf"
+
+
+# --- metrics: the standard OTEL_* variables of the metric exporters ---------
+
+METRICS_EXPORTERS = ("otlp", "console", "prometheus", "none")
+TEMPORALITIES = ("cumulative", "delta", "lowmemory")
+EXEMPLAR_FILTERS = ("trace_based", "always_on", "always_off")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where ``tracesock run`` pushes its metrics, from the standard variables."""
+    exporters: tuple = ()  # of METRICS_EXPORTERS, without "none"
+    interval_ms: float = 60000.0  # OTEL_METRIC_EXPORT_INTERVAL
+    timeout_ms: float = 30000.0  # OTEL_METRIC_EXPORT_TIMEOUT
+    protocol: str = "http/protobuf"  # OTLP's
+    temporality: str = "cumulative"
+    exemplar_filter: str = "trace_based"
+    prometheus_port: int = 9464  # OTEL_METRICS_EXPORTER=prometheus: OTEL_EXPORTER_PROMETHEUS_PORT
+    prometheus_host: str = "localhost"
+
+
+def _milliseconds(environ, var, default):
+    raw = environ.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{var}: {_one_line(raw)} is not a number of milliseconds") from None
+    if math.isnan(value) or math.isinf(value) or value <= 0:
+        raise ConfigError(f"{var}: must be a number of milliseconds > 0, not {_one_line(raw)}")
+    return value
+
+
+def _choice(environ, var, choices, default, what):
+    raw = environ.get(var, "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in choices:
+        raise ConfigError(f"{var}: unknown {what} {_one_line(raw)} (choose from {', '.join(choices)})")
+    return raw.lower()
+
+
+def metrics_settings(environ=None, exporters=()):
+    """:class:`MetricsSettings` from ``OTEL_METRICS_EXPORTER`` & co.; ConfigError naming a bad one.
+
+    ``OTEL_METRICS_EXPORTER`` unset: metrics go over OTLP when the traces do
+    (``--exporter otlp``), else nowhere (a scrape endpoint is ``--prometheus-port``).
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get("OTEL_METRICS_EXPORTER", "").strip()
+    if raw:
+        names = []
+        for name in raw.split(","):
+            name = name.strip().lower()
+            if name not in METRICS_EXPORTERS:
+                raise ConfigError(f"OTEL_METRICS_EXPORTER: unknown metrics exporter {_one_line(name)} "
+                                  f"(choose from {', '.join(METRICS_EXPORTERS)})")
+            if name not in names:
+                names.append(name)
+        if "none" in names and len(names) > 1:
+            raise ConfigError("OTEL_METRICS_EXPORTER: 'none' cannot be combined with other exporters")
+        names = tuple(n for n in names if n != "none")
+    else:
+        names = ("otlp",) if "otlp" in exporters else ()
+    protocol = "http/protobuf"
+    if "otlp" in names:
+        for var in ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            if environ.get(var, "").strip():
+                protocol = _choice(environ, var, OTLP_PROTOCOLS, protocol, "OTLP protocol")
+                break
+    port = environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "").strip()
+    return MetricsSettings(
+        exporters=names,
+        interval_ms=_milliseconds(environ, "OTEL_METRIC_EXPORT_INTERVAL", 60000.0),
+        timeout_ms=_milliseconds(environ, "OTEL_METRIC_EXPORT_TIMEOUT", 30000.0),
+        protocol=protocol,
+        temporality=_choice(environ, "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", TEMPORALITIES,
+                            "cumulative", "temporality preference"),
+        exemplar_filter=_choice(environ, "OTEL_METRICS_EXEMPLAR_FILTER", EXEMPLAR_FILTERS,
+                                "trace_based", "exemplar filter"),
+        prometheus_port=parse_port(port, "OTEL_EXPORTER_PROMETHEUS_PORT") if port else 9464,
+        prometheus_host=environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", "").strip() or "localhost",
+    )

@@ -39,13 +39,14 @@ __all__ = [
     "transport_of",
 ]
 
-# Histogram bucket boundaries, in seconds: 1-2-5 steps from 1 us to 10 s.
-# Socket work lives between microseconds (a syscall) and seconds (a stalled
-# peer); the OpenTelemetry SDK default buckets are milliseconds-scale and
-# would put every syscall into the first bucket.
-BOUNDS_S = tuple(
-    m * 10.0 ** e for e in range(-6, 1) for m in (1, 2, 5)
-) + (10.0,)
+# Histogram bucket boundaries, in seconds: 1-2-5 steps from 1 us to 500 s.
+# Socket work lives between microseconds (a syscall) and minutes (an idle
+# keep-alive recv, a create_connection retrying a dead address); the
+# OpenTelemetry SDK default buckets are milliseconds-scale and would put
+# every syscall into the first bucket.  The C fast path takes these from
+# Python at configure time (at most 64).  Written as decimal literals so an
+# exporter prints them as such (``le="5e-06"``, not ``4.9999999999999996e-06``).
+BOUNDS_S = tuple(float(f"{m}e{e}") for e in range(-6, 3) for m in (1, 2, 5))
 BOUNDS_NS = tuple(round(b * 1e9) for b in BOUNDS_S)
 _NONE_MIN = 1 << 62  # 'no sample yet' for min, as an int so the hot path compares ints
 

@@ -9,9 +9,14 @@ every socket span of every thread is recorded (one trace per process).
 :meth:`Session.shutdown` stops tracing, ends that span, flushes and writes
 everything and prints the summary; it runs once, from ``atexit``.
 
-The exporters' own sockets are not traced: the SDK's processors export with
-OpenTelemetry's suppress-instrumentation key set, and the Prometheus endpoint
-serves its requests with the key set.
+The metrics go to the readers the standard ``OTEL_METRICS_EXPORTER`` & co.
+name (``exporters.metrics``: OTLP, console; ``otlp`` by default when the
+traces go over OTLP) and to the scrape endpoint; the meter provider's
+shutdown at exit makes the final export.
+
+The exporters' own sockets are not traced: the SDK's processors and periodic
+metric readers export with OpenTelemetry's suppress-instrumentation key set,
+and the Prometheus endpoint serves its requests with the key set.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind
 
 from ..version import __version__
-from ..core.config import ConfigError, check_output, otlp_protocol
+from ..core.config import ConfigError, check_output, metrics_settings, otlp_protocol
 from .. import patching
 from ..telemetry.context import SUPPRESS
 from .file import JaegerFileExporter
+from .metrics import exemplar_filter, push_readers
 from .summary import SummaryProcessor
 
 __all__ = ["Session", "start", "program_name"]
@@ -222,6 +228,8 @@ class Session:
         self.otlp_endpoint = None
         self.run_span = None
         self.meter_provider = None
+        self.metrics = None  # core.config.MetricsSettings
+        self.metric_exporters = []  # exporters.metrics.CountingExporter, one per push reader
         self._done = False
         self._lock = threading.Lock()
 
@@ -261,8 +269,14 @@ class Session:
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
             exporters.append(("simple", ConsoleSpanExporter(out=sys.stderr)))
 
+        self.metrics = ms = metrics_settings(self.environ, s.exporters)
         reader = registry = None
-        if s.prometheus_port is not None:
+        prometheus_port, prometheus_host = s.prometheus_port, s.prometheus_host
+        if prometheus_port is None and "prometheus" in ms.exporters:  # OTEL_METRICS_EXPORTER=prometheus
+            prometheus_port = ms.prometheus_port
+            if "prometheus_host" not in s.sources:
+                prometheus_host = ms.prometheus_host
+        if prometheus_port is not None:
             try:
                 from opentelemetry.exporter.prometheus import PrometheusMetricReader
                 from prometheus_client import CollectorRegistry
@@ -284,15 +298,26 @@ class Session:
             processors.append(BatchSpanProcessor(exporter) if kind == "batch" else SimpleSpanProcessor(exporter))
         self.provider.add_span_processor(_Gate(processors))
 
-        if reader is not None:
+        readers = [] if reader is None else [reader]
+        for push, exporter in push_readers(ms, self.environ):
+            readers.append(push)
+            self.metric_exporters.append(exporter)
+        if readers:
             from opentelemetry.sdk.metrics import MeterProvider
-            self.meter_provider = MeterProvider(metric_readers=[reader], resource=resource,
-                                                shutdown_on_exit=False)
+            kwargs = {"metric_readers": readers, "resource": resource, "shutdown_on_exit": False}
+            exemplars = exemplar_filter(ms.exemplar_filter)
+            if exemplars is not None:
+                kwargs["exemplar_filter"] = exemplars
+            self.meter_provider = MeterProvider(**kwargs)
+        if reader is not None:
             source = s.sources.get("prometheus_port", "--prometheus-port")
+            if s.prometheus_port is None:
+                source = "OTEL_METRICS_EXPORTER=prometheus (OTEL_EXPORTER_PROMETHEUS_PORT)"
             try:
-                self.prometheus = _PrometheusServer(s.prometheus_host, s.prometheus_port, registry)
+                self.prometheus = _PrometheusServer(prometheus_host, prometheus_port, registry)
             except OSError as e:
-                raise ConfigError(f"{source}: cannot listen on {s.prometheus_host}:{s.prometheus_port}: "
+                self.meter_provider.shutdown()
+                raise ConfigError(f"{source}: cannot listen on {prometheus_host}:{prometheus_port}: "
                                   f"{e.strerror or e}") from None
 
         # The process's span: parent of every socket span that has no other parent.
@@ -340,8 +365,8 @@ class Session:
             self.provider.shutdown()
             if self.file_exporter is not None and self.file_exporter.error:
                 lines.append(f"tracesock: cannot write the trace file: {self.file_exporter.error}")
-            if self.meter_provider is not None:
-                self.meter_provider.shutdown()
+            if self.meter_provider is not None:  # the final export (bounded by OTEL_METRIC_EXPORT_TIMEOUT)
+                self.meter_provider.shutdown(timeout_millis=self.metrics.timeout_ms)
             if self.prometheus is not None:
                 self.prometheus.close()
         except Exception as e:  # never turn the program's exit into a traceback
@@ -377,6 +402,7 @@ class Session:
             footer.append(f"  trace: sent over OTLP to {self.otlp_endpoint}")
         if self.prometheus is not None:
             footer.append(f"  metrics were served at {self.prometheus.url}")
+        footer.extend(e.describe() for e in self.metric_exporters)
         return self.summary.render(header, footer)
 
 

@@ -14,6 +14,13 @@ and :class:`MetricsBridge` hands the totals over when a reader collects:
   ``record()`` at their bucket's midpoint: counts stay exact, sums become
   approximate; that fallback is capped per collection and what it cannot
   replay is counted in ``tracesock.telemetry.dropped``.
+
+Exemplars: a call that got a span offers itself (:func:`offer_exemplars`,
+one candidate per series and bucket, the latest wins, bounded).  At the next
+flush each candidate whose bucket got samples is recorded through the real
+``record()`` with the span's context -- so the SDK's exemplar filter
+(``OTEL_METRICS_EXEMPLAR_FILTER``, ``trace_based`` by default) attaches its
+trace and span id -- and the rest of the bucket is merged as before.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ import threading
 from bisect import bisect_left
 
 from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace as otel_trace
 
-from ..core.events import BOUNDS_S, RARE_HISTOGRAMS, Hist, Stats, merge_stats, rare_snapshot, snapshot
+from ..core.events import BOUNDS_NS, BOUNDS_S, RARE_HISTOGRAMS, Hist, Stats, merge_stats, rare_snapshot, snapshot
 from ..core.guard import dropped, dropped_count, swallow
 from ..version import __version__
 
-__all__ = ["MetricsBridge", "bridge_for"]
+__all__ = ["MetricsBridge", "bridge_for", "offer_exemplars"]
 
 _EMPTY = Stats("none")
 
@@ -44,6 +52,44 @@ _SYSCALL_OF = {
     "sendall": "send",
 }
 
+
+
+# Exemplar candidates: (instrument key, sorted attribute items) -> {bucket: (ns, SpanContext)}.
+# Written by the thread that made a span, swapped out whole by flush().
+_exemplars = {}
+EXEMPLAR_SERIES_CAP = 4096
+
+
+def offer_exemplars(call, span_context):
+    """Offer a finished call that got ``span_context``'s span (and its waits) as exemplars."""
+    if not span_context.trace_flags.sampled:
+        return  # not exported: an exemplar would link to nothing
+    table = _exemplars
+    if len(table) >= EXEMPLAR_SERIES_CAP:
+        return
+    transport = ("network.transport", call.stats.transport)
+    if call.error is not None:
+        attrs = (("error.type", type(call.error).__name__), transport, ("tracesock.call", call.method))
+    else:
+        attrs = (transport, ("tracesock.call", call.method))
+    _offer(table, ("call", attrs), call.end - call.start, span_context)
+    for step in call.steps or ():
+        if step.kind == "wait":
+            _offer(table, ("wait", (transport, ("tracesock.wait.outcome", step.outcome))),
+                   step.end - step.start, span_context)
+
+
+def _offer(table, key, ns, span_context):
+    slot = table.get(key)
+    if slot is None:
+        slot = table[key] = {}
+    slot[bisect_left(BOUNDS_NS, ns)] = (ns, span_context)
+
+
+def _take_exemplars():
+    global _exemplars
+    taken, _exemplars = _exemplars, {}
+    return taken
 
 
 def _midpoint(i):
@@ -192,18 +238,29 @@ class MetricsBridge:
             instruments = {"call": self.call_duration, "syscall": self.syscall_duration,
                            "wait": self.wait_duration, "tls_handshake": self.tls_handshake_duration}
             instruments.update(self.rare)
+            exemplars = _take_exemplars()
             for key, (attrs, h) in self._series().items():
                 prev_counts, prev_total = self._flushed.get(key, (None, 0))
                 counts = list(h.counts)
-                delta = counts if prev_counts is None else [a - b for a, b in zip(counts, prev_counts)]
+                delta = list(counts) if prev_counts is None else [a - b for a, b in zip(counts, prev_counts)]
                 n = sum(delta)
                 if n <= 0:
                     continue
                 self._flushed[key] = (counts, h.total)
                 total_s = (h.total - prev_total) / 1e9
+                instrument = instruments[key[0]]
+                for i, (ns, sc) in (exemplars.get(key) or {}).items():
+                    if delta[i] > 0:  # one of this bucket's samples, recorded in its span's context
+                        _record_in_span(instrument, ns / 1e9, attrs, sc)
+                        delta[i] -= 1
+                        n -= 1
+                        total_s -= ns / 1e9
+                        self.merged_samples += 1
+                if n <= 0:
+                    continue
                 lo = (h.min if h.max >= 0 else 0) / 1e9
                 hi = (h.max if h.max >= 0 else 0) / 1e9
-                self._push(instruments[key[0]], attrs, delta, n, total_s, lo, hi)
+                self._push(instrument, attrs, delta, n, total_s, lo, hi)
 
     def _push(self, instrument, attrs, delta, n, total_s, lo, hi):
         # One real record creates the SDK's aggregation for these attributes...
@@ -243,6 +300,14 @@ def _histogram(meter, name, description):
                                       explicit_bucket_boundaries_advisory=list(BOUNDS_S))
     except TypeError:  # API older than explicit_bucket_boundaries_advisory
         return meter.create_histogram(name, unit="s", description=description)
+
+
+def _record_in_span(instrument, value, attrs, span_context):
+    ctx = otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(span_context))
+    try:
+        instrument.record(value, attrs, context=ctx)
+    except TypeError:  # API older than record(context=): no exemplar, the sample still counts
+        instrument.record(value, attrs)
 
 
 def _merge_into_sdk(instrument, attrs, counts, total, lo, hi):

@@ -32,7 +32,7 @@ from ..core.signals import with_signals_held
 from ..version import __version__
 from .attributes import call_attributes, step_attributes
 from .context import PENDING, SPAN_KEY, SUPPRESS, parent_recording
-from .metrics import bridge_for
+from .metrics import bridge_for, offer_exemplars
 
 __all__ = ["DETAILS", "RECORDER", "Recorder", "configure", "failed", "on_change", "set_recorder", "would_block"]
 
@@ -126,6 +126,7 @@ class Recorder:
                 child = self.span("syscall." + step.name, child_ctx, step_attributes(step), step.start)
                 child.end(end_time=self.epoch(step.end))
         self.end_span(span, call.end, call.error)
+        offer_exemplars(call, span.get_span_context())
 
     def _with_steps(self, call):
         return self.detail >= 2 or call.syscalls > 1 or call.waits
@@ -175,6 +176,7 @@ class Recorder:
             for step in steps:
                 direct.span("syscall." + step.name, sc, step_attributes(step),
                             self.epoch(step.start), self.epoch(step.end), _UNSET)
+        offer_exemplars(call, sc)
 
 
 class _DirectSpans:
