@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import importlib.util
 import os
-import runpy
 import sys
 
 from ..core.config import (DEFAULT_MAX_SPANS, DEFAULT_OUTPUT, DETAILS, EXPORTERS, ConfigError, Settings,
@@ -27,7 +25,9 @@ from ..exporters import start
 from ..exporters.profile import paths_for
 from ..exporters.profile import write as write_files
 from ..telemetry import profile as live_profile
+from . import program as program_start
 from .args import OneLineParser
+from .program import NotRunnable, trim_traceback
 
 PROG = "tracesock run"
 
@@ -161,18 +161,13 @@ def main(argv):
         return 2
 
     if module is None:
-        script, args = program[0], program[1:]
-        if not os.path.exists(script):
-            sys.stderr.write(f"{PROG}: error: can't open file {os.path.abspath(script)!r}: "
-                             f"[Errno 2] No such file or directory\n")
-            return 2
-        command = [sys.executable, script] + args
+        command = [sys.executable] + program
     else:
-        args = program
-        command = [sys.executable, "-m", module] + args
-        if not _module_exists(module):
-            return 1
-
+        command = [sys.executable, "-m", module] + program
+    try:
+        run_program = _prepare(module, program)
+    except NotRunnable as e:
+        return e.status
 
     try:
         session = start(settings, command, children_env=propagate)
@@ -189,19 +184,16 @@ def main(argv):
             sys.stderr.write(f"{PROG}: error: {e}\n")
             return 2
     try:
-        if module is None:
-            _run_script(script, args)
-        else:
-            _run_module(module, args)
+        run_program()
     except SystemExit as e:
         session.exit_code = _exit_status(e.code)
         raise
     except KeyboardInterrupt:
-        _trim_traceback_when_printed()
+        trim_traceback()
         raise
     except BaseException:
         session.exit_code = 1
-        _trim_traceback_when_printed()
+        trim_traceback()
         raise
     session.exit_code = 0
     return 0
@@ -239,50 +231,31 @@ def _start_profile(session, settings):
     atexit.register(write)  # runs before the session's shutdown (registered earlier)
 
 
-def _module_exists(module):
+def _prepare(module, program):
+    """The program, checked as python checks it; NotRunnable (its message printed) if it cannot start."""
     try:
-        spec = importlib.util.find_spec(module)
-    except Exception as e:  # what python -m says
-        sys.stderr.write(f"{sys.executable}: Error while finding module specification for {module!r} "
-                         f"({type(e).__name__}: {e})\n")
-        return False
-    if spec is None:
-        sys.stderr.write(f"{sys.executable}: No module named {module}\n")
-        return False
-    return True
+        if module is None:
+            return program_start.script(program[0], program[1:])
+        return program_start.module(module, program)
+    except NotRunnable as e:
+        # python's own words, naming tracesock run where python names itself
+        sys.stderr.write(f"{PROG}: {e}\n")
+        raise
 
 
 def _run_untraced(module, program):
-    if module is None:
-        if not os.path.exists(program[0]):
-            sys.stderr.write(f"{PROG}: error: can't open file {os.path.abspath(program[0])!r}: "
-                             f"[Errno 2] No such file or directory\n")
-            return 2
-        run = lambda: _run_script(program[0], program[1:])  # noqa: E731
-    else:
-        if not _module_exists(module):
-            return 1
-        run = lambda: _run_module(module, program)  # noqa: E731
     try:
-        run()
+        run_program = _prepare(module, program)
+    except NotRunnable as e:
+        return e.status
+    try:
+        run_program()
     except SystemExit:
         raise
     except BaseException:
-        _trim_traceback_when_printed()
+        trim_traceback()
         raise
     return 0
-
-
-def _run_script(script, args):
-    sys.argv[:] = [script] + list(args)
-    sys.path[0] = os.path.dirname(os.path.realpath(script))
-    runpy.run_path(os.path.abspath(script), run_name="__main__")
-
-
-def _run_module(module, args):
-    sys.argv[:] = [module] + list(args)  # run_module replaces argv[0] with the module's file
-    sys.path[0] = os.getcwd()
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def _exit_status(code):
@@ -291,29 +264,3 @@ def _exit_status(code):
     if isinstance(code, int) and not isinstance(code, bool):
         return code & 0xFF
     return 1
-
-
-def _trim_traceback_when_printed():
-    """Print an uncaught exception's traceback from the program's first frame, as python does.
-
-    Swaps ``sys.excepthook`` for one call (the program has finished by then):
-    the frames of tracesock and runpy above the program are cut off, then the
-    hook that was in place (the program's own, if it set one) prints.
-    """
-    run_code = runpy._run_code.__code__
-    previous = sys.excepthook
-
-    def hook(exc_type, exc, tb):
-        sys.excepthook = previous
-        start = None
-        t = tb
-        while t is not None:
-            if t.tb_frame.f_code is run_code:
-                start = t.tb_next
-            t = t.tb_next
-        if start is not None and isinstance(exc, BaseException):
-            tb = start
-            exc.__traceback__ = tb  # what the default hook prints from
-        previous(exc_type, exc, tb)
-
-    sys.excepthook = hook
