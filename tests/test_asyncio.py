@@ -9,6 +9,7 @@ spans are parented to the span current in the task that does the I/O.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import os
 import socket
@@ -299,6 +300,74 @@ def test_16mib_streams_to_a_slow_reader(traced):
     assert sum(s.attributes["tracesock.bytes.transferred"] for s in recvs) >= len(PAYLOAD) // 2
     m = traced.metrics()
     assert traced.value(m, "tracesock.partial_sends", network_transport="tcp") >= 1
+
+
+CV = contextvars.ContextVar("tracesock_test_cv", default="unset")
+
+
+def _writable_callback_contexts(telemetry):
+    """A protocol's resume_writing and connection_lost after a write the transport
+    finishes from its writable callback: the context variables each sees."""
+    async def main():
+        seen = []
+        release = asyncio.Event()
+
+        async def handle(reader, writer):
+            await release.wait()
+            while await reader.read(1 << 16):
+                pass
+            writer.close()
+
+        class Client(asyncio.Protocol):
+            def resume_writing(self):
+                seen.append(("resume_writing", CV.get()))
+                CV.set("set by resume_writing")
+
+            def connection_lost(self, exc):
+                seen.append(("connection_lost", CV.get()))
+                lost.set_result(None)
+
+        loop = asyncio.get_running_loop()
+        lost = loop.create_future()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        CV.set("at create_connection")
+        transport, _ = await loop.create_connection(Client, "127.0.0.1", port)
+        CV.set("at write")
+        with telemetry.tracer.start_as_current_span("upload"):
+            transport.write(b"x" * (8 * MiB))
+            release.set()
+            while transport.get_write_buffer_size():
+                await asyncio.sleep(0.005)
+        transport.close()
+        await lost
+        server.close()
+        await server.wait_closed()
+        return seen
+
+    return asyncio.run(main())
+
+
+def test_writable_callback_keeps_asyncio_context_and_the_writers_span(telemetry):
+    # 3.15 runs a transport's callbacks in the context it was created in, the
+    # writable callback too (before: a copy of the writing task's context): the
+    # protocol sees the same context variables traced as untraced, on every
+    # version, and the callback's sends are under the writing task's span.
+    plain = _writable_callback_contexts(telemetry)
+    telemetry.instrument(detail="syscalls", slow_threshold=None)
+    try:
+        traced = _writable_callback_contexts(telemetry)
+    finally:
+        tracesock.uninstrument()
+    assert traced == plain
+    if sys.version_info >= (3, 15):
+        assert plain == [("resume_writing", "at create_connection"),
+                         ("connection_lost", "set by resume_writing")]
+    else:
+        assert plain == [("resume_writing", "at write"), ("connection_lost", "at write")]
+    sends = [s for s in telemetry.spans() if s.name in ("socket.send", "socket.sendmsg")]
+    assert len(sends) > 1
+    assert {_parent_name(telemetry, s) for s in sends} == {"upload"}
 
 
 # --- name resolution through the loop -------------------------------------------------

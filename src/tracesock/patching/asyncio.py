@@ -11,6 +11,12 @@ caller's span, and are patched while instrumented:
   transport was created: ``StreamReader._wait_for_data`` sets the waiting
   task's OpenTelemetry context in that copy (``Context.run(var.set, ...)`` on
   the selector's reader handle), once per wait -- nothing per read.
+* Since 3.15 a transport's callbacks run in the context the transport was
+  created in (``_SelectorTransport._context``), its writable callback too:
+  before, that callback ran in a copy of the context of the write that filled
+  the buffer.  ``_SelectorTransport._add_writer`` (new in 3.15) registers the
+  callback with that write's OpenTelemetry context attached while it runs --
+  the transport's context otherwise as asyncio keeps it.
 """
 
 from __future__ import annotations
@@ -66,15 +72,17 @@ def _patch_streams(module):
     UNDO.set(reader_cls, "_wait_for_data", dress(_wait_for_data, original))
 
 
-def _in_context(otel_ctx, fn):
+def _attached(otel_ctx, callback):
+    """``callback`` with ``otel_ctx`` attached while it runs; asyncio's debug output
+    names ``callback`` (``__wrapped__``, ``__qualname__``)."""
     def run(*args):
         token = otel_context.attach(otel_ctx)
         try:
-            return fn(*args)
+            return callback(*args)
         finally:
             otel_context.detach(token)
 
-    return run
+    return dress(run, callback)
 
 
 def _patch_base_events(module):
@@ -91,7 +99,7 @@ def _patch_base_events(module):
             # asyncio's call, with the caller's span current in the executor thread.
             func = self._getaddrinfo_debug if self._debug else _stdsocket.getaddrinfo
             return await self.run_in_executor(
-                None, _in_context(ctx, func), host, port, family, type, proto, flags)
+                None, _attached(ctx, func), host, port, family, type, proto, flags)
 
         UNDO.set(loop_cls, "getaddrinfo", dress(traced_getaddrinfo, getaddrinfo))
     if getnameinfo is not None:
@@ -100,12 +108,28 @@ def _patch_base_events(module):
             if not (ctx and parent_recording(ctx)):
                 return await getnameinfo(self, sockaddr, flags)
             return await self.run_in_executor(
-                None, _in_context(ctx, _stdsocket.getnameinfo), sockaddr, flags)
+                None, _attached(ctx, _stdsocket.getnameinfo), sockaddr, flags)
 
         UNDO.set(loop_cls, "getnameinfo", dress(traced_getnameinfo, getnameinfo))
 
 
+def _patch_selector_events(module):
+    transport_cls = getattr(module, "_SelectorTransport", None)
+    original = getattr(transport_cls, "_add_writer", None)
+    if original is None:
+        return  # before 3.15 the writer handle copies the writing task's context itself
+
+    def _add_writer(self, fd, callback, *args):
+        ctx = current_context()
+        if ctx is not None:
+            callback = _attached(ctx, callback)
+        return original(self, fd, callback, *args)
+
+    UNDO.set(transport_cls, "_add_writer", dress(_add_writer, original))
+
+
 PATCHERS = {
+    "asyncio.selector_events": _patch_selector_events,
     "asyncio.streams": _patch_streams,
     "asyncio.base_events": _patch_base_events,
 }
