@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import inspect
 import os
 import socket
 import subprocess
@@ -368,6 +369,79 @@ def test_writable_callback_keeps_asyncio_context_and_the_writers_span(telemetry)
     sends = [s for s in telemetry.spans() if s.name in ("socket.send", "socket.sendmsg")]
     assert len(sends) > 1
     assert {_parent_name(telemetry, s) for s in sends} == {"upload"}
+
+
+def _stack_of_a_waiting_reader():
+    """The coroutine stack (qualified names, innermost first) of a task waiting in
+    ``StreamReader.read``, as asyncio's introspection gives it (3.14)."""
+    async def main():
+        async def handle(reader, writer):
+            await asyncio.sleep(5)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        task = asyncio.create_task(reader.read(10))
+        await asyncio.sleep(0.05)
+        graph = asyncio.capture_call_graph(task)
+        names = [entry.frame.f_code.co_qualname for entry in graph.call_stack]
+        task.cancel()
+        writer.close()
+        server.close()
+        return names
+
+    return asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 14), reason="asyncio.capture_call_graph is 3.14's")
+def test_task_coroutine_stacks_hold_no_frame_of_tracesock(telemetry):
+    # what `python -m asyncio ps`/`pstree` and capture_call_graph show of a task
+    plain = _stack_of_a_waiting_reader()
+    telemetry.instrument(detail="syscalls", slow_threshold=None)
+    try:
+        traced = _stack_of_a_waiting_reader()
+        loop_cls = asyncio.BaseEventLoop
+        wrapped = [asyncio.StreamReader._wait_for_data, loop_cls.getaddrinfo, loop_cls.getnameinfo]
+    finally:
+        tracesock.uninstrument()
+    assert plain[:2] == ["StreamReader._wait_for_data", "StreamReader.read"]
+    assert traced == plain
+    assert all(inspect.iscoroutinefunction(f) for f in wrapped)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 14), reason="python -m asyncio ps is 3.14's")
+def test_asyncio_ps_of_an_instrumented_process_lists_asyncio_frames_only():
+    child = textwrap.dedent("""
+        import asyncio, os, sys
+        import tracesock
+        tracesock.instrument()
+        async def main():
+            async def handle(reader, writer):
+                await asyncio.sleep(30)
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            task = asyncio.create_task(reader.read(10), name="waiting-reader")
+            await asyncio.sleep(0.05)
+            print("ready", flush=True)
+            sys.stdin.readline()
+        asyncio.run(main())
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        ps = subprocess.run([sys.executable, "-m", "asyncio", "ps", str(proc.pid)],
+                            capture_output=True, text=True, timeout=60)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    if ps.returncode != 0 and "ermission" in ps.stderr + ps.stdout:
+        pytest.skip("reading another process's memory is not permitted here: " + ps.stderr[-200:])
+    assert ps.returncode == 0, ps.stderr
+    line = next(l for l in ps.stdout.splitlines() if "waiting-reader" in l)
+    assert "StreamReader._wait_for_data -> StreamReader.read" in line
+    assert "_patch_streams" not in ps.stdout and "tracesock" not in ps.stdout
 
 
 # --- name resolution through the loop -------------------------------------------------
