@@ -9,7 +9,9 @@ spans are parented to the span current in the task that does the I/O.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
+import inspect
 import os
 import socket
 import subprocess
@@ -299,6 +301,147 @@ def test_16mib_streams_to_a_slow_reader(traced):
     assert sum(s.attributes["tracesock.bytes.transferred"] for s in recvs) >= len(PAYLOAD) // 2
     m = traced.metrics()
     assert traced.value(m, "tracesock.partial_sends", network_transport="tcp") >= 1
+
+
+CV = contextvars.ContextVar("tracesock_test_cv", default="unset")
+
+
+def _writable_callback_contexts(telemetry):
+    """A protocol's resume_writing and connection_lost after a write the transport
+    finishes from its writable callback: the context variables each sees."""
+    async def main():
+        seen = []
+        release = asyncio.Event()
+
+        async def handle(reader, writer):
+            await release.wait()
+            while await reader.read(1 << 16):
+                pass
+            writer.close()
+
+        class Client(asyncio.Protocol):
+            def resume_writing(self):
+                seen.append(("resume_writing", CV.get()))
+                CV.set("set by resume_writing")
+
+            def connection_lost(self, exc):
+                seen.append(("connection_lost", CV.get()))
+                lost.set_result(None)
+
+        loop = asyncio.get_running_loop()
+        lost = loop.create_future()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        CV.set("at create_connection")
+        transport, _ = await loop.create_connection(Client, "127.0.0.1", port)
+        CV.set("at write")
+        with telemetry.tracer.start_as_current_span("upload"):
+            transport.write(b"x" * (8 * MiB))
+            release.set()
+            while transport.get_write_buffer_size():
+                await asyncio.sleep(0.005)
+        transport.close()
+        await lost
+        server.close()
+        await server.wait_closed()
+        return seen
+
+    return asyncio.run(main())
+
+
+def test_writable_callback_keeps_asyncio_context_and_the_writers_span(telemetry):
+    # 3.15 runs a transport's callbacks in the context it was created in, the
+    # writable callback too (before: a copy of the writing task's context): the
+    # protocol sees the same context variables traced as untraced, on every
+    # version, and the callback's sends are under the writing task's span.
+    plain = _writable_callback_contexts(telemetry)
+    telemetry.instrument(detail="syscalls", slow_threshold=None)
+    try:
+        traced = _writable_callback_contexts(telemetry)
+    finally:
+        tracesock.uninstrument()
+    assert traced == plain
+    if sys.version_info >= (3, 15):
+        assert plain == [("resume_writing", "at create_connection"),
+                         ("connection_lost", "set by resume_writing")]
+    else:
+        assert plain == [("resume_writing", "at write"), ("connection_lost", "at write")]
+    sends = [s for s in telemetry.spans() if s.name in ("socket.send", "socket.sendmsg")]
+    assert len(sends) > 1
+    assert {_parent_name(telemetry, s) for s in sends} == {"upload"}
+
+
+def _stack_of_a_waiting_reader():
+    """The coroutine stack (qualified names, innermost first) of a task waiting in
+    ``StreamReader.read``, as asyncio's introspection gives it (3.14)."""
+    async def main():
+        async def handle(reader, writer):
+            await asyncio.sleep(5)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        task = asyncio.create_task(reader.read(10))
+        await asyncio.sleep(0.05)
+        graph = asyncio.capture_call_graph(task)
+        names = [entry.frame.f_code.co_qualname for entry in graph.call_stack]
+        task.cancel()
+        writer.close()
+        server.close()
+        return names
+
+    return asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 14), reason="asyncio.capture_call_graph is 3.14's")
+def test_task_coroutine_stacks_hold_no_frame_of_tracesock(telemetry):
+    # what `python -m asyncio ps`/`pstree` and capture_call_graph show of a task
+    plain = _stack_of_a_waiting_reader()
+    telemetry.instrument(detail="syscalls", slow_threshold=None)
+    try:
+        traced = _stack_of_a_waiting_reader()
+        loop_cls = asyncio.BaseEventLoop
+        wrapped = [asyncio.StreamReader._wait_for_data, loop_cls.getaddrinfo, loop_cls.getnameinfo]
+    finally:
+        tracesock.uninstrument()
+    assert plain[:2] == ["StreamReader._wait_for_data", "StreamReader.read"]
+    assert traced == plain
+    assert all(inspect.iscoroutinefunction(f) for f in wrapped)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 14), reason="python -m asyncio ps is 3.14's")
+def test_asyncio_ps_of_an_instrumented_process_lists_asyncio_frames_only():
+    child = textwrap.dedent("""
+        import asyncio, os, sys
+        import tracesock
+        tracesock.instrument()
+        async def main():
+            async def handle(reader, writer):
+                await asyncio.sleep(30)
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            task = asyncio.create_task(reader.read(10), name="waiting-reader")
+            await asyncio.sleep(0.05)
+            print("ready", flush=True)
+            sys.stdin.readline()
+        asyncio.run(main())
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        ps = subprocess.run([sys.executable, "-m", "asyncio", "ps", str(proc.pid)],
+                            capture_output=True, text=True, timeout=60)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    if ps.returncode != 0 and "ermission" in ps.stderr + ps.stdout:
+        pytest.skip("reading another process's memory is not permitted here: " + ps.stderr[-200:])
+    assert ps.returncode == 0, ps.stderr
+    line = next(l for l in ps.stdout.splitlines() if "waiting-reader" in l)
+    assert "StreamReader._wait_for_data -> StreamReader.read" in line
+    assert "_patch_streams" not in ps.stdout and "tracesock" not in ps.stdout
 
 
 # --- name resolution through the loop -------------------------------------------------

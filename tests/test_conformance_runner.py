@@ -452,6 +452,19 @@ def test_snapshot_copies_only_what_an_install_needs(tmp_path):
     assert got == ["README.md", "pyproject.toml", "setup.py", "src/pkg/__init__.py"]
 
 
+def test_snapshot_leaves_out_the_versioned_venvs_and_a_cache_inside_the_project(tmp_path):
+    # .ci/forky's venvs (.venv-3.14) and cache (.conformance-forky) sit in the project:
+    # copying them made a copy of the copy, gigabytes deep
+    root = tmp_path / "proj"
+    for rel in ("pyproject.toml", ".venv-3.14/pyvenv.cfg", ".conformance-forky/logs/a.log",
+                "cache-here/old.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
+    snap = c.snapshot_source(root, root / "cache-here")
+    got = sorted(str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file())
+    assert got == ["pyproject.toml"]
+
+
 def test_build_env_modes(monkeypatch):
     monkeypatch.setenv("PYTHONWARNINGS", "error")
     monkeypatch.setenv("TRACESOCK_NO_SPEEDUPS", "1")

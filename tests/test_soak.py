@@ -341,8 +341,16 @@ def test_span_burst_with_a_slow_exporter_is_bounded_and_drops(monkeypatch):
                 if metric.name == "otel.sdk.processor.span.processed":
                     dropped = sum(p.value for p in metric.data.data_points
                                   if p.attributes.get("error.type") == "queue_full")
-    if dropped is not None:  # an SDK with processor self-metrics: the drops are counted exactly
+    if dropped is not None:  # an SDK with processor self-metrics: the drops are counted
         figure("span burst: dropped (SDK otel.sdk.processor.span.processed)", dropped)
         assert handed[0] >= made + 1  # + the "burst" parent span
-        assert dropped == handed[0] - exporter.exported
+        # Every span not exported is counted as dropped.  The SDK counts a drop when
+        # it finds the queue full and then appends, which pushes out the oldest only
+        # if the queue is still full: when its worker pops a batch in between (the
+        # "Queue full" warning it logs first lets the worker run), it counts a drop
+        # that did not happen -- at most about one per batch (seen: 1-64, against
+        # 160-340 batches, on 3.11, 3.14 and 3.15 with SDK 1.45.2).
+        overcount = dropped - (handed[0] - exporter.exported)
+        figure("span burst: SDK drops counted but not made, batches exported", (overcount, exporter.batches))
+        assert 0 <= overcount <= exporter.batches
 

@@ -380,7 +380,7 @@ def ensure_venv(ver: str, base_python: str, cache: Path, requirements: list, log
 
 
 _SNAPSHOT_IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", ".conformance", "build", "dist", "__pycache__", "*.so", "*.egg-info",
+    ".git", ".venv*", ".conformance*", "build", "dist", "__pycache__", "*.so", "*.egg-info",
     ".pytest_cache", ".hypothesis", "benchmarks", "tests", "docs",
 )
 
@@ -394,7 +394,15 @@ def snapshot_source(root: Path, cache: Path) -> Path:
     snap = cache / "snapshot"
     if snap.exists():
         shutil.rmtree(snap)
-    shutil.copytree(root, snap, ignore=_SNAPSHOT_IGNORE)
+    inside = cache.resolve()
+
+    def ignore(directory, names):
+        # every venv (.venv-3.14...) and cache (.conformance-forky...), and the cache
+        # itself wherever it is: never a copy of the copy
+        skipped = set(_SNAPSHOT_IGNORE(directory, names))
+        return skipped | {n for n in names if (Path(directory) / n).resolve() == inside}
+
+    shutil.copytree(root, snap, ignore=ignore)
     return snap
 
 
