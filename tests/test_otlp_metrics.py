@@ -309,3 +309,32 @@ def test_a_failed_export_is_counted_as_dropped_telemetry(caplog):
     with caplog.at_level(logging.WARNING):
         logging.getLogger("opentelemetry.exporter.otlp.proto.http.metric_exporter").warning("theirs")
     assert [r.getMessage() for r in caplog.records] == ["theirs"]
+
+
+def test_children_push_their_own_metrics(tmp_path):
+    # The --children bootstrap starts the same session in each child: its metrics
+    # go to the same receiver under its own process.pid, its bytes counted there.
+    write(tmp_path / "child.py", """\
+        import socket
+        a, b = socket.socketpair()
+        a.sendall(b"c" * 7000); b.recv(65536)
+        """)
+    parent = """\
+        import socket, subprocess, sys
+        a, b = socket.socketpair()
+        a.sendall(b"p" * 3000); b.recv(65536)
+        subprocess.run([sys.executable, "child.py"], check=True)
+        """
+    with OTLPReceiver() as rx:
+        r = run(tmp_path, parent, "--exporter", "otlp", "--children", "--no-summary",
+                OTEL_EXPORTER_OTLP_ENDPOINT=rx.endpoint, OTEL_METRICS_EXPORTER="otlp,prometheus",
+                # one fixed port: only the parent may serve it (a child binding it too would fail)
+                OTEL_EXPORTER_PROMETHEUS_PORT=str(_refusing_port()))
+        assert r.returncode == 0, r.stderr
+        points = rx.wait_for_points(lambda pts: len({p.resource["process.pid"] for p in pts}) == 2, timeout=10)
+    sent = {}
+    for p in points:
+        if p.metric == "tracesock.io" and p.attributes == {"network.io.direction": "transmit",
+                                                           "network.transport": "unix"}:
+            sent[p.resource["process.pid"]] = p.value  # cumulative: the last one counts
+    assert sorted(sent.values()) == [3000, 7000]
