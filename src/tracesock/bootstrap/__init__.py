@@ -22,6 +22,7 @@ import sys
 
 from ..core.config import ConfigError, check_otel_env, check_tls_engine, disabled, from_env, replace_output, to_env
 from ..exporters import PARENT_ENV, start
+from ..attach.agent import TRIGGER_ENV, install_trigger
 
 __all__ = ["DIRECTORY", "propagate", "activate"]
 
@@ -59,6 +60,9 @@ def activate():
     try:
         if disabled():
             return  # TRACESOCK_DISABLED=1 in a child: untouched
+        if os.environ.get(TRIGGER_ENV, "").strip():
+            install_trigger(os.environ[TRIGGER_ENV])  # dormant: a signal handler, nothing patched
+            return
         settings = from_env()
         check_otel_env(exporters=settings.exporters)
         check_tls_engine()

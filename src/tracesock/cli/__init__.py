@@ -7,13 +7,15 @@ import sys
 
 from .. import example
 from ..version import __version__
-from . import demo, export, report, run
+from . import attach, demo, export, report, run
 
 COMMANDS = {
     "run": "run a Python program (script or -m module) with every socket call traced",
     "export": "convert a trace file between Jaeger JSON and OTLP-JSON",
     "example": "trace a real transfer (slow reader, signal storm) and print it",
     "report": "explain a trace file: slowest calls and why, connections, recv buffers (--html)",
+    "attach": "trace a running Python process (PID) for a while, then detach and print the summary",
+    "detach": "end a `tracesock attach` from another terminal",
     "demo": "reproduce each cause of a slow sendall on loopback, trace it and report it",
 }
 
@@ -51,6 +53,10 @@ def main(argv=None):
         return example.main(rest)
     if command == "report":
         return report.main(rest)
+    if command == "attach":
+        return attach.main(rest)
+    if command == "detach":
+        return attach.detach_main(rest)
     if command == "demo":
         return demo.main(rest)
     sys.stderr.write(f"tracesock: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})\n")

@@ -215,8 +215,11 @@ class _Gate(SpanProcessor):
 class Session:
     """Everything ``tracesock run`` set up in one process; :meth:`shutdown` once at exit."""
 
-    def __init__(self, settings, argv, *, environ=None, stderr=None):
+    def __init__(self, settings, argv, *, environ=None, stderr=None, span_name="tracesock.run",
+                 console_out=None):
         self.settings = settings
+        self.span_name = span_name  # "tracesock.attach" for tracesock attach and the trigger
+        self.console_out = console_out  # where --exporter console prints (default stderr)
         self.argv = list(argv)
         self.environ = os.environ if environ is None else environ
         self.stderr = stderr
@@ -267,7 +270,7 @@ class Session:
             exporters.append(("simple", self.file_exporter))
         if "console" in s.exporters:
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-            exporters.append(("simple", ConsoleSpanExporter(out=sys.stderr)))
+            exporters.append(("simple", ConsoleSpanExporter(out=self.console_out or sys.stderr)))
 
         self.metrics = ms = metrics_settings(self.environ, s.exporters)
         reader = registry = None
@@ -328,7 +331,7 @@ class Session:
             parent_ctx = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
         tracer = self.provider.get_tracer("tracesock", __version__)
         self.run_span = tracer.start_span(
-            "tracesock.run", context=parent_ctx, kind=SpanKind.INTERNAL,
+            self.span_name, context=parent_ctx, kind=SpanKind.INTERNAL,
             attributes={"process.pid": self.pid, "process.command_args": self.argv,
                         "tracesock.detail": s.detail})
         self.wrapper = _RunTracerProvider(self.provider)

@@ -1,0 +1,267 @@
+"""Getting a few lines of Python to run inside another process: gdb (3.10-3.13), ``sys.remote_exec`` (3.14+).
+
+Both run the same bootstrap (:func:`bootstrap`): import tracesock (from the
+attacher's install, appended to ``sys.path``, when the target has none and
+the Python versions match), then ``tracesock.attach.agent.begin``.  It runs
+in a fresh namespace (nothing is defined in the program's ``__main__``) and
+never lets an exception out; a failure is reported in the channel's
+``status.json``.
+
+**gdb: where it is safe.**  The thread gdb happens to stop may be anywhere --
+inside ``malloc``, halfway through a dict resize with the GIL held.  Running
+Python there is what makes ``PyGILState_Ensure`` + ``PyRun_SimpleString``
+injectors crash programs.  We stop instead at the entry of
+``PyEval_RestoreThread``: a thread that had released the GIL (around a
+blocking call: ``recv``, ``select``, ``sleep``, a lock) and is about to take
+it back.  There the thread holds no lock of Python's or libc's, and its C
+caller has saved what it needs -- it is exactly the state in which any other
+thread could run Python.  ``PyGILState_Ensure`` then waits for the GIL the
+ordinary way (gdb lets the other threads run during the call, so the
+holder releases it at its next switch interval), the bootstrap runs, and
+``PyGILState_Release`` gives the GIL back before the thread goes on into
+the ``PyEval_RestoreThread`` it was entering.  ``errno`` is saved and put
+back around it (the caller reads it after ``PyEval_RestoreThread``).  A
+target whose threads never block (pure computation, no I/O) is not reached;
+one blocked for a long time is reached when the call returns.
+
+**3.14+.**  ``sys.remote_exec(pid, script)`` (PEP 768) asks the interpreter
+itself to run a file at its next safe point.  We call it with the target's
+own interpreter (``/proc/PID/exe``), so the attacher's Python does not need
+to match.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from . import INJECT, AttachError
+
+__all__ = ["bootstrap", "inject_gdb", "inject_remote_exec", "attacher_paths"]
+
+BOOTSTRAP = r'''
+import sys
+def _tracesock_bootstrap(channel, paths, version, pid):
+    import json, os
+    def say(message):
+        status = os.path.join(channel, "status.json")
+        tmp = status + ".boot"
+        with open(tmp, "w") as f:
+            json.dump({"state": "error", "message": message}, f)
+        os.replace(tmp, status)
+    try:
+        added = []
+        try:
+            import tracesock.attach.agent as agent
+        except ImportError as e:
+            agent, first = None, e
+        where = f"{sys.executable} (Python {sys.version.split()[0]})"
+        if agent is None:
+            if not paths or tuple(sys.version_info[:2]) != tuple(version):
+                say(f"tracesock is not importable in pid {pid}, {where} ({first}): install it there "
+                    f"({sys.executable} -m pip install tracesock)")
+                return
+            for p in paths:
+                if p not in sys.path:
+                    sys.path.append(p)
+                    added.append(p)
+            try:
+                import tracesock.attach.agent as agent
+            except ImportError as e:
+                for p in added:
+                    sys.path.remove(p)
+                say(f"tracesock is not importable in pid {pid}, {where}, even from the attacher's "
+                    f"install ({e}): install it there ({sys.executable} -m pip install tracesock)")
+                return
+        agent.begin(channel, added)
+    except BaseException as e:
+        try:
+            say(f"the injected code failed: {type(e).__name__}: {e}")
+        except BaseException:
+            pass
+_tracesock_bootstrap(%(channel)r, %(paths)r, %(version)r, %(pid)r)
+'''
+
+
+def bootstrap(channel, paths, version, pid):
+    """The Python source the target runs."""
+    return BOOTSTRAP % {"channel": channel, "paths": list(paths), "version": list(version), "pid": pid}
+
+
+def _one_liner(source):
+    # A single expression: nothing is bound in the namespace it runs in, and the
+    # hex text needs no quoting inside gdb's C string.
+    return (f"exec(bytes.fromhex('{source.encode().hex()}').decode(), "
+            f"{{'__name__': '__tracesock_attach__'}})")
+
+
+def attacher_paths():
+    """Where this tracesock and its dependencies were imported from (for a target that has none)."""
+    import opentelemetry
+
+    paths = [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))]
+    for location in opentelemetry.__path__:  # a namespace package: api and sdk may sit apart
+        p = os.path.dirname(os.path.abspath(location))
+        if p not in paths:
+            paths.append(p)
+    for p in sys.path:  # the rest of the dependencies (typing_extensions, ...) sit next to them
+        if p.endswith("site-packages") and p not in paths and os.path.isdir(p):
+            paths.append(p)
+    return paths
+
+
+GDB_SCRIPT = """\
+set pagination off
+set confirm off
+set width 0
+handle all nostop noprint pass
+break PyEval_RestoreThread
+commands 1
+  disable breakpoints
+  set $tracesock_errno = ((int *(*)(void))__errno_location)()
+  set $tracesock_saved = *$tracesock_errno
+  set $tracesock_gil = ((int (*)(void))PyGILState_Ensure)()
+  set $tracesock_rc = ((int (*)(const char *))PyRun_SimpleString)("%(code)s")
+  call ((void (*)(int))PyGILState_Release)($tracesock_gil)
+  set *$tracesock_errno = $tracesock_saved
+  printf "TRACESOCK-INJECTED %%d\\n", $tracesock_rc
+  delete breakpoints
+  detach
+  quit
+end
+printf "TRACESOCK-WAITING\\n"
+continue
+delete breakpoints
+printf "TRACESOCK-PENDING-PHASE\\n"
+break PyObject_Malloc
+commands 2
+  disable breakpoints
+  set $tracesock_rc = ((int (*)(void *, void *))Py_AddPendingCall)((void *)PyRun_SimpleString, "%(code)s")
+  printf "TRACESOCK-PENDING %%d\\n", $tracesock_rc
+  delete breakpoints
+  detach
+  quit
+end
+continue
+printf "TRACESOCK-TIMEOUT\\n"
+delete breakpoints
+detach
+quit
+"""
+
+
+def _ptrace_help():
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = f.read().strip()
+    except OSError:
+        scope = None
+    if scope in ("1", "2"):
+        return (f"Yama ptrace_scope is {scope}: run tracesock attach as root (or with CAP_SYS_PTRACE), "
+                f"or `sysctl kernel.yama.ptrace_scope=0`")
+    if scope == "3":
+        return "Yama ptrace_scope is 3: ptrace is disabled until reboot; start the program with TRACESOCK_TRIGGER=SIGUSR2"
+    return ("run tracesock attach as the target's user or root; in a container, add CAP_SYS_PTRACE "
+            "(docker run --cap-add SYS_PTRACE) or start the program with TRACESOCK_TRIGGER=SIGUSR2")
+
+
+FIRST_PHASE = 1.5  # seconds waiting for a thread to come back from a blocking call
+
+
+def inject_gdb(pid, source, channel, timeout, on_wait=None, tick=None):
+    """Run ``source`` in ``pid`` through gdb; AttachError with the reason on failure."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        raise AttachError("gdb is not on PATH; it is needed to attach to Python before 3.14: "
+                          "install it (Debian/Ubuntu: apt-get install gdb)")
+    script = os.path.join(channel, "attach.gdb")
+    with open(script, "w", encoding="utf-8") as f:
+        f.write(GDB_SCRIPT % {"code": _one_liner(source)})
+    proc = subprocess.Popen([gdb, "-batch", "-nx", "-p", str(pid), "-x", script],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", start_new_session=True)
+    # Phase 1: a thread coming back from a blocking call (PyEval_RestoreThread).
+    # Phase 2 (no thread blocks: the main thread computes): at an allocation, with
+    # the GIL held and no lock taken, Py_AddPendingCall -- the main thread runs the
+    # bootstrap from its eval loop's own pending-call check.  SIGINT to gdb ends a
+    # phase: gdb stops the target, removes its breakpoint and goes on.
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), name="tracesock-gdb-output", daemon=True)
+    reader.start()
+    started = time.monotonic()
+    phase, phase_end = 0, started + timeout  # 0: gdb is still loading the target's symbols
+    while proc.poll() is None:
+        time.sleep(0.1)
+        if tick is not None:
+            tick()
+        now = time.monotonic()
+        if phase == 0 and any(line.startswith("TRACESOCK-WAITING") for line in lines):
+            phase, phase_end = 1, now + min(FIRST_PHASE, timeout)
+        if now < phase_end:
+            continue
+        if phase == 1:
+            phase, phase_end = 2, started + timeout
+            if on_wait is not None:
+                on_wait()
+        elif phase in (0, 2):
+            phase, phase_end = 3, now + 10
+        else:
+            proc.kill()
+            break
+        proc.send_signal(signal.SIGINT)
+    proc.wait()
+    reader.join(10)
+    out = "".join(lines)
+    if phase == 3 and proc.returncode < 0:
+        raise AttachError("gdb did not finish; check the target (its breakpoint may remain)")
+    if "TRACESOCK-INJECTED" in out or "TRACESOCK-PENDING 0" in out:
+        return
+    if "ptrace: Operation not permitted" in out:
+        raise AttachError(f"ptrace denied for pid {pid}: {_ptrace_help()}")
+    if "ptrace: No such process" in out:
+        raise AttachError(f"no such process: {pid}")
+    if 'Function "PyEval_RestoreThread" not defined' in out or "No symbol table" in out:
+        raise AttachError(f"pid {pid} is not a Python process (no PyEval_RestoreThread in it)")
+    if "TRACESOCK-TIMEOUT" in out:
+        raise AttachError(f"pid {pid} neither came back from a blocking call nor ran Python within "
+                          f"{timeout:g} s; nothing was changed")
+    last = [line for line in out.splitlines() if line.strip()][-1:] or ["no output"]
+    raise AttachError(f"gdb could not inject into pid {pid}: {last[0]}")
+
+
+REMOTE = ("import sys\n"
+          "try:\n"
+          "    sys.remote_exec(int(sys.argv[1]), sys.argv[2])\n"
+          "except PermissionError as e:\n"
+          "    print('EPERM', e); sys.exit(3)\n"
+          "except ProcessLookupError as e:\n"
+          "    print('ESRCH', e); sys.exit(4)\n"
+          "except Exception as e:\n"
+          "    print('ERROR', type(e).__name__, e); sys.exit(5)\n")
+
+
+def inject_remote_exec(pid, source, channel, executable):
+    """Hand ``source`` to ``pid``'s interpreter with ``sys.remote_exec`` (run by its own executable)."""
+    path = os.path.join(channel, INJECT)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(_one_liner(source) + "\n")
+    os.chmod(path, 0o644)
+    out = subprocess.run([executable, "-I", "-S", "-c", REMOTE, str(pid), path], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                         timeout=60)
+    if out.returncode == 0:
+        return
+    text = " ".join(out.stdout.split())
+    if out.returncode == 3:
+        raise AttachError(f"ptrace denied for pid {pid} ({text[6:]}): {_ptrace_help()}")
+    if out.returncode == 4:
+        raise AttachError(f"no such process: {pid}")
+    if "not enabled" in text.lower() or "disable" in text.lower():
+        raise AttachError(f"remote debugging is disabled in pid {pid} (PYTHON_DISABLE_REMOTE_DEBUG or "
+                          f"-X disable_remote_debug): restart it without, or with TRACESOCK_TRIGGER=SIGUSR2")
+    raise AttachError(f"sys.remote_exec into pid {pid} failed: {text[6:] if text.startswith('ERROR') else text}")

@@ -1,0 +1,108 @@
+"""A program to attach to (tests/test_attach.py): ``attach_target.py MODE [PORT]``.
+
+MODE busy: an echo server thread; the main thread computes in pure Python.
+MODE asyncio: an asyncio echo server in the main thread.
+MODE slowsend PORT: repeated 2 MiB sendall()s to a slow reader at PORT; each connection's
+bytes are printed ("sent N").
+Prints "port N" (its listening port, 0 if none) first.  A control thread reads stdin:
+"state" prints one JSON line (what attach must leave as it was), "quit" exits.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+
+
+def _fds():
+    out = []
+    for fd in sorted(os.listdir("/proc/self/fd"), key=int):
+        try:
+            out.append(f"{fd} {os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:  # listdir's own descriptor, closed by now
+            pass
+    return out
+
+
+def state():
+    classes = {"socket": socket.socket, "sslsocket": ssl.SSLSocket, "sslcontext": ssl.SSLContext}
+    import asyncio.selector_events as se
+    classes["selector_loop"] = se.BaseSelectorEventLoop
+    classes["selector_transport"] = se._SelectorSocketTransport
+    return {"classes": {n: {k: id(v) for k, v in vars(c).items()} for n, c in classes.items()},
+            "ours": sorted(f"{n}.{k}" for n, c in classes.items() for k, v in vars(c).items()
+                           if "tracesock" in getattr(getattr(v, "__code__", None), "co_filename", "")),
+            "resolver": [id(socket.getaddrinfo), id(socket.create_connection)],
+            "fds": _fds(),
+            "threads": sorted(t.name for t in threading.enumerate()),
+            "os_threads": len(os.listdir("/proc/self/task")),
+            "meta_path": [type(f).__name__ for f in sys.meta_path]}
+
+
+def control():
+    for line in sys.stdin:
+        if line.strip() == "state":
+            print(json.dumps(state()), flush=True)
+        elif line.strip() == "quit":
+            os._exit(0)
+    os._exit(0)
+
+
+def echo(conn):
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            conn.sendall(data)
+
+
+def serve(srv):
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+
+def main():
+    mode = sys.argv[1]
+    if mode == "asyncio":
+        async def handle(reader, writer):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        async def run():
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            print("port", server.sockets[0].getsockname()[1], flush=True)
+            threading.Thread(target=control, daemon=True).start()
+            await server.serve_forever()
+
+        asyncio.run(run())
+    elif mode == "busy":
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        print("port", srv.getsockname()[1], flush=True)
+        threading.Thread(target=serve, args=(srv,), daemon=True).start()
+        threading.Thread(target=control, daemon=True).start()
+        x = 0
+        while True:  # pure Python: never releases the GIL by itself
+            x = (x * 31 + 7) % 1000003
+    elif mode == "slowsend":
+        port = int(sys.argv[2])
+        print("port 0", flush=True)
+        threading.Thread(target=control, daemon=True).start()
+        block = b"s" * (2 << 20)
+        while True:
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(block)
+                print("sent", s.getsockname()[1], len(block), flush=True)
+            time.sleep(0.1)
+
+
+main()

@@ -1,0 +1,446 @@
+"""tracesock attach / detach and the dormant trigger: real processes, real gdb (3.10-3.13) or
+sys.remote_exec (3.14+), real signals.
+
+Each target is a subprocess (tests/data/attach_target.py, or python -m http.server); the
+attacher is ``python -m tracesock attach`` in another.  What attach must leave as it was is
+read from inside the target (its "state" command: the socket/ssl/asyncio class dicts, the
+resolver functions, fds, threads, sys.meta_path) before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from harness import cli_env
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGET = os.path.join(HERE, "data", "attach_target.py")
+REMOTE_EXEC = sys.version_info >= (3, 14)
+needs_gdb = pytest.mark.skipif(not REMOTE_EXEC and shutil.which("gdb") is None, reason="gdb is not installed")
+gdb_only = pytest.mark.skipif(REMOTE_EXEC, reason="Python 3.14+ attaches through sys.remote_exec, not gdb")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc"), needs_gdb]
+
+
+class Target:
+    def __init__(self, args, env=None, cwd=None, preexec=None, user=None):
+        command = [sys.executable, "-u", TARGET] + list(args)
+        if user is not None:
+            command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] + command
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env or cli_env(), cwd=cwd)
+        self.pid = self.proc.pid
+        line = self.proc.stdout.readline()
+        assert line.startswith("port "), (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
+        self.port = int(line.split()[1])
+        self.lines = []
+
+    def state(self):
+        self.proc.stdin.write("state\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, self.proc.stderr.read()
+            if line.startswith("{"):
+                return json.loads(line)
+            self.lines.append(line)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        err = self.proc.stderr.read()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        return err
+
+
+@pytest.fixture
+def targets():
+    started = []
+
+    def start(*args, **kwargs):
+        t = Target(args, **kwargs)
+        started.append(t)
+        return t
+
+    yield start
+    for t in started:
+        t.close()
+
+
+def attach(pid, *args, env=None, cwd, wait=True, timeout=120):
+    command = [sys.executable, "-m", "tracesock", "attach", str(pid)] + list(args)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or cli_env(), cwd=cwd)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def spans_of(path):
+    with open(path) as f:
+        data = json.load(f)
+    out = []
+    for trace in data["data"]:
+        for s in trace["spans"]:
+            out.append((s["operationName"], {t["key"]: t["value"] for t in s["tags"]}))
+    return out
+
+
+class EchoClient(threading.Thread):
+    """Connections to an echo server, one after another: bytes echoed per local port."""
+
+    def __init__(self, port, size=20_000):
+        super().__init__(daemon=True)
+        self.port, self.size = port, size
+        self.stop = threading.Event()
+        self.received = {}  # local port -> bytes the client got back
+        self.errors = []
+
+    def run(self):
+        payload = os.urandom(self.size)
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+                    local = s.getsockname()[1]
+                    s.sendall(payload)
+                    s.shutdown(socket.SHUT_WR)
+                    got = bytearray()
+                    while chunk := s.recv(65536):
+                        got += chunk
+                    assert bytes(got) == payload
+                    self.received[local] = len(got)
+            except Exception as e:  # noqa: BLE001 - reported by the test
+                self.errors.append(repr(e))
+                return
+            time.sleep(0.02)
+
+
+def _wait_attached(proc, timeout=60):
+    """Read the attacher's stderr up to its 'attached' line (it keeps running)."""
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "attached to" in line:
+            return lines
+    raise AssertionError("".join(lines) + (proc.stdout.read() if proc.poll() is not None else ""))
+
+
+@pytest.mark.parametrize("mode", ["busy", "asyncio"])
+def test_attach_mid_traffic_and_detach_leaves_the_target_as_it_was(targets, tmp_path, mode):
+    """busy: the main thread computes in pure Python while a thread does the I/O; asyncio: an
+    echo server on the event loop.  Attach in the middle of traffic, detach: spans with the
+    peers and exactly the bytes the client counted; the target's state as before."""
+    t = targets(mode)
+    before = t.state()  # no connection open: compared once the client is done
+    client = EchoClient(t.port)
+    client.start()
+    time.sleep(0.5)
+    r = attach(t.pid, "--duration", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.3)
+    client.stop.set()
+    client.join(30)
+    assert not client.errors
+    time.sleep(0.3)
+    after = t.state()
+    assert after == before
+    assert before["ours"] == [] and "tracesock" not in str(before["meta_path"])
+    out = tmp_path / f"tracesock-{t.pid}.json"
+    assert "socket calls traced" in r.stderr and str(out) in r.stderr
+    spans = spans_of(out)
+    names = {n for n, _ in spans}
+    assert "tracesock.attach" in names
+    assert {"socket.recv", "socket.accept"} <= names or {"socket.recv", "socket.send"} <= names, names
+    # per connection, the bytes the target's spans say it sent == what the client got back
+    sent = {}
+    for name, tags in spans:
+        if name in ("socket.send", "socket.sendall") and tags.get("network.peer.address") == "127.0.0.1":
+            port = tags["network.peer.port"]
+            sent[port] = sent.get(port, 0) + tags["tracesock.bytes.transferred"]
+    complete = [p for p in sent if p in client.received]
+    assert len(complete) >= 3, (sent, client.received)
+    # the first and last connections may straddle attach and detach
+    for p in sorted(complete)[1:-1]:
+        assert sent[p] == client.received[p], p
+
+
+def test_attach_http_server(tmp_path):
+    """python -m http.server under a client loop: the same responses as unattached, spans with
+    the peer, the same fds and threads afterwards."""
+    root = tmp_path / "www"
+    root.mkdir()
+    body = os.urandom(300_000)
+    (root / "blob.bin").write_bytes(body)
+    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
+                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        line = server.stdout.readline()
+        port = int(line.split(" port ")[1].split()[0])
+        seen = []
+        stop = threading.Event()
+
+        def client():
+            import http.client
+            while not stop.is_set():
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                c.request("GET", "/blob.bin")
+                resp = c.getresponse()
+                seen.append((resp.status, resp.read() == body))
+                c.close()
+                time.sleep(0.02)
+
+        th = threading.Thread(target=client, daemon=True)
+        th.start()
+        time.sleep(0.5)
+        fds = sorted(os.listdir(f"/proc/{server.pid}/fd"))
+        r = attach(server.pid, "--duration", "2", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.5)
+        stop.set()
+        th.join(30)
+        time.sleep(0.3)
+        assert seen and all(s == (200, True) for s in seen), seen[:5]
+        assert sorted(os.listdir(f"/proc/{server.pid}/fd")) == fds
+        assert len(os.listdir(f"/proc/{server.pid}/task")) == 1  # threads of requests are gone; none of ours
+        spans = spans_of(tmp_path / f"tracesock-{server.pid}.json")
+        sends = [tags for n, tags in spans if n == "socket.sendall"]
+        assert sends and all(t["network.peer.address"] == "127.0.0.1" for t in sends)
+        per_peer = {}
+        for t in sends:
+            per_peer[t["network.peer.port"]] = per_peer.get(t["network.peer.port"], 0) + t["tracesock.bytes.transferred"]
+        # whole responses: the body and a few hundred bytes of headers
+        assert sum(len(body) < n < len(body) + 1000 for n in per_peer.values()) >= 3, per_peer
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+        log = server.stderr.read()
+        server.stderr.close()
+    assert "tracesock" not in log and "Traceback" not in log  # the server's stderr is its own
+
+
+def test_slow_sendall_spans_have_partial_sends_and_every_byte(targets, tmp_path):
+    """A script doing 2 MiB sendall()s to a slow reader: each sendall that started after the
+    attach is a span with its partial sends and waits, and all its bytes."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    got = {}
+    stop = threading.Event()
+
+    def slow_reader():
+        srv.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                c, addr = srv.accept()
+            except socket.timeout:
+                continue
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+            n = 0
+            with c:
+                while chunk := c.recv(32768):
+                    n += len(chunk)
+                    time.sleep(0.002)
+            got[addr[1]] = n
+
+    th = threading.Thread(target=slow_reader, daemon=True)
+    th.start()
+    t = targets("slowsend", str(srv.getsockname()[1]))
+    time.sleep(0.5)
+    r = attach(t.pid, "--duration", "3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    stop.set()
+    th.join(10)
+    srv.close()
+    sends = [tags for n, tags in spans_of(tmp_path / f"tracesock-{t.pid}.json") if n == "socket.sendall"]
+    assert sends, r.stderr
+    for tags in sends:  # a call in progress at attach time is not recorded: every span is whole
+        assert tags["tracesock.bytes.transferred"] == 2 << 20
+        if tags["network.local.port"] in got:
+            assert got[tags["network.local.port"]] == 2 << 20
+
+
+def test_lease_target_detaches_itself_when_the_attacher_is_killed(targets, tmp_path):
+    t = targets("busy")
+    before = t.state()
+    client = EchoClient(t.port)
+    client.start()
+    proc = attach(t.pid, "--lease", "2", cwd=tmp_path, wait=False)
+    _wait_attached(proc)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    out = tmp_path / f"tracesock-{t.pid}.json"
+    deadline = time.monotonic() + 2 + 5
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert out.exists(), "the target did not write its file within the lease"
+    assert any(n.startswith("socket.") for n, _ in spans_of(out))
+    time.sleep(0.3)
+    client.stop.set()
+    client.join(10)
+    assert t.state() == before
+
+
+def test_detach_from_another_terminal(targets, tmp_path):
+    t = targets("busy")
+    proc = attach(t.pid, cwd=tmp_path, wait=False)
+    _wait_attached(proc)
+    d = subprocess.run([sys.executable, "-m", "tracesock", "detach", str(t.pid)], capture_output=True,
+                       text=True, env=cli_env(), timeout=120)
+    assert d.returncode == 0, d.stderr
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "detached" in err and "socket calls traced" in err
+    assert (tmp_path / f"tracesock-{t.pid}.json").exists()
+    again = subprocess.run([sys.executable, "-m", "tracesock", "detach", str(t.pid)], capture_output=True,
+                           text=True, env=cli_env(), timeout=60)
+    assert again.returncode == 2 and "is not attached" in again.stderr
+
+
+# --- refusals: one line, status 2, the target untouched ------------------------------------
+
+def _refused(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tracesock attach: error: "), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_refuses_a_bogus_pid(tmp_path):
+    _refused(attach("4194305", cwd=tmp_path), "no such process: 4194305")
+    _refused(attach("12x", cwd=tmp_path), "not a process id")
+
+
+def test_refuses_a_process_that_is_not_python(tmp_path):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        _refused(attach(sleeper.pid, cwd=tmp_path), "is not a Python process", "sleep")
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@gdb_only
+def test_refuses_without_gdb_naming_the_package(targets, tmp_path):
+    t = targets("busy")
+    before = t.state()
+    (tmp_path / "bin").mkdir()
+    env = cli_env(PATH=str(tmp_path / "bin"))
+    _refused(attach(t.pid, cwd=tmp_path, env=env), "gdb is not on PATH", "apt-get install gdb")
+    assert t.state() == before
+    assert not os.path.exists(f"/tmp/tracesock-{os.geteuid()}/{t.pid}")
+
+
+def test_refuses_a_second_attach_naming_the_first(targets, tmp_path):
+    t = targets("busy")
+    first = attach(t.pid, cwd=tmp_path, wait=False)
+    try:
+        _wait_attached(first)
+        r = attach(t.pid, cwd=tmp_path)
+        _refused(r, "already attached by pid", str(first.pid), f"tracesock detach {t.pid}")
+    finally:
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_refuses_a_target_of_another_user(targets, tmp_path):
+    t = targets("busy")  # root's
+    before = t.state()
+    os.chmod(tmp_path, 0o777)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-m", "tracesock", "attach", str(t.pid)],
+                       capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=60)
+    _refused(r, f"pid {t.pid}", "belongs to root", "attach as that user or as root")
+    assert t.state() == before
+
+
+@gdb_only
+def test_refuses_when_tracesock_is_not_importable_in_the_target(tmp_path):
+    """Another Python version (pyenv's 3.12 without tracesock): the target says what to install where."""
+    other = next((p for p in (os.path.expanduser("~/.pyenv/versions/3.12.1/bin/python3.12"),
+                              os.path.expanduser("~/.pyenv/versions/3.10.13/bin/python3.10"))
+                  if os.path.exists(p)), None)
+    if other is None:
+        pytest.skip("no second Python version")
+    code = "import time\nprint('port 0', flush=True)\nwhile True: time.sleep(0.1)"
+    proc = subprocess.Popen([other, "-I", "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        r = attach(proc.pid, cwd=tmp_path)
+        _refused(r, "tracesock is not importable", f"{other} -m pip install tracesock")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+# --- the dormant trigger ------------------------------------------------------------------
+
+def _dormant_env(**extra):
+    from tracesock.bootstrap import DIRECTORY
+    return cli_env(PYTHONPATH=DIRECTORY, TRACESOCK_BOOTSTRAP="1", TRACESOCK_TRIGGER="SIGUSR2", **extra)
+
+
+def test_trigger_two_signals_write_the_spans_in_between(targets, tmp_path):
+    t = targets("busy", env=_dormant_env(TRACESOCK_OUTPUT=str(tmp_path / "t-{pid}.json")))
+    dormant = t.state()
+    assert dormant["ours"] == []  # nothing patched while dormant
+    os.kill(t.pid, signal.SIGUSR2)
+    time.sleep(0.5)
+    client = EchoClient(t.port)
+    client.start()
+    time.sleep(1)
+    client.stop.set()
+    client.join(10)
+    os.kill(t.pid, signal.SIGUSR2)
+    out = tmp_path / f"t-{t.pid}.json"
+    deadline = time.monotonic() + 20
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    names = {n for n, _ in spans_of(out)}
+    assert {"tracesock.attach", "socket.recv"} <= names
+    time.sleep(0.3)
+    assert t.state() == dormant
+
+
+def test_attach_uses_the_trigger_without_gdb(targets, tmp_path):
+    t = targets("busy", env=_dormant_env())
+    before = t.state()
+    client = EchoClient(t.port)
+    client.start()
+    (tmp_path / "bin").mkdir()
+    env = cli_env(PATH=str(tmp_path / "bin"))  # no gdb
+    r = attach(t.pid, "--duration", "1.5", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "through its SIGUSR2 trigger" in r.stderr
+    client.stop.set()
+    client.join(10)
+    assert any(n == "socket.recv" for n, _ in spans_of(tmp_path / f"tracesock-{t.pid}.json"))
+    time.sleep(0.3)
+    assert t.state() == before
