@@ -473,10 +473,12 @@ def span_sites(calls):
     """Top call sites from call spans' ``code.*`` attributes (``report.Span`` objects)."""
     out = {}
     for s in calls:
+        if s.method == "create_connection":
+            continue  # a set-up, not a call: its socket.connect children are counted
         t = s.tags
         path = t.get("code.file.path")
         if not path:
-            continue  # not attributable (a span of tracesock's own, e.g. socket.create_connection)
+            continue  # not attributable
         key = (t.get("code.function.name") or "(no call site)", path or "", t.get("code.line.number"))
         r = out.get(key)
         if r is None:

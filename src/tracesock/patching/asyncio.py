@@ -6,7 +6,8 @@ caller's span, and are patched while instrumented:
 
 * ``loop.getaddrinfo``/``getnameinfo`` run the lookup in an executor thread
   without the caller's context (``run_in_executor`` does not copy it): with a
-  recording span current, they run it there with that context attached.
+  recording span current, they run it there with that context attached, and
+  with the awaiting coroutine's call site for the ``dns.lookup`` span's ``code.*``.
 * A transport's read callback runs in a copy of the context taken when the
   transport was created: ``StreamReader._wait_for_data`` sets the waiting
   task's OpenTelemetry context in that copy (``Context.run(var.set, ...)`` on
@@ -20,7 +21,9 @@ import socket as _stdsocket
 from opentelemetry import context as otel_context
 
 from ..core.originals import dress
-from ..telemetry.context import RUNTIME_VAR, current_context, parent_recording
+from ..telemetry import recorder
+from ..telemetry.attributes import caller_site
+from ..telemetry.context import CALLER_SITE, RUNTIME_VAR, current_context, parent_recording
 from .undo import UNDO
 
 __all__ = ["PATCHERS"]
@@ -67,11 +70,17 @@ def _patch_streams(module):
 
 
 def _in_context(otel_ctx, fn):
+    """``fn`` for the executor thread: the caller's context, and its call site (taken now,
+    while the awaiting coroutines' frames are on the stack)."""
+    site = caller_site(recorder.RECORDER.stacktrace)
+
     def run(*args):
         token = otel_context.attach(otel_ctx)
+        site_token = CALLER_SITE.set(site)
         try:
             return fn(*args)
         finally:
+            CALLER_SITE.reset(site_token)
             otel_context.detach(token)
 
     return run
