@@ -361,3 +361,88 @@ def test_a_failing_span_processor_never_reaches_the_program(telemetry):
     with pytest.raises(socket.gaierror):
         socket.gethostbyname(BAD)
     assert socket.gethostbyname("localhost")
+
+
+# --- the call site: code.* as on the other call spans --------------------------------------
+
+
+def _here():
+    """(function, file, line) of the caller's next line."""
+    frame = inspect.currentframe().f_back
+    code = frame.f_code
+    return getattr(code, "co_qualname", code.co_name), code.co_filename, frame.f_lineno + 1
+
+
+def _site(span):
+    a = span.attributes
+    return (a.get("code.function.name"), a.get("code.file.path"), a.get("code.line.number"))
+
+
+def test_lookup_and_connection_spans_name_the_callers_line(traced):
+    import http.client
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    with srv, traced.tracer.start_as_current_span("app"):
+        lookup_site = _here()
+        socket.getaddrinfo("localhost", port)
+        direct_site = _here()
+        socket.create_connection(("localhost", port), timeout=5).close()
+        # through http.client (the standard library): the line that called it
+        conn = http.client.HTTPConnection("localhost", port, timeout=5)
+        library_site = _here()
+        conn.connect()
+        conn.close()
+    lookups = traced.spans("dns.lookup")
+    connections = traced.spans("socket.create_connection")
+    assert len(lookups) == 3 and len(connections) == 2
+    assert _site(lookups[0]) == lookup_site
+    assert [_site(c) for c in connections] == [direct_site, library_site]
+    for cc, site in zip(connections, (direct_site, library_site)):
+        kids = _children(traced, cc)
+        assert [k.name for k in kids][:2] == ["dns.lookup", "socket.connect"]
+        assert {_site(k) for k in kids} == {site}  # its lookup and its connects: the same line
+
+
+def test_failed_lookup_root_span_names_the_callers_line(traced):
+    with pytest.raises(socket.gaierror):
+        site = _here()
+        socket.gethostbyname(BAD)
+    (span,) = traced.spans("dns.lookup")
+    assert span.parent is None and _site(span) == site
+
+
+def test_code_stacktrace_on_lookup_and_connection_spans(telemetry):
+    telemetry.instrument(detail="syscalls", slow_threshold=None, code_stacktrace=True)
+    port = _refused_port()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port))
+    (cc,) = telemetry.spans("socket.create_connection")
+    (lookup,) = telemetry.spans("dns.lookup")
+    for span in (cc, lookup):
+        stack = span.attributes["code.stacktrace"]
+        assert "test_code_stacktrace_on_lookup_and_connection_spans" in stack.splitlines()[-2]
+        assert "tracesock" not in stack.splitlines()[-1]
+
+
+def test_asyncio_lookup_names_the_awaiting_coroutines_line(traced):
+    import asyncio
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    sites = {}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        with traced.tracer.start_as_current_span("app"):
+            sites["lookup"] = _here()
+            await loop.getaddrinfo("localhost", port)
+            sites["open"] = _here()
+            reader, writer = await asyncio.open_connection("localhost", port)
+            writer.close()
+            await writer.wait_closed()
+
+    with srv:
+        asyncio.run(main())
+    lookups = traced.spans("dns.lookup")
+    assert [_site(s) for s in lookups] == [sites["lookup"], sites["open"]]

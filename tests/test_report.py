@@ -308,3 +308,24 @@ def test_demo_command_prints_report_and_verdict(tmp_path):
     assert (tmp_path / "out" / "tracesock-demo-timeout.json").exists()
     page = (tmp_path / "out" / "tracesock-demo-timeout.html").read_text()
     assert 'data-verdict="timeout"' in page and not EXTERNAL.search(page)
+
+
+def test_top_call_sites_count_a_create_connection_once(tmp_path):
+    """socket.create_connection spans carry the caller's code.* like their socket.connect
+    children: the top call sites count the connect, not the set-up around it as well."""
+    script = tmp_path / "connects.py"
+    script.write_text(textwrap.dedent("""\
+        import socket
+        srv = socket.create_server(("127.0.0.1", 0))
+        for _ in range(3):
+            socket.create_connection(srv.getsockname()).close()  # CONNECT-SITE
+    """))
+    trace = tmp_path / "t.json"
+    r = subprocess.run([PY, "-m", "tracesock", "run", "--no-summary", "-o", str(trace), str(script)],
+                       cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
+    assert r.returncode == 0, r.stderr
+    spans, warnings = load([str(trace)])
+    setups = [s for s in spans if s.name == "socket.create_connection"]
+    assert len(setups) == 3 and all(s.tags["code.line.number"] == 4 for s in setups)
+    (site,) = [s for s in analyze(spans).sites if s.line == 4]
+    assert site.methods == {"connect"} and site.calls == 3

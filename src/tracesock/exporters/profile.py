@@ -115,15 +115,28 @@ def _is_own(path):
     return own
 
 
+_PROGRAM_START = os.path.join("tracesock", "cli", "program.py")  # its execute(): the program's caller
+
+
+def _is_run_code(name, path):
+    return name == "_run_code" and "runpy" in path
+
+
 def _trim(frames):
     """Without tracesock's own frames; under ``tracesock run``, from the program's first frame
-    (what ran before runpy's ``_run_code`` is the runner, not the program)."""
+    (what ran before ``tracesock.cli.program.execute`` -- and runpy's ``_run_code`` it may call
+    -- is the runner, not the program)."""
     cut = 0
     runner = False
     for i, (name, path, line) in enumerate(frames):
         if path and _is_own(path):
             runner = True
-        elif runner and name == "_run_code" and "runpy" in path:
+            if name == "execute" and path.endswith(_PROGRAM_START):
+                cut = i + 1
+                if cut < len(frames) and _is_run_code(*frames[cut][:2]):
+                    cut += 1
+                break
+        elif runner and _is_run_code(name, path):
             cut = i + 1
             break
     return [f for f in frames[cut:] if not (f[1] and _is_own(f[1]))]
@@ -460,10 +473,12 @@ def span_sites(calls):
     """Top call sites from call spans' ``code.*`` attributes (``report.Span`` objects)."""
     out = {}
     for s in calls:
+        if s.method == "create_connection":
+            continue  # a set-up, not a call: its socket.connect children are counted
         t = s.tags
         path = t.get("code.file.path")
         if not path:
-            continue  # not attributable (a span of tracesock's own, e.g. socket.create_connection)
+            continue  # not attributable
         key = (t.get("code.function.name") or "(no call site)", path or "", t.get("code.line.number"))
         r = out.get(key)
         if r is None:

@@ -6,7 +6,8 @@ caller's span, and are patched while instrumented:
 
 * ``loop.getaddrinfo``/``getnameinfo`` run the lookup in an executor thread
   without the caller's context (``run_in_executor`` does not copy it): with a
-  recording span current, they run it there with that context attached.
+  recording span current, they run it there with that context attached, and
+  with the awaiting coroutine's call site for the ``dns.lookup`` span's ``code.*``.
 * A transport's read callback runs in a copy of the context taken when the
   transport was created: ``StreamReader._wait_for_data`` sets the waiting
   task's OpenTelemetry context in that copy (``Context.run(var.set, ...)`` on
@@ -27,7 +28,9 @@ import socket as _stdsocket
 from opentelemetry import context as otel_context
 
 from ..core.originals import dress
-from ..telemetry.context import RUNTIME_VAR, current_context, parent_recording
+from ..telemetry import recorder
+from ..telemetry.attributes import caller_site
+from ..telemetry.context import CALLER_SITE, RUNTIME_VAR, current_context, parent_recording
 from .undo import UNDO
 
 __all__ = ["PATCHERS"]
@@ -116,6 +119,21 @@ def _attached(otel_ctx, callback):
     return dress(run, callback)
 
 
+def _in_executor(otel_ctx, fn):
+    """``fn`` for the executor thread: the caller's context, and its call site (taken now,
+    while the awaiting coroutines' frames are on the stack)."""
+    site = caller_site(recorder.RECORDER.stacktrace)
+
+    def run(*args):
+        token = CALLER_SITE.set(site)
+        try:
+            return fn(*args)
+        finally:
+            CALLER_SITE.reset(token)
+
+    return _attached(otel_ctx, dress(run, fn))
+
+
 def _patch_base_events(module):
     loop_cls = getattr(module, "BaseEventLoop", None)
     getaddrinfo = getattr(loop_cls, "getaddrinfo", None)
@@ -126,7 +144,7 @@ def _patch_base_events(module):
             # asyncio's call, with the caller's span current in the executor thread.
             func = self._getaddrinfo_debug if self._debug else _stdsocket.getaddrinfo
             return await self.run_in_executor(
-                None, _attached(ctx, func), host, port, family, type, proto, flags)
+                None, _in_executor(ctx, func), host, port, family, type, proto, flags)
 
         _named_as(getaddrinfo_in, getaddrinfo)
 
@@ -140,7 +158,7 @@ def _patch_base_events(module):
     if getnameinfo is not None:
         async def getnameinfo_in(self, ctx, sockaddr, flags):
             return await self.run_in_executor(
-                None, _attached(ctx, _stdsocket.getnameinfo), sockaddr, flags)
+                None, _in_executor(ctx, _stdsocket.getnameinfo), sockaddr, flags)
 
         _named_as(getnameinfo_in, getnameinfo)
 

@@ -30,7 +30,7 @@ from ..core.guard import swallow
 from ..core.originals import dress
 from ..core.syscall import now
 from ..telemetry import recorder
-from ..telemetry.attributes import call_attributes
+from ..telemetry.attributes import call_attributes, site_attributes
 from ..telemetry.context import PENDING, current_context, parent_recording, suppressed
 from . import policy
 
@@ -131,7 +131,11 @@ class _Lookup(_Item):
         return attrs
 
     def emit(self, parent_ctx, rec):
-        rec.end_span(rec.span("dns.lookup", parent_ctx, self.attributes(), self.start), self.end, self.error)
+        attrs = self.attributes()
+        # Made while the caller's frames are still on the stack (at the lookup's end, or
+        # at the end of the create_connection holding it): the same call site.
+        site_attributes(attrs, rec.stacktrace)
+        rec.end_span(rec.span("dns.lookup", parent_ctx, attrs, self.start), self.end, self.error)
 
 
 class _HeldCall(_Item):
@@ -201,6 +205,7 @@ class _Connection(_Item):
                 or any(c.qualifies(rec) for c in self.children))
 
     def emit(self, parent_ctx, rec):
+        site_attributes(self.attrs, rec.stacktrace)  # at the call's end, from its caller's frames
         span = rec.span("socket.create_connection", parent_ctx, self.attrs, self.start)
         if self.sock is not None:
             _remember(self.sock, span.get_span_context())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ..core import sites
 from ..core.originals import C_SOCKET
+from .context import CALLER_SITE
 
 import socket as _stdsocket
 
-__all__ = ["call_attributes", "site_attributes", "socket_attributes", "step_attributes",
+__all__ = ["call_attributes", "caller_site", "site_attributes", "socket_attributes", "step_attributes",
            "step_counters", "timeout_attribute"]
 
 
@@ -58,6 +59,10 @@ def socket_attributes(sock, call):
 
 def site_attributes(attrs, stacktrace=False):
     """``code.*``: where in the program the call was made (``code.stacktrace`` if asked for; large)."""
+    held = CALLER_SITE.get()
+    if held is not None:  # made for a caller on another stack (see caller_site)
+        attrs.update(held)
+        return
     frame = sites.call_site()
     if frame is not None:
         code = frame.f_code
@@ -66,6 +71,14 @@ def site_attributes(attrs, stacktrace=False):
         attrs["code.line.number"] = frame.f_lineno
     if stacktrace:  # opt-in: instrument(code_stacktrace=True)
         attrs["code.stacktrace"] = sites.stacktrace()
+
+
+def caller_site(stacktrace=False):
+    """The ``code.*`` attributes of the current caller, for a call made for it elsewhere:
+    set them as ``CALLER_SITE`` where that call runs."""
+    attrs = {}
+    site_attributes(attrs, stacktrace)
+    return attrs
 
 
 def step_counters(attrs, call):

@@ -12,7 +12,7 @@ import contextvars
 
 from opentelemetry import context as otel_context
 
-__all__ = ["PENDING", "SPAN_KEY", "SUPPRESS", "current_context", "parent_recording", "suppressed"]
+__all__ = ["CALLER_SITE", "PENDING", "SPAN_KEY", "SUPPRESS", "current_context", "parent_recording", "suppressed"]
 
 try:
     from opentelemetry.trace.propagation import _SPAN_KEY as SPAN_KEY
@@ -30,6 +30,10 @@ except AttributeError:  # another runtime context implementation
 # While socket.create_connection runs, the spans of its steps (its lookup, each
 # connect attempt) are held here and made as its children at its end (sockets.dns).
 PENDING = contextvars.ContextVar("tracesock_pending", default=None)
+
+# Set while a call runs on behalf of a caller whose frames are on another stack
+# (asyncio's loop.getaddrinfo in an executor thread): that caller's code.* attributes.
+CALLER_SITE = contextvars.ContextVar("tracesock_caller_site", default=None)
 
 
 def parent_recording(ctx):
