@@ -17,15 +17,49 @@ for v in $FORKY_VERSIONS; do
     FORKY_PACKAGES="$FORKY_PACKAGES,python$v,python$v-venv,python$v-dev,libpython$v-testsuite"
 done
 FORKY_STAMP="$FORKY_ROOT/.tracesock-root"
+# The interpreters the project was last green on in this root; another version
+# (a new upload to testing, seen when the root is rebuilt) is reported as such.
+FORKY_KNOWN_GOOD="3.14.8 3.15.0"
 PROJECT_DIR=$(pwd)
 
 root_failed() {
     echo "" >&2
     echo "CI: THE DEBIAN TESTING ROOT FAILED, NOT THE PROJECT: $1" >&2
+    [ -f "$FORKY_ROOT.log" ] && tail -n 5 "$FORKY_ROOT.log" | sed 's/^/    | /' >&2
     echo "    root: $FORKY_ROOT (packages: $FORKY_PACKAGES)" >&2
     echo "    Debian testing moves: check that the packages above still exist under these" >&2
     echo "    names (https://packages.debian.org/forky/), adjust FORKY_PACKAGES in .ci/root.sh," >&2
     echo "    and remove $FORKY_ROOT to rebuild it; the log is $FORKY_ROOT.log" >&2
+    echo "    To pin the root to a day that worked, build it from Debian's snapshot archive:" >&2
+    echo "    TRACESOCK_FORKY_MIRROR=http://snapshot.debian.org/archive/debian/YYYYMMDDT000000Z/" >&2
+    exit 1
+}
+
+# The interpreters' versions, "3.14.8 3.15.0"; a warning when they are not the ones
+# the project was last green on, so that a failure after it is read as the root's.
+FORKY_CHANGED=""
+root_versions() {
+    local found="" v
+    for v in $FORKY_VERSIONS; do
+        found="$found $(chroot "$FORKY_ROOT" "python$v" -c 'import sys; print(sys.version.split()[0])')"
+    done
+    found=${found# }
+    echo "   Python in the root: $found (last known green: $FORKY_KNOWN_GOOD)"
+    if [ "$found" != "$FORKY_KNOWN_GOOD" ]; then
+        FORKY_CHANGED="$found"
+        echo "CI: NOTE: the Debian testing root now has Python $found, not $FORKY_KNOWN_GOOD:" >&2
+        echo "    a failure below may be the new interpreter's. Once green, set FORKY_KNOWN_GOOD" >&2
+        echo "    in .ci/root.sh; to go back, rebuild from a snapshot (see TRACESOCK_FORKY_MIRROR)." >&2
+    fi
+}
+
+# A failure of the project's own tests or suites in the root; names a version change.
+root_project_failed() {
+    echo "CI: $1 in the Debian testing root" >&2
+    if [ -n "$FORKY_CHANGED" ]; then
+        echo "    (the root's interpreters changed to $FORKY_CHANGED from $FORKY_KNOWN_GOOD: compare" >&2
+        echo "    with a root built from a snapshot of the last green day before blaming the project)" >&2
+    fi
     exit 1
 }
 
@@ -75,9 +109,7 @@ root_ready() {
     [ -d /etc/xdg/pip ] && mkdir -p "$FORKY_ROOT/etc/xdg" && cp -r /etc/xdg/pip "$FORKY_ROOT/etc/xdg/"
     _root_mounts
     _root_works || root_failed "an interpreter in the root does not start or lacks its test package"
-    for v in $FORKY_VERSIONS; do
-        echo "   python$v: $(chroot "$FORKY_ROOT" "python$v" -c 'import sys; print(sys.version.split()[0])')"
-    done
+    root_versions
 }
 
 in_root() {
@@ -85,6 +117,7 @@ in_root() {
         ${TRACESOCK_NO_SPEEDUPS:+TRACESOCK_NO_SPEEDUPS=$TRACESOCK_NO_SPEEDUPS} \
         ${PIP_CERT:+PIP_CERT=$PIP_CERT} ${PIP_DEFAULT_TIMEOUT:+PIP_DEFAULT_TIMEOUT=$PIP_DEFAULT_TIMEOUT} \
         ${SSL_CERT_FILE:+SSL_CERT_FILE=$SSL_CERT_FILE} \
+        ${TRACESOCK_CONFORMANCE_REVISION:+TRACESOCK_CONFORMANCE_REVISION=$TRACESOCK_CONFORMANCE_REVISION} \
         sh -c "cd '$PROJECT_DIR' && $*"
 }
 
@@ -93,5 +126,5 @@ in_root() {
 root_install() {
     in_root "python$1 -m venv .venv-$1" || root_failed "python$1 -m venv failed inside the root"
     in_root ".venv-$1/bin/pip install -q -e '.[test]'" \
-        || { echo "CI: pip install -e '.[test]' failed on Python $1 in the Debian testing root" >&2; exit 1; }
+        || root_project_failed "pip install -e '.[test]' failed on Python $1 (the registry, or the project's build)"
 }

@@ -444,6 +444,42 @@ def test_asyncio_ps_of_an_instrumented_process_lists_asyncio_frames_only():
     assert "_patch_streams" not in ps.stdout and "tracesock" not in ps.stdout
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12's")
+def test_eager_tasks_parent_their_socket_calls_like_lazy_ones(traced):
+    # an eager task runs its first step inside create_task, in its own context: the
+    # write it makes there and the reads it waits for are under its span
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)
+
+        async def handle(reader, writer):
+            writer.write(await reader.read(100))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def exchange():
+            with traced.tracer.start_as_current_span("eager"):
+                writer.write(b"ping")  # before the task's first await: inside create_task
+                return await reader.read(100)
+
+        task = asyncio.create_task(exchange())
+        assert task.done() is False
+        got = await task
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return got
+
+    assert asyncio.run(main()) == b"ping"
+    assert [s.name for s in _under(traced, "eager", "socket.send")] == ["socket.send"]
+    assert _under(traced, "eager", "socket.recv")
+
+
 # --- name resolution through the loop -------------------------------------------------
 
 def test_loop_getaddrinfo_parented_to_the_task(traced):

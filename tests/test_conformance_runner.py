@@ -544,3 +544,11 @@ def test_bad_python_option_is_one_line(capsys):
     assert c.main(["--python", "/nonexistent/python3"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "tracesock.conformance: --python /nonexistent/python3: not a CPython with its stdlib 'test' package"
+
+
+def test_source_revision_given_by_the_environment(monkeypatch, tmp_path):
+    # .ci/forky runs the runner in a root without git: it names the commit itself
+    monkeypatch.setenv("TRACESOCK_CONFORMANCE_REVISION", "0123456789ab-dirty")
+    assert c.source_revision(tmp_path) == "0123456789ab-dirty"
+    monkeypatch.delenv("TRACESOCK_CONFORMANCE_REVISION")
+    assert c.source_revision(tmp_path) == "unknown"  # not a git tree

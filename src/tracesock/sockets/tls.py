@@ -678,11 +678,10 @@ _messages = {}  # "handshake_timeout" / "<op>_line" -> text learned from _ssl.c
 # SSL_read_ex/SSL_write_ex (gh-115627); before, their 0 return made it SSLEOFError
 # whatever the errno.
 _ERRNO_UNDER_IO = sys.version_info >= (3, 13)
-_V = sys.version_info
 # _ssl.c turns OpenSSL's ERR_LIB_SYS errors into OSError (gh-127257: 3.14, and the
-# backports to 3.13.2, 3.12.9, 3.11.12) ...
-_SYS_ERRORS_RAISED = (_V >= (3, 14) or (3, 13, 2) <= _V < (3, 14) or (3, 12, 9) <= _V < (3, 13)
-                      or (3, 11, 12) <= _V < (3, 12))
+# backports to 3.13.2, 3.12.9, 3.11.12).
+_SYS_ERRORS_RAISED = any(low <= sys.version_info < high for low, high in (
+    ((3, 14), (4,)), ((3, 13, 2), (3, 14)), ((3, 12, 9), (3, 13)), ((3, 11, 12), (3, 12))))
 
 
 def _sys_errors(ssl):
@@ -919,17 +918,14 @@ class _BioSSL:
         ssl = self._ssl
         try:
             self._flush(call, sock, op, deadline, True)
-        except OSError as exc:
-            if _sys_errors(ssl) and not isinstance(exc, ssl.SSLError):
+        except Exception as exc:
+            # OpenSSL does not try again an alert that the socket refused
+            object.__setattr__(self, "_pending_out", b"")
+            if _sys_errors(ssl) and isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError):
                 object.__setattr__(self, "_dead", exc.errno)
                 exc.__context__ = None
                 exc.__traceback__ = None
                 return exc
-        except Exception:
-            pass
-        finally:
-            # OpenSSL does not try an alert again that the socket refused
-            object.__setattr__(self, "_pending_out", b"")
         if self._dead is not None and isinstance(error, ssl.SSLError):
             return OSError(self._dead, os.strerror(self._dead))
         return None
