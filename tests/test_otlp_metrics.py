@@ -338,3 +338,11 @@ def test_children_push_their_own_metrics(tmp_path):
                                                            "network.transport": "unix"}:
             sent[p.resource["process.pid"]] = p.value  # cumulative: the last one counts
     assert sorted(sent.values()) == [3000, 7000]
+
+
+def test_console_metrics_go_to_stderr(tmp_path):
+    # OTEL_METRICS_EXPORTER=console: the SDK's JSON lines on stderr, the program's stdout its own.
+    r = run(tmp_path, textwrap.dedent(EXITS["sys.exit"]), "--exporter", "none", "--no-summary",
+            OTEL_METRICS_EXPORTER="console")
+    assert r.returncode == 3 and r.stdout == ""
+    assert '"name": "tracesock.io"' in r.stderr and '"network.transport": "unix"' in r.stderr

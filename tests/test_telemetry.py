@@ -573,3 +573,22 @@ def test_exemplars_link_to_spans_and_counts_stay_exact(telemetry):
             (span,) = [s for s in telemetry.spans("socket.sendall")][-1:]
             assert (exemplar.trace_id, exemplar.span_id) == (span.context.trace_id, span.context.span_id)
             assert exemplar.value == pytest.approx((span.end_time - span.start_time) / 1e9, abs=1e-6)
+
+
+def test_a_failed_call_and_its_wait_carry_exemplars(telemetry):
+    telemetry.instrument(slow_threshold=None)  # a failed call gets a span anyway
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(0.01)
+        with pytest.raises(TimeoutError):
+            b.recv(10)
+    (span,) = telemetry.spans("socket.recv")
+    m = telemetry.metrics()
+    call = m["tracesock.call.duration"][frozenset(
+        {"tracesock.call": "recv", "network.transport": "unix", "error.type": "TimeoutError"}.items())]
+    wait = m["tracesock.wait.duration"][frozenset(
+        {"tracesock.wait.outcome": "timeout", "network.transport": "unix"}.items())]
+    for point in (call, wait):
+        (exemplar,) = point.exemplars
+        assert (exemplar.trace_id, exemplar.span_id) == (span.context.trace_id, span.context.span_id)
+        assert point.count == 1

@@ -37,7 +37,7 @@ from ..core.config import ConfigError, check_output, metrics_settings, otlp_prot
 from .. import patching
 from ..telemetry.context import SUPPRESS
 from .file import JaegerFileExporter
-from .metrics import exemplar_filter, push_readers
+from .metrics import exemplar_filter, missing_extra, push_readers
 from .summary import SummaryProcessor
 
 __all__ = ["Session", "start", "program_name"]
@@ -99,23 +99,18 @@ class _RunTracerProvider(otel_trace.TracerProvider):
         return _RunTracer(self.provider.get_tracer(*args, **kwargs), self)
 
 
-def _missing_extra(what, extra, error):
-    return ConfigError(f"{what} needs an optional dependency that is not installed ({error.name or error}): "
-                       f"pip install 'tracesock[{extra}]'")
-
-
 def _otlp_span_exporter(environ):
     protocol = otlp_protocol(environ)
     if protocol == "grpc":
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         except ImportError as e:
-            raise _missing_extra("--exporter otlp with OTEL_EXPORTER_OTLP_PROTOCOL=grpc", "otlp-grpc", e) from None
+            raise missing_extra("--exporter otlp with OTEL_EXPORTER_OTLP_PROTOCOL=grpc", "otlp-grpc", e) from None
     else:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError as e:
-            raise _missing_extra("--exporter otlp", "otlp", e) from None
+            raise missing_extra("--exporter otlp", "otlp", e) from None
     return OTLPSpanExporter(), protocol
 
 
@@ -284,7 +279,7 @@ class Session:
                 from opentelemetry.exporter.prometheus import PrometheusMetricReader
                 from prometheus_client import CollectorRegistry
             except ImportError as e:
-                raise _missing_extra(s.sources.get("prometheus_port", "--prometheus-port"), "prometheus", e) from None
+                raise missing_extra(s.sources.get("prometheus_port", "--prometheus-port"), "prometheus", e) from None
             registry = CollectorRegistry(auto_describe=True)
             try:
                 reader = PrometheusMetricReader(registry=registry)

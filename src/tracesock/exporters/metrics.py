@@ -33,7 +33,8 @@ except ImportError:  # SDK without exemplars (< 1.26): none are sent
 from ..core.config import ConfigError
 from ..core.guard import dropped
 
-__all__ = ["CountingExporter", "exemplar_filter", "otlp_metrics_endpoint", "push_readers", "temporality"]
+__all__ = ["CountingExporter", "exemplar_filter", "missing_extra", "otlp_metrics_endpoint", "push_readers",
+           "temporality"]
 
 # Loggers that report a failed export; quiet only while one of ours runs.
 _EXPORT_LOGGERS = (
@@ -133,7 +134,8 @@ class CountingExporter(MetricExporter):
         return f"  metrics: {self.name} to {self.target} ({self.exports} exports{failed})"
 
 
-def _missing_extra(what, extra, error):
+def missing_extra(what, extra, error):
+    """The one-line error for an optional dependency that is not installed."""
     return ConfigError(f"{what} needs an optional dependency that is not installed ({error.name or error}): "
                        f"pip install 'tracesock[{extra}]'")
 
@@ -144,12 +146,12 @@ def _otlp_exporter(ms, environ):
         try:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         except ImportError as e:
-            raise _missing_extra("OTLP metrics over grpc", "otlp-grpc", e) from None
+            raise missing_extra("OTLP metrics over grpc", "otlp-grpc", e) from None
     else:
         try:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         except ImportError as e:
-            raise _missing_extra("OTLP metrics", "otlp", e) from None
+            raise missing_extra("OTLP metrics", "otlp", e) from None
     endpoint = otlp_metrics_endpoint(environ, ms.protocol)
     exporter = OTLPMetricExporter(endpoint=endpoint, preferred_temporality=preferred)
     return CountingExporter(exporter, f"sent over OTLP ({ms.protocol})", endpoint)

@@ -67,23 +67,37 @@ def offer_exemplars(call, span_context):
     table = _exemplars
     if len(table) >= EXEMPLAR_SERIES_CAP:
         return
-    transport = ("network.transport", call.stats.transport)
-    if call.error is not None:
-        attrs = (("error.type", type(call.error).__name__), transport, ("tracesock.call", call.method))
-    else:
-        attrs = (transport, ("tracesock.call", call.method))
-    _offer(table, ("call", attrs), call.end - call.start, span_context)
-    for step in call.steps or ():
-        if step.kind == "wait":
-            _offer(table, ("wait", (transport, ("tracesock.wait.outcome", step.outcome))),
-                   step.end - step.start, span_context)
-
-
-def _offer(table, key, ns, span_context):
+    error = type(call.error).__name__ if call.error is not None else None
+    k = (call.stats.transport, call.method, error)
+    key = _call_keys.get(k) or _call_key(k)
+    ns = call.end - call.start
     slot = table.get(key)
     if slot is None:
         slot = table[key] = {}
     slot[bisect_left(BOUNDS_NS, ns)] = (ns, span_context)
+    if call.waits:
+        transport = ("network.transport", call.stats.transport)
+        for step in call.steps or ():
+            if step.kind == "wait":
+                key = ("wait", (transport, ("tracesock.wait.outcome", step.outcome)))
+                ns = step.end - step.start
+                slot = table.get(key)
+                if slot is None:
+                    slot = table[key] = {}
+                slot[bisect_left(BOUNDS_NS, ns)] = (ns, span_context)
+
+
+_call_keys = {}  # (transport, method, error type) -> the call series' key, as _series() builds it
+
+
+def _call_key(k):
+    transport, method, error = k
+    attrs = (("network.transport", transport), ("tracesock.call", method))
+    if error is not None:
+        attrs = (("error.type", error),) + attrs
+    if len(_call_keys) < EXEMPLAR_SERIES_CAP:
+        _call_keys[k] = ("call", attrs)
+    return ("call", attrs)
 
 
 def _take_exemplars():
