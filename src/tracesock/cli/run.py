@@ -22,7 +22,7 @@ from ..core.config import (DEFAULT_MAX_SPANS, DEFAULT_OUTPUT, DETAILS, EXPORTERS
                        parse_max_spans, parse_output, parse_port, parse_text, parse_threshold)
 
 from .. import patching
-from ..bootstrap import propagate
+from ..bootstrap import dormant, propagate
 from ..exporters import start
 from ..exporters.profile import paths_for
 from ..exporters.profile import write as write_files
@@ -87,6 +87,9 @@ def parser():
                     help="also profile socket time by Python stack; at exit write FILE as speedscope "
                          "JSON and the collapsed stacks next to it (FILE ending in .folded: those only); "
                          "{pid} is replaced. This process only, not --children")
+    ap.add_argument("--dormant", action="store_true",
+                    help="patch nothing: only install the trigger's signal handler (TRACESOCK_TRIGGER, "
+                         "default SIGUSR2); the signal switches tracing on, the next one off (docs/attach.md)")
     return ap
 
 
@@ -173,7 +176,13 @@ def main(argv):
         if not _module_exists(module):
             return 1
 
-
+    if opts.dormant:  # docs/attach.md: the way in without ptrace
+        try:
+            dormant(settings, children=settings.children)
+        except ConfigError as e:
+            sys.stderr.write(f"{PROG}: error: {e}\n")
+            return 2
+        return _run_untraced(module, program)
     try:
         session = start(settings, command, children_env=propagate)
     except ConfigError as e:
