@@ -31,6 +31,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "pip install 'tracesock[instrumentation]'") from e
 
 from . import patching
+from .attach.agent import TRIGGER_ENV, install_trigger
 from .core.config import DISABLED_ENV, ConfigError, check_tls_engine, parse_bool, parse_detail, parse_threshold
 
 
@@ -66,6 +67,10 @@ class SocketInstrumentor(BaseInstrumentor):
         if _from_env(DISABLED_ENV, parse_bool, False):
             return  # TRACESOCK_DISABLED=1: nothing patched
         _from_env("TRACESOCK_TLS_ENGINE", _tls_engine, None)
+        if os.environ.get(TRIGGER_ENV, "").strip():
+            # dormant: the signal switches tracing on (the program's providers), the next off
+            _from_env(TRIGGER_ENV, lambda raw, var: install_trigger(raw, mode="providers"), None)
+            return
         detail = kwargs.get("detail")
         if detail is None:
             detail = _from_env("TRACESOCK_DETAIL", parse_detail, "calls")

@@ -25,7 +25,7 @@ import stat
 import time
 
 __all__ = ["AttachError", "runtime_dir", "channel_dir", "ensure_private_dir", "read_json", "write_json",
-           "start_time", "proc_status", "alive"]
+           "start_time", "proc_status", "alive", "trigger_file"]
 
 ROOT = "/tmp"
 OWNER = "owner.json"
@@ -52,6 +52,11 @@ def runtime_dir(uid):
 
 def channel_dir(uid, pid):
     return os.path.join(runtime_dir(uid), str(pid))
+
+
+def trigger_file(uid, pid):
+    """Where a dormant target says which signal switches it on (and since when it runs)."""
+    return os.path.join(runtime_dir(uid), f"{pid}.trigger")
 
 
 def ensure_private_dir(path, uid, create=True):

@@ -33,15 +33,15 @@ import time
 from ..core.config import ConfigError, Settings, from_env, parse_detail, parse_threshold
 from .. import patching
 from ..exporters import Session
-from . import (CONSOLE, DETACH, DONE, HEARTBEAT, REQUEST, STATUS, TRIGGER_ENV, age, channel_dir, read_json,
-               write_json)
+from . import (CONSOLE, DETACH, DONE, HEARTBEAT, REQUEST, STATUS, TRIGGER_ENV, age, channel_dir,
+               ensure_private_dir, read_json, runtime_dir, start_time, trigger_file, write_json)
 
 __all__ = ["begin", "install_trigger", "active", "parse_trigger", "TRIGGER_ENV"]
 
 POLL = 0.2  # how often the watcher looks at the channel
 _lock = threading.Lock()
 _current = None  # the attachment in progress
-_trigger = {"mode": None, "cycles": 0}
+_trigger = {"mode": None, "cycles": 0, "settings": None, "file": None}
 
 
 def active():
@@ -222,20 +222,40 @@ def parse_trigger(raw, source=TRIGGER_ENV):
     return signum
 
 
-def install_trigger(raw, mode="session"):
+def install_trigger(raw, mode="session", settings=None):
     """Install the handler for ``raw`` (e.g. ``SIGUSR2``); nothing else is done until it fires.
 
     ``mode`` is ``"session"`` (``tracesock run --dormant``, the ``--children``
     bootstrap: the trace goes to the file/exporters of the ``TRACESOCK_*``
     settings and the summary to stderr) or ``"providers"``
     (``opentelemetry-instrument``: spans go to the program's own providers).
-    ConfigError for a bad signal name.
+    ``settings`` (``tracesock run --dormant``'s options) else the
+    ``TRACESOCK_*`` variables.  ConfigError for a bad signal name.  The trigger
+    is advertised in ``/tmp/tracesock-<uid>/<pid>.trigger`` so that
+    ``tracesock attach`` uses it instead of gdb.
     """
     signum = parse_trigger(raw)
-    from_env()  # a bad TRACESOCK_* setting is said now, not at the first signal
+    _trigger["settings"] = settings if settings is not None else from_env()  # bad variables: said now
     _trigger["mode"] = mode
     signal.signal(signum, _on_signal)
+    try:
+        uid = os.geteuid()
+        ensure_private_dir(runtime_dir(uid), uid)
+        path = trigger_file(uid, os.getpid())
+        write_json(path, {"signal": signum.name, "start": start_time(os.getpid())}, mode=0o600)
+        _trigger["file"] = path
+        atexit.register(_unadvertise, os.getpid())
+    except Exception:  # attach then finds it in /proc/PID/environ, or not at all
+        pass
     return signum
+
+
+def _unadvertise(pid):
+    if os.getpid() == pid and _trigger["file"]:
+        try:
+            os.unlink(_trigger["file"])
+        except OSError:
+            pass
 
 
 def _on_signal(signum, frame):
@@ -273,16 +293,14 @@ def _switch_on():
         return
     _trigger["cycles"] += 1
     if _trigger["mode"] == "providers":
-        settings = from_env()
         detail = parse_detail(os.environ.get("TRACESOCK_DETAIL") or "calls", "TRACESOCK_DETAIL")
         threshold = parse_threshold(os.environ.get("TRACESOCK_SLOW_THRESHOLD") or "0.1", "TRACESOCK_SLOW_THRESHOLD")
-        del settings
         with _lock:
             if _refusal() is not None:
                 return
             _current = _Providers(detail, threshold)
         return
-    settings = from_env()
+    settings = _trigger["settings"] or Settings()
     request = {"detail": settings.detail, "slow_threshold": settings.slow_threshold,
                "exporters": list(settings.exporters), "max_spans": settings.max_spans,
                "output": os.path.abspath(_numbered(settings.output_path(), _trigger["cycles"])),

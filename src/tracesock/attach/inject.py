@@ -32,9 +32,9 @@ to match.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -115,43 +115,87 @@ def attacher_paths():
     return paths
 
 
-GDB_SCRIPT = """\
-set pagination off
-set confirm off
-set width 0
-handle all nostop noprint pass
-break PyEval_RestoreThread
-commands 1
-  disable breakpoints
-  set $tracesock_errno = ((int *(*)(void))__errno_location)()
-  set $tracesock_saved = *$tracesock_errno
-  set $tracesock_gil = ((int (*)(void))PyGILState_Ensure)()
-  set $tracesock_rc = ((int (*)(const char *))PyRun_SimpleString)("%(code)s")
-  call ((void (*)(int))PyGILState_Release)($tracesock_gil)
-  set *$tracesock_errno = $tracesock_saved
-  printf "TRACESOCK-INJECTED %%d\\n", $tracesock_rc
-  delete breakpoints
-  detach
-  quit
-end
-printf "TRACESOCK-WAITING\\n"
-continue
-delete breakpoints
-printf "TRACESOCK-PENDING-PHASE\\n"
-break PyObject_Malloc
-commands 2
-  disable breakpoints
-  set $tracesock_rc = ((int (*)(void *, void *))Py_AddPendingCall)((void *)PyRun_SimpleString, "%(code)s")
-  printf "TRACESOCK-PENDING %%d\\n", $tracesock_rc
-  delete breakpoints
-  detach
-  quit
-end
-continue
-printf "TRACESOCK-TIMEOUT\\n"
-delete breakpoints
-detach
-quit
+# Run by gdb's own Python (not the target's, not ours): two phases, no race.  A phase
+# ends by an "interrupt" posted to gdb's event loop from a timer; it is dropped once a
+# breakpoint was hit, so an injection in progress (a call into the target) is never
+# interrupted -- interrupting PyGILState_Ensure halfway would leave the GIL taken.
+GDB_DRIVER = r"""
+import json, os, threading, time
+import gdb
+
+cfg = json.load(open(os.environ["TRACESOCK_GDB_CONFIG"]))
+for command in ("set pagination off", "set confirm off", "set width 0", "handle all nostop noprint pass"):
+    gdb.execute(command)
+state = {"hit": False, "phase": 0}
+
+
+def say(text):
+    gdb.write(text + "\n")
+    gdb.flush()
+
+
+def interrupt(phase):
+    if not state["hit"] and state["phase"] == phase:
+        try:
+            gdb.execute("interrupt")
+        except gdb.error:
+            pass
+
+
+def later(seconds, phase):
+    t = threading.Timer(seconds, lambda: gdb.post_event(lambda: interrupt(phase)))
+    t.daemon = True
+    t.start()
+
+
+def run_until(bp, seconds, phase):
+    state["phase"] = phase
+    later(seconds, phase)
+    before = bp.hit_count
+    try:
+        gdb.execute("continue")
+    except gdb.error as e:
+        say("TRACESOCK-GDB-ERROR " + str(e))
+        return False
+    if bp.hit_count > before:
+        state["hit"] = True
+    return state["hit"]
+
+
+def call(expr):
+    return int(gdb.parse_and_eval(expr))
+
+
+code = cfg["code"]
+started = time.monotonic()
+bp = gdb.Breakpoint("PyEval_RestoreThread", internal=True)
+say("TRACESOCK-WAITING")
+if run_until(bp, cfg["first"], 1):
+    bp.enabled = False
+    errno_at = call("(long)((int *(*)(void))__errno_location)()")
+    saved = call("*(int *)%d" % errno_at)
+    gil = call("((int (*)(void))PyGILState_Ensure)()")
+    try:
+        rc = call('((int (*)(const char *))PyRun_SimpleString)("%s")' % code)
+    finally:
+        gdb.parse_and_eval("((void (*)(int))PyGILState_Release)(%d)" % gil)
+    gdb.execute("set var *(int *)%d = %d" % (errno_at, saved))
+    say("TRACESOCK-INJECTED %d" % rc)
+else:
+    bp.delete()
+    bp = gdb.Breakpoint("PyObject_Malloc", internal=True)
+    say("TRACESOCK-PENDING-PHASE")
+    if run_until(bp, max(0.1, cfg["timeout"] - (time.monotonic() - started)), 2):
+        bp.enabled = False
+        rc = call('((int (*)(void *, void *))Py_AddPendingCall)((void *)PyRun_SimpleString, "%s")' % code)
+        say("TRACESOCK-PENDING %d" % rc)
+    else:
+        say("TRACESOCK-TIMEOUT")
+try:
+    bp.delete()
+except Exception:
+    pass
+gdb.execute("detach")
 """
 
 
@@ -179,46 +223,30 @@ def inject_gdb(pid, source, channel, timeout, on_wait=None, tick=None):
     if gdb is None:
         raise AttachError("gdb is not on PATH; it is needed to attach to Python before 3.14: "
                           "install it (Debian/Ubuntu: apt-get install gdb)")
-    script = os.path.join(channel, "attach.gdb")
-    with open(script, "w", encoding="utf-8") as f:
-        f.write(GDB_SCRIPT % {"code": _one_liner(source)})
-    proc = subprocess.Popen([gdb, "-batch", "-nx", "-p", str(pid), "-x", script],
+    driver = os.path.join(channel, "attach_gdb.py")
+    config = os.path.join(channel, "attach_gdb.json")
+    with open(driver, "w", encoding="utf-8") as f:
+        f.write(GDB_DRIVER)
+    with open(config, "w", encoding="utf-8") as f:
+        json.dump({"code": _one_liner(source), "first": min(FIRST_PHASE, timeout), "timeout": timeout}, f)
+    proc = subprocess.Popen([gdb, "-batch", "-nx", "-p", str(pid), "-x", driver],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace", start_new_session=True)
-    # Phase 1: a thread coming back from a blocking call (PyEval_RestoreThread).
-    # Phase 2 (no thread blocks: the main thread computes): at an allocation, with
-    # the GIL held and no lock taken, Py_AddPendingCall -- the main thread runs the
-    # bootstrap from its eval loop's own pending-call check.  SIGINT to gdb ends a
-    # phase: gdb stops the target, removes its breakpoint and goes on.
+                            text=True, errors="replace", start_new_session=True,
+                            env={**os.environ, "TRACESOCK_GDB_CONFIG": config})
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), name="tracesock-gdb-output", daemon=True)
     reader.start()
-    started = time.monotonic()
-    phase, phase_end = 0, started + timeout  # 0: gdb is still loading the target's symbols
+    deadline = time.monotonic() + timeout + 30  # gdb's own timers end the phases; this is a backstop
     while proc.poll() is None:
         time.sleep(0.1)
         if tick is not None:
             tick()
-        now = time.monotonic()
-        if phase == 0 and any(line.startswith("TRACESOCK-WAITING") for line in lines):
-            phase, phase_end = 1, now + min(FIRST_PHASE, timeout)
-        if now < phase_end:
-            continue
-        if phase == 1:
-            phase, phase_end = 2, started + timeout
-            if on_wait is not None:
-                on_wait()
-        elif phase in (0, 2):
-            phase, phase_end = 3, now + 10
-        else:
+        if time.monotonic() > deadline:
             proc.kill()
-            break
-        proc.send_signal(signal.SIGINT)
-    proc.wait()
+            proc.wait()
+            raise AttachError("gdb did not finish; check the target")
     reader.join(10)
     out = "".join(lines)
-    if phase == 3 and proc.returncode < 0:
-        raise AttachError("gdb did not finish; check the target (its breakpoint may remain)")
     if "TRACESOCK-INJECTED" in out or "TRACESOCK-PENDING 0" in out:
         return
     if "ptrace: Operation not permitted" in out:

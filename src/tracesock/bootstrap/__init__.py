@@ -24,7 +24,7 @@ from ..core.config import ConfigError, check_otel_env, check_tls_engine, disable
 from ..exporters import PARENT_ENV, start
 from ..attach.agent import TRIGGER_ENV, install_trigger
 
-__all__ = ["DIRECTORY", "propagate", "activate"]
+__all__ = ["DIRECTORY", "propagate", "activate", "dormant"]
 
 DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 BOOTSTRAP_ENV = "TRACESOCK_BOOTSTRAP"
@@ -53,6 +53,22 @@ def propagate(session, environ=None):
     path = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if DIRECTORY not in path:
         environ["PYTHONPATH"] = os.pathsep.join([DIRECTORY] + path)
+
+
+def dormant(settings, children=False, environ=None):
+    """``tracesock run --dormant``: only the trigger's signal handler (``TRACESOCK_TRIGGER``,
+    default SIGUSR2); with ``--children``, Python subprocesses start dormant too."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(TRIGGER_ENV, "").strip() or "SIGUSR2"
+    signum = install_trigger(raw, settings=settings)
+    environ[TRIGGER_ENV] = signum.name
+    if children:
+        environ.update(to_env(replace_output(settings, child_output(settings.output))))
+        environ[BOOTSTRAP_ENV] = "1"
+        path = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if DIRECTORY not in path:
+            environ["PYTHONPATH"] = os.pathsep.join([DIRECTORY] + path)
+    return signum
 
 
 def activate():

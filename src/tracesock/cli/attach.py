@@ -27,7 +27,7 @@ from ..core.config import (DEFAULT_MAX_SPANS, DETAILS, EXPORTERS, ConfigError, c
                            parse_exporters, parse_max_spans, parse_output, parse_port, parse_threshold)
 from ..attach import (DEFAULT_LEASE, DETACH, DONE, HEARTBEAT, OWNER, REQUEST, STATUS, TRACE, CONSOLE,
                       TRIGGER_ENV, AttachError, age, alive, channel_dir, ensure_private_dir, proc_status,
-                      read_json, runtime_dir, start_time, write_json)
+                      read_json, runtime_dir, start_time, trigger_file, write_json)
 from ..attach.agent import parse_trigger
 from ..attach.inject import attacher_paths, bootstrap, inject_gdb, inject_remote_exec
 from ..exporters.file import write_private
@@ -119,17 +119,25 @@ class Target:
         return f"pid {self.pid} ({self.name}, Python {self.version[0]}.{self.version[1]})"
 
     def trigger(self):
-        """The dormant trigger's signal if the target has one installed, else None."""
-        try:
-            with open(f"/proc/{self.pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            return None
-        raw = next((e.split(b"=", 1)[1] for e in env if e.startswith(TRIGGER_ENV.encode() + b"=")), None)
+        """The dormant trigger's signal if the target has one installed, else None.
+
+        The target advertises it in /tmp/tracesock-<uid>/<pid>.trigger (with its
+        start time: a reused pid is not taken for it), else its environment says it.
+        """
+        advert = read_json(trigger_file(self.uid, self.pid)) or {}
+        raw = advert.get("signal") if advert.get("start") == self.start else None
+        if not raw:
+            try:
+                with open(f"/proc/{self.pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:
+                return None
+            found = next((e.split(b"=", 1)[1] for e in env if e.startswith(TRIGGER_ENV.encode() + b"=")), None)
+            raw = found.decode(errors="replace") if found else None
         if not raw:
             return None
         try:
-            signum = parse_trigger(raw.decode(errors="replace"))
+            signum = parse_trigger(raw)
         except ConfigError:
             return None
         # A signal with no handler would kill the program: only a caught one is a trigger.
@@ -307,8 +315,9 @@ def _wait_status(channel, timeout, target):
         if not alive(target.pid):
             raise AttachError(f"pid {target.pid} exited before it attached")
         time.sleep(0.05)
-    raise AttachError(f"{target.label} did not run the injected code within {timeout:g} s "
-                      f"(its main thread may be blocked); it runs nothing once we are gone")
+    raise AttachError(f"{target.label} did not run the injected code within {timeout:g} s (its main "
+                      f"thread ran no Python: blocked in a system call?); nothing was changed, and it will "
+                      f"not attach later")
 
 
 def _touch(path):

@@ -20,7 +20,7 @@ from ..core.config import (DEFAULT_MAX_SPANS, DEFAULT_OUTPUT, DETAILS, EXPORTERS
                        parse_max_spans, parse_output, parse_port, parse_text, parse_threshold)
 
 from .. import patching
-from ..bootstrap import propagate
+from ..bootstrap import dormant, propagate
 from ..exporters import start
 from ..exporters.profile import paths_for
 from ..exporters.profile import write as write_files
@@ -87,6 +87,9 @@ def parser():
                     help="also profile socket time by Python stack; at exit write FILE as speedscope "
                          "JSON and the collapsed stacks next to it (FILE ending in .folded: those only); "
                          "{pid} is replaced. This process only, not --children")
+    ap.add_argument("--dormant", action="store_true",
+                    help="patch nothing: only install the trigger's signal handler (TRACESOCK_TRIGGER, "
+                         "default SIGUSR2); the signal switches tracing on, the next one off (docs/attach.md)")
     return ap
 
 
@@ -169,6 +172,13 @@ def main(argv):
     except NotRunnable as e:
         return e.status
 
+    if opts.dormant:  # docs/attach.md: the way in without ptrace
+        try:
+            dormant(settings, children=settings.children)
+        except ConfigError as e:
+            sys.stderr.write(f"{PROG}: error: {e}\n")
+            return 2
+        return _run_plain(run_program)
     try:
         session = start(settings, command, children_env=propagate)
     except ConfigError as e:
@@ -248,6 +258,11 @@ def _run_untraced(module, program):
         run_program = _prepare(module, program)
     except NotRunnable as e:
         return e.status
+    return _run_plain(run_program)
+
+
+def _run_plain(run_program):
+    """The program with no session of ours around it (its exit status is python's)."""
     try:
         run_program()
     except SystemExit:
