@@ -150,3 +150,111 @@ def test_syntax_error_is_printed_as_python_prints_it(programs):
     assert got.returncode == expected.returncode == 1
     assert got.stderr == expected.stderr
     assert "Traceback" not in got.stderr
+
+
+# --- call sites under an installed package's console script ------------------------------------
+
+WIRE = """\
+    import socket
+
+    def serve():
+        srv = socket.create_server(("127.0.0.1", 0))
+        cli = socket.create_connection(srv.getsockname())
+        conn, _ = srv.accept()
+        conn.sendall(b"x" * 1000)  # SEND-SITE
+        print(len(cli.recv(4096)))
+"""
+SEND_LINE = textwrap.dedent(WIRE).splitlines().index('    conn.sendall(b"x" * 1000)  # SEND-SITE') + 1
+
+
+def _wheel(directory):
+    """A real wheel of ``tinyserve`` with a ``tinyserve`` console script (pip writes the stub)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        "tinyserve/__init__.py": "",
+        "tinyserve/cli.py": "from tinyserve import wire\n\ndef main():\n    wire.serve()\n",
+        "tinyserve/wire.py": textwrap.dedent(WIRE),
+        "tinyserve-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: tinyserve\nVersion: 1.0\n",
+        "tinyserve-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
+                                         "Tag: py3-none-any\n",
+        # and, as opentelemetry-distro does, the SDK's configurator for opentelemetry-instrument
+        # (OTEL_TRACES_EXPORTER=console): in the package's venv only
+        "tinyserve-1.0.dist-info/entry_points.txt": "[console_scripts]\ntinyserve = tinyserve.cli:main\n"
+                                                    "[opentelemetry_configurator]\n"
+                                                    "tinyserve = opentelemetry.sdk._configuration:"
+                                                    "_OTelSDKConfigurator\n",
+    }
+    path = directory / "tinyserve-1.0-py3-none-any.whl"
+    record = []
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            data = text.encode()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{name},sha256={digest},{len(data)}")
+            z.writestr(name, data)
+        record.append("tinyserve-1.0.dist-info/RECORD,,")
+        z.writestr("tinyserve-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def package_venv(tmp_path_factory):
+    """A fresh venv that sees this one's packages (tracesock, OpenTelemetry, pip) and has
+    ``tinyserve`` installed into it by pip: ``venv/bin/tinyserve`` is pip's generated stub."""
+    import sysconfig
+
+    root = tmp_path_factory.mktemp("pkgvenv")
+    venv = root / "venv"
+    subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=LIMIT)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True, timeout=LIMIT).stdout.strip()
+    ours = sysconfig.get_path("purelib")
+    # addsitedir: this venv's .pth files too (tracesock's editable install)
+    with open(os.path.join(purelib, "_tests_parent.pth"), "w") as f:
+        f.write(f"import site; site.addsitedir({ours!r})\n")
+    r = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(_wheel(root))],
+                       env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
+    assert r.returncode == 0, r.stderr
+    stub = venv / "bin" / "tinyserve"
+    assert "from tinyserve.cli import main" in stub.read_text()
+    return venv
+
+
+def _sendall_sites(spans):
+    return [(s["attributes"].get("code.file.path"), s["attributes"].get("code.line.number"))
+            for s in spans if s["name"] == "socket.sendall"]
+
+
+def test_console_script_stub_is_package_code_under_tracesock_run(package_venv, tmp_path):
+    stub = str(package_venv / "bin" / "tinyserve")
+    r = run([str(package_venv / "bin" / "python"), "-m", "tracesock", "run", "--no-summary",
+             "-o", "t.json", stub], tmp_path)
+    assert r.returncode == 0 and r.stdout == "1000\n", r.stderr
+    with open(tmp_path / "t.json") as f:
+        doc = json.load(f)
+    spans = [{"name": s["operationName"], "attributes": {t["key"]: t["value"] for t in s["tags"]}}
+             for trace in doc["data"] for s in trace["spans"]]
+    ((path, line),) = _sendall_sites(spans)
+    # not venv/bin/tinyserve:8, the stub: the package's own line that sent
+    assert path.endswith(os.path.join("site-packages", "tinyserve", "wire.py")) and line == SEND_LINE
+    assert not any(s["attributes"].get("code.file.path") == stub for s in spans)
+
+
+def test_console_script_stub_is_package_code_under_opentelemetry_instrument(package_venv, tmp_path):
+    instrument = os.path.join(os.path.dirname(PY), "opentelemetry-instrument")
+    stub = str(package_venv / "bin" / "tinyserve")
+    r = run([instrument, stub], tmp_path, OTEL_TRACES_EXPORTER="console", OTEL_METRICS_EXPORTER="none",
+            OTEL_LOGS_EXPORTER="none", TRACESOCK_SLOW_THRESHOLD="0")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.startswith("1000\n") or "\n1000\n" in out
+    spans, decoder, i = [], json.JSONDecoder(), 0
+    while (i := out.find("{", i)) >= 0:  # the console exporter's span objects, one after another
+        span, i = decoder.raw_decode(out, i)
+        spans.append(span)
+    ((path, line),) = _sendall_sites(spans)
+    assert path.endswith(os.path.join("site-packages", "tinyserve", "wire.py")) and line == SEND_LINE
