@@ -258,3 +258,27 @@ def test_console_script_stub_is_package_code_under_opentelemetry_instrument(pack
         spans.append(span)
     ((path, line),) = _sendall_sites(spans)
     assert path.endswith(os.path.join("site-packages", "tinyserve", "wire.py")) and line == SEND_LINE
+
+
+# --- tracesock demo: a scenario by its verdict's name -------------------------------------------
+
+
+@pytest.mark.parametrize("name, scenario", [("receiver_slow", "receiver-slow"),
+                                            ("send_buffer_small", "small-sndbuf")])
+def test_demo_takes_the_verdicts_spelling(tmp_path, name, scenario):
+    r = run([PY, "-m", "tracesock", "demo", name, "-d", str(tmp_path)], tmp_path)
+    assert r.returncode in (0, 1), r.stderr  # 1: a wrong verdict (a loaded machine), still run
+    assert r.stdout.startswith(f"=== {scenario}: ")
+    assert os.path.exists(tmp_path / f"tracesock-demo-{scenario}.json")
+
+
+def test_demo_usage_shows_both_spellings_and_refuses_others_in_one_line(tmp_path):
+    r = run([PY, "-m", "tracesock", "demo", "--help"], tmp_path)
+    assert r.returncode == 0
+    usage = r.stdout[:r.stdout.index("\n\n")]
+    for spelling in ("receiver-slow", "receiver_slow", "small-sndbuf", "send_buffer_small", "signals",
+                     "timeout", "network", "all"):
+        assert spelling in usage
+    r = run([PY, "-m", "tracesock", "demo", "receiver slow"], tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "'receiver slow'" in r.stderr and "receiver_slow" in r.stderr
