@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -282,3 +283,74 @@ def test_demo_usage_shows_both_spellings_and_refuses_others_in_one_line(tmp_path
     r = run([PY, "-m", "tracesock", "demo", "receiver slow"], tmp_path)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "'receiver slow'" in r.stderr and "receiver_slow" in r.stderr
+
+
+# --- the README's main job: python -m tracesock example -----------------------------------------
+
+
+def test_example_prints_the_verdict_a_metrics_table_and_the_report_path(tmp_path):
+    from tracesock.exporters.formats import validate_jaeger
+    from tracesock.report import VERDICT_WORDS
+
+    r = run([PY, "-m", "tracesock", "example", "-d", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    lines = out.splitlines()
+    assert len(lines) < 60, out  # a screenful, not ~2,000 lines of JSON
+    assert "resource_metrics" not in out and "{" not in out
+    # the verdict of the slow sendall, as the trace file has it
+    (line,) = [x for x in lines if x.startswith("why the sendall was slow (tracesock.diagnosis): ")]
+    verdict = line.rsplit(": ", 1)[1]
+    assert verdict in VERDICT_WORDS
+    trace = tmp_path / "tracesock-example.json"
+    with open(trace) as f:
+        doc = json.load(f)
+    assert validate_jaeger(doc) == []
+    (sendall,) = [s for t in doc["data"] for s in t["spans"] if s["operationName"] == "socket.sendall"]
+    assert {t["key"]: t["value"] for t in sendall["tags"]}["tracesock.diagnosis"] == verdict
+    # the metrics table: name, attributes, value or count/p50/p99
+    start = next(i for i, x in enumerate(lines) if x.split() == ["name", "attributes", "value"])
+    table = lines[start + 1:]
+    row = next(x for x in table if x.split()[:1] == ["tracesock.call.duration"] and "tracesock.call=sendall" in x)
+    assert re.search(r"count 1, p50 [\d.]+ (ms|s), p99 [\d.]+ (ms|s)$", row), row
+    row = next(x for x in table if "tracesock.io" in x and "network.io.direction=transmit" in x)
+    assert row.endswith("16.0 MiB")
+    assert any(x.split()[:1] == ["tracesock.eintr_retries"] for x in table)
+    # where the report is, and it is one
+    page = tmp_path / "tracesock-example.html"
+    assert f"HTML report: {page}" in out and f"trace file: {trace}" in out
+    assert page.read_text().lstrip().lower().startswith("<!doctype html")
+    # run again: the example's own files are replaced
+    assert run([PY, "-m", "tracesock", "example", "-d", str(tmp_path), "--size-mib", "1"], tmp_path).returncode == 0
+
+
+def test_example_raw_metrics_json_only_when_asked(tmp_path):
+    r = run([PY, "-m", "tracesock", "example", "--help"], tmp_path)
+    assert r.returncode == 0 and "--metrics-json" in r.stdout
+    r = run([PY, "-m", "tracesock", "example", "--size-mib", "1", "--metrics-json", "-d", str(tmp_path)],
+            tmp_path)
+    assert r.returncode == 0, r.stderr
+    head, raw = r.stdout.split("(--metrics-json):\n", 1)
+    assert "why the sendall was slow" in head and "HTML report: " in head
+    doc, _ = json.JSONDecoder().raw_decode(raw)
+    names = {m["name"] for rm in doc["resource_metrics"] for sm in rm["scope_metrics"] for m in sm["metrics"]}
+    assert {"tracesock.call.duration", "tracesock.io"} <= names
+
+
+def test_example_quantiles_interpolate_in_the_bucket():
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+    from tracesock.example import quantile
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], views=[
+        View(instrument_name="h", aggregation=ExplicitBucketHistogramAggregation((1, 2, 5, 10)))])
+    histogram = provider.get_meter("t").create_histogram("h")
+    for v in range(1, 101):
+        histogram.record(v)
+    (point,) = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    provider.shutdown()
+    # 90 samples in (10, 100]: the 50th and 99th of 100 fall at 50 and 99 by interpolation
+    assert quantile(point, 0.5) == 50 and quantile(point, 0.99) == 99
+    assert quantile(point, 0.01) == 1  # the first bucket starts at the point's min
