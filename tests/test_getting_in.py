@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -150,3 +151,206 @@ def test_syntax_error_is_printed_as_python_prints_it(programs):
     assert got.returncode == expected.returncode == 1
     assert got.stderr == expected.stderr
     assert "Traceback" not in got.stderr
+
+
+# --- call sites under an installed package's console script ------------------------------------
+
+WIRE = """\
+    import socket
+
+    def serve():
+        srv = socket.create_server(("127.0.0.1", 0))
+        cli = socket.create_connection(srv.getsockname())
+        conn, _ = srv.accept()
+        conn.sendall(b"x" * 1000)  # SEND-SITE
+        print(len(cli.recv(4096)))
+"""
+SEND_LINE = textwrap.dedent(WIRE).splitlines().index('    conn.sendall(b"x" * 1000)  # SEND-SITE') + 1
+
+
+def _wheel(directory):
+    """A real wheel of ``tinyserve`` with a ``tinyserve`` console script (pip writes the stub)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        "tinyserve/__init__.py": "",
+        "tinyserve/cli.py": "from tinyserve import wire\n\ndef main():\n    wire.serve()\n",
+        "tinyserve/wire.py": textwrap.dedent(WIRE),
+        "tinyserve-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: tinyserve\nVersion: 1.0\n",
+        "tinyserve-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
+                                         "Tag: py3-none-any\n",
+        # and, as opentelemetry-distro does, the SDK's configurator for opentelemetry-instrument
+        # (OTEL_TRACES_EXPORTER=console): in the package's venv only
+        "tinyserve-1.0.dist-info/entry_points.txt": "[console_scripts]\ntinyserve = tinyserve.cli:main\n"
+                                                    "[opentelemetry_configurator]\n"
+                                                    "tinyserve = opentelemetry.sdk._configuration:"
+                                                    "_OTelSDKConfigurator\n",
+    }
+    path = directory / "tinyserve-1.0-py3-none-any.whl"
+    record = []
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            data = text.encode()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{name},sha256={digest},{len(data)}")
+            z.writestr(name, data)
+        record.append("tinyserve-1.0.dist-info/RECORD,,")
+        z.writestr("tinyserve-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def package_venv(tmp_path_factory):
+    """A fresh venv that sees this one's packages (tracesock, OpenTelemetry, pip) and has
+    ``tinyserve`` installed into it by pip: ``venv/bin/tinyserve`` is pip's generated stub."""
+    import sysconfig
+
+    root = tmp_path_factory.mktemp("pkgvenv")
+    venv = root / "venv"
+    subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=LIMIT)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True, timeout=LIMIT).stdout.strip()
+    ours = sysconfig.get_path("purelib")
+    # addsitedir: this venv's .pth files too (tracesock's editable install)
+    with open(os.path.join(purelib, "_tests_parent.pth"), "w") as f:
+        f.write(f"import site; site.addsitedir({ours!r})\n")
+    r = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(_wheel(root))],
+                       env=cli_env(), capture_output=True, text=True, timeout=LIMIT)
+    assert r.returncode == 0, r.stderr
+    stub = venv / "bin" / "tinyserve"
+    assert "from tinyserve.cli import main" in stub.read_text()
+    return venv
+
+
+def _sendall_sites(spans):
+    return [(s["attributes"].get("code.file.path"), s["attributes"].get("code.line.number"))
+            for s in spans if s["name"] == "socket.sendall"]
+
+
+def test_console_script_stub_is_package_code_under_tracesock_run(package_venv, tmp_path):
+    stub = str(package_venv / "bin" / "tinyserve")
+    r = run([str(package_venv / "bin" / "python"), "-m", "tracesock", "run", "--no-summary",
+             "-o", "t.json", stub], tmp_path)
+    assert r.returncode == 0 and r.stdout == "1000\n", r.stderr
+    with open(tmp_path / "t.json") as f:
+        doc = json.load(f)
+    spans = [{"name": s["operationName"], "attributes": {t["key"]: t["value"] for t in s["tags"]}}
+             for trace in doc["data"] for s in trace["spans"]]
+    ((path, line),) = _sendall_sites(spans)
+    # not venv/bin/tinyserve:8, the stub: the package's own line that sent
+    assert path.endswith(os.path.join("site-packages", "tinyserve", "wire.py")) and line == SEND_LINE
+    assert not any(s["attributes"].get("code.file.path") == stub for s in spans)
+
+
+def test_console_script_stub_is_package_code_under_opentelemetry_instrument(package_venv, tmp_path):
+    instrument = os.path.join(os.path.dirname(PY), "opentelemetry-instrument")
+    stub = str(package_venv / "bin" / "tinyserve")
+    r = run([instrument, stub], tmp_path, OTEL_TRACES_EXPORTER="console", OTEL_METRICS_EXPORTER="none",
+            OTEL_LOGS_EXPORTER="none", TRACESOCK_SLOW_THRESHOLD="0")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.startswith("1000\n") or "\n1000\n" in out
+    spans, decoder, i = [], json.JSONDecoder(), 0
+    while (i := out.find("{", i)) >= 0:  # the console exporter's span objects, one after another
+        span, i = decoder.raw_decode(out, i)
+        spans.append(span)
+    ((path, line),) = _sendall_sites(spans)
+    assert path.endswith(os.path.join("site-packages", "tinyserve", "wire.py")) and line == SEND_LINE
+
+
+# --- tracesock demo: a scenario by its verdict's name -------------------------------------------
+
+
+@pytest.mark.parametrize("name, scenario", [("receiver_slow", "receiver-slow"),
+                                            ("send_buffer_small", "small-sndbuf")])
+def test_demo_takes_the_verdicts_spelling(tmp_path, name, scenario):
+    r = run([PY, "-m", "tracesock", "demo", name, "-d", str(tmp_path)], tmp_path)
+    assert r.returncode in (0, 1), r.stderr  # 1: a wrong verdict (a loaded machine), still run
+    assert r.stdout.startswith(f"=== {scenario}: ")
+    assert os.path.exists(tmp_path / f"tracesock-demo-{scenario}.json")
+
+
+def test_demo_usage_shows_both_spellings_and_refuses_others_in_one_line(tmp_path):
+    r = run([PY, "-m", "tracesock", "demo", "--help"], tmp_path)
+    assert r.returncode == 0
+    usage = r.stdout[:r.stdout.index("\n\n")]
+    for spelling in ("receiver-slow", "receiver_slow", "small-sndbuf", "send_buffer_small", "signals",
+                     "timeout", "network", "all"):
+        assert spelling in usage
+    r = run([PY, "-m", "tracesock", "demo", "receiver slow"], tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "'receiver slow'" in r.stderr and "receiver_slow" in r.stderr
+
+
+# --- the README's main job: python -m tracesock example -----------------------------------------
+
+
+def test_example_prints_the_verdict_a_metrics_table_and_the_report_path(tmp_path):
+    from tracesock.exporters.formats import validate_jaeger
+    from tracesock.report import VERDICT_WORDS
+
+    r = run([PY, "-m", "tracesock", "example", "-d", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    lines = out.splitlines()
+    assert len(lines) < 60, out  # a screenful, not ~2,000 lines of JSON
+    assert "resource_metrics" not in out and "{" not in out
+    # the verdict of the slow sendall, as the trace file has it
+    (line,) = [x for x in lines if x.startswith("why the sendall was slow (tracesock.diagnosis): ")]
+    verdict = line.rsplit(": ", 1)[1]
+    assert verdict in VERDICT_WORDS
+    trace = tmp_path / "tracesock-example.json"
+    with open(trace) as f:
+        doc = json.load(f)
+    assert validate_jaeger(doc) == []
+    (sendall,) = [s for t in doc["data"] for s in t["spans"] if s["operationName"] == "socket.sendall"]
+    assert {t["key"]: t["value"] for t in sendall["tags"]}["tracesock.diagnosis"] == verdict
+    # the metrics table: name, attributes, value or count/p50/p99
+    start = next(i for i, x in enumerate(lines) if x.split() == ["name", "attributes", "value"])
+    table = lines[start + 1:]
+    row = next(x for x in table if x.split()[:1] == ["tracesock.call.duration"] and "tracesock.call=sendall" in x)
+    assert re.search(r"count 1, p50 [\d.]+ (ms|s), p99 [\d.]+ (ms|s)$", row), row
+    row = next(x for x in table if "tracesock.io" in x and "network.io.direction=transmit" in x)
+    assert row.endswith("16.0 MiB")
+    assert any(x.split()[:1] == ["tracesock.eintr_retries"] for x in table)
+    # where the report is, and it is one
+    page = tmp_path / "tracesock-example.html"
+    assert f"HTML report: {page}" in out and f"trace file: {trace}" in out
+    assert page.read_text().lstrip().lower().startswith("<!doctype html")
+    # run again: the example's own files are replaced
+    assert run([PY, "-m", "tracesock", "example", "-d", str(tmp_path), "--size-mib", "1"], tmp_path).returncode == 0
+
+
+def test_example_raw_metrics_json_only_when_asked(tmp_path):
+    r = run([PY, "-m", "tracesock", "example", "--help"], tmp_path)
+    assert r.returncode == 0 and "--metrics-json" in r.stdout
+    r = run([PY, "-m", "tracesock", "example", "--size-mib", "1", "--metrics-json", "-d", str(tmp_path)],
+            tmp_path)
+    assert r.returncode == 0, r.stderr
+    head, raw = r.stdout.split("(--metrics-json):\n", 1)
+    assert "why the sendall was slow" in head and "HTML report: " in head
+    doc, _ = json.JSONDecoder().raw_decode(raw)
+    names = {m["name"] for rm in doc["resource_metrics"] for sm in rm["scope_metrics"] for m in sm["metrics"]}
+    assert {"tracesock.call.duration", "tracesock.io"} <= names
+
+
+def test_example_quantiles_interpolate_in_the_bucket():
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+    from tracesock.example import quantile
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], views=[
+        View(instrument_name="h", aggregation=ExplicitBucketHistogramAggregation((1, 2, 5, 10)))])
+    histogram = provider.get_meter("t").create_histogram("h")
+    for v in range(1, 101):
+        histogram.record(v)
+    (point,) = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    provider.shutdown()
+    # 90 samples in (10, 100]: the 50th and 99th of 100 fall at 50 and 99 by interpolation
+    assert quantile(point, 0.5) == 50 and quantile(point, 0.99) == 99
+    assert quantile(point, 0.01) == 1  # the first bucket starts at the point's min

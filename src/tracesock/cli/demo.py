@@ -1,4 +1,9 @@
-"""``tracesock demo [receiver-slow|small-sndbuf|signals|timeout|network|all]``."""
+"""``tracesock demo [receiver-slow|small-sndbuf|signals|timeout|network|all]``.
+
+A scenario is also named by the verdict it reproduces, as reports spell it
+(``receiver_slow``, ``send_buffer_small``), and either spelling works with
+``-`` or ``_``.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +18,48 @@ from ..report import analyze, html, load, text
 PROG = "tracesock demo"
 
 
+def _spellings(scenario):
+    return {scenario.name, scenario.expected, scenario.name.replace("-", "_"),
+            scenario.expected.replace("_", "-")}
+
+
+# every accepted name -> the scenario's name
+NAMES = {spelling: s.name for s in SCENARIOS.values() for spelling in sorted(_spellings(s))}
+NAMES["all"] = "all"
+
+
+def _shown(scenario):
+    return scenario.name if scenario.name == scenario.expected else f"{scenario.name} | {scenario.expected}"
+
+
+CHOICES = ", ".join([_shown(s) for s in SCENARIOS.values()] + ["all"])
+
+
+def _scenario(text):
+    name = NAMES.get(text)
+    if name is None:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {CHOICES})")
+    return name
+
+
 def parser():
     lines = "\n".join(f"  {s.name:<14} -> {s.expected:<18} {s.what}" for s in SCENARIOS.values())
     ap = OneLineParser(
         prog=PROG,
+        usage=f"{PROG} [-h] [-d DIR] [--html] [--top N] [SCENARIO]\n"
+              f"  SCENARIO: {CHOICES}",
         description="Reproduce each cause of a slow sendall for real on loopback, trace it with "
                     "`tracesock run` (one trace file per scenario), print `tracesock report` of it and "
                     "check the verdict. Exit status 1 if any verdict is wrong.",
-        epilog=f"scenarios (expected verdict):\n{lines}\n\n"
+        epilog=f"scenarios (expected verdict):\n{lines}\n"
+               "A scenario can also be named by its verdict: `tracesock demo receiver_slow`.\n\n"
                "`network` needs root, unshare and tc (a private network namespace with a rate-limited\n"
                "loopback); without them it says so in one line and the others still run.\n"
                "Walkthrough: docs/diagnosing-slow-sendall.md",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenario", nargs="?", default="all", choices=list(SCENARIOS) + ["all"],
-                    help="which scenario to run (default all)")
+    ap.add_argument("scenario", nargs="?", default="all", type=_scenario, metavar="SCENARIO",
+                    help="which scenario to run, by its name or by the verdict it reproduces "
+                         "(receiver-slow or receiver_slow; default all)")
     ap.add_argument("-d", "--directory", default=".", metavar="DIR",
                     help="where to write the trace files tracesock-demo-<scenario>.json (default .)")
     ap.add_argument("--html", action="store_true",

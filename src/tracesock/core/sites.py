@@ -2,9 +2,11 @@
 
 A frame's file is ``own`` (tracesock), ``layer`` (the standard library's
 socket layers: socket, ssl, selectors, socketserver, asyncio), ``library``
-(the rest of the standard library, installed packages, frozen modules) or
-``user`` -- the program's own code, which is what a span's ``code.*``
-attributes and a profile's call sites name.  Classifying a file costs a few
+(the rest of the standard library, installed packages, frozen modules, and
+the environment's scripts directory -- ``venv/bin/gunicorn``, the
+console-script stub pip generates for an installed package's entry point, is
+that package's code) or ``user`` -- the program's own code, which is what a
+span's ``code.*`` attributes and a profile's call sites name.  Classifying a file costs a few
 ``realpath`` calls, so each file is classified once (bounded cache).
 """
 
@@ -16,7 +18,7 @@ import sys
 import sysconfig
 import traceback
 
-__all__ = ["PACKAGE_DIRS", "STDLIB_DIRS", "call_site", "kind", "stacktrace"]
+__all__ = ["PACKAGE_DIRS", "SCRIPT_DIRS", "STDLIB_DIRS", "call_site", "kind", "stacktrace"]
 
 
 def _library_dirs():
@@ -32,8 +34,19 @@ def _library_dirs():
     return norm(stdlib), norm(packages)
 
 
+def _script_dirs():
+    """Where installers put the entry-point stubs: the environment's and the user's scripts."""
+    dirs = {sysconfig.get_path("scripts")}
+    try:
+        dirs.add(sysconfig.get_path("scripts", f"{os.name}_user"))
+    except KeyError:
+        pass
+    return frozenset(os.path.realpath(d) for d in dirs if d)
+
+
 OWN_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep  # the tracesock package
 STDLIB_DIRS, PACKAGE_DIRS = _library_dirs()
+SCRIPT_DIRS = _script_dirs()
 _SOCKET_LAYERS = ("socket.py", "ssl.py", "selectors.py", "socketserver.py")
 _cache = {}  # filename -> 'own' | 'layer' | 'library' | 'user'
 
@@ -50,7 +63,8 @@ def kind(filename):
         elif path.startswith(STDLIB_DIRS) and (
                 os.path.basename(path) in _SOCKET_LAYERS or os.sep + "asyncio" + os.sep in path):
             found = "layer"
-        elif path.startswith(STDLIB_DIRS) or path.startswith(PACKAGE_DIRS):
+        elif (path.startswith(STDLIB_DIRS) or path.startswith(PACKAGE_DIRS)
+              or os.path.dirname(path) in SCRIPT_DIRS):
             found = "library"
         else:
             found = "user"
@@ -63,9 +77,10 @@ def call_site():
     """The frame a user would call "where my code did this".
 
     The innermost frame outside tracesock, the standard library and installed
-    packages (``requests.get()`` in app.py points at that line of app.py); when
-    there is none, the innermost outside tracesock and the stdlib's own socket
-    layers (socket, ssl, selectors, socketserver, asyncio).
+    packages, their console-script stubs included (``requests.get()`` in app.py
+    points at that line of app.py); when there is none, the innermost outside
+    tracesock and the stdlib's own socket layers (socket, ssl, selectors,
+    socketserver, asyncio): gunicorn's ``http/wsgi.py`` for the response it sends.
     """
     frame = sys._getframe(1)
     fallback = None

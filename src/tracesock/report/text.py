@@ -5,14 +5,15 @@ from __future__ import annotations
 from ..exporters.summary import format_bytes
 from . import tcp_fields
 
-__all__ = ["render"]
+__all__ = ["render", "table"]
 
 
 def _ms(us):
     return f"{us / 1e3:.1f} ms" if us >= 10_000 else f"{us / 1e3:.3f} ms"
 
 
-def _table(headers, rows, right=()):
+def table(headers, rows, right=()):
+    """Aligned lines (indented two spaces) of ``headers`` and ``rows``; columns in ``right`` right-aligned."""
     widths = [len(h) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):
@@ -70,7 +71,7 @@ def render(report, *, title=None, max_connections=20, max_sites=10):
             rows.append([f"{c.local} -> {c.peer}", c.transport, format_bytes(c.sent),
                          format_bytes(c.received), str(c.calls), str(c.syscalls),
                          str(c.partial_sends), str(c.eintr_retries), str(c.waits), _ms(c.wait_us)])
-        lines += _table(headers, rows, right=set(range(2, 10)))
+        lines += table(headers, rows, right=set(range(2, 10)))
         if len(report.connections) > max_connections:
             lines.append(f"  ({len(report.connections) - max_connections} more)")
         lines.append("  waiting: readiness waits (poll) plus time a blocking send was held by the kernel")
@@ -91,7 +92,7 @@ def render(report, *, title=None, max_connections=20, max_sites=10):
             rows.append([r.site or "-", format_bytes(r.buffer_size), str(r.calls), str(r.resized),
                          f"{r.average_fill:.0%}" if r.average_fill is not None else "-",
                          str(r.under_filled)])
-        lines += _table(headers, rows, right={1, 2, 3, 4, 5})
+        lines += table(headers, rows, right={1, 2, 3, 4, 5})
     lines += _sites(report, max_sites)
     return "\n".join(lines) + "\n"
 
@@ -116,7 +117,7 @@ def _sites(report, max_sites):
     for r in report.sites[:max_sites]:
         rows.append([r.label, r.function, str(r.calls), format_bytes(r.sent), format_bytes(r.received),
                      _ms(r.total_ns / 1e3), _ms(r.wait_ns / 1e3), str(r.syscalls), str(r.eintr_retries)])
-    lines += _table(headers, rows, right=set(range(2, 9)))
+    lines += table(headers, rows, right=set(range(2, 9)))
     if len(report.sites) > max_sites:
         lines.append(f"  ({len(report.sites) - max_sites} more)")
     if p is not None and (p.over_cap_calls or p.truncated_stacks):
