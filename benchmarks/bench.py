@@ -4,12 +4,14 @@
     python benchmarks/bench.py --quick    # fewer rounds
 
 Modes are interleaved round by round and the best round of each is kept, so
-a noisy neighbour slows every mode alike instead of one of them.  Targets (from
-issue 4): pingpong metrics <= 1.5x, calls (no active trace) <= 1.6x,
-syscalls-in-a-trace <= 1/4 of strace's slowdown, bulk sendall >= 0.95x
-throughput in every mode.  Profile mode (issue 9: calls plus
-instrument(profile=True), every call added to the profile by Python stack):
-pingpong <= 3x, bulk sendall >= 0.95x.
+a noisy neighbour slows every mode alike instead of one of them.  The
+targets (issue 19, "cost at the floor") are printed beside the figures:
+pingpong metrics and calls (the default detail, no active trace) <= 1.10x,
+profile mode (calls plus instrument(profile=True), every call added to the
+profile by Python stack) <= 2.0x, every syscall a span inside a trace <= 1/8
+of strace's slowdown in the same run, bulk sendall >= 0.98x throughput in
+every mode.  benchmarks/bench_callgrind.py counts instructions per pingpong
+iteration instead (repeatable where seconds are not).
 """
 
 from __future__ import annotations
@@ -153,18 +155,27 @@ def main(argv=None):
         for m in names:
             best[m] = min(best[m], modes.run(m, pingpong, n))
     print(f"64 B send+recv pingpong on a socketpair, {n} iterations x {rounds} rounds (best round)")
-    print(f"  {'mode':20s} {'us/iter':>9s} {'ratio':>7s}  target")
-    targets = {"metrics": "<= 1.5x", "calls": "<= 1.6x (no active trace)", "syscalls-in-trace": "<= strace/4",
-               "profile": "<= 3x (every call by Python stack)"}
-    for m in names:
-        print(f"  {m:20s} {best[m] * 1e6:9.2f} {best[m] / best['plain']:6.2f}x  {targets.get(m, '')}")
+    print(f"  {'mode':20s} {'us/iter':>9s} {'ratio':>7s}  {'target':8s}")
+    targets = {"metrics": 1.10, "calls": 1.10, "profile": 2.0}
+    notes = {"calls": "default detail, no active trace", "profile": "every call by Python stack",
+             "syscalls-in-trace": "every syscall a span, inside a trace"}
     st = strace_ratio(n // 5)
+    for m in names:
+        ratio = best[m] / best["plain"]
+        if m in targets:
+            target, met = f"<= {targets[m]:.2f}x", ratio <= targets[m]
+        elif m == "syscalls-in-trace" and st is not None:
+            target, met = f"<= {st / 8:.1f}x", ratio <= st / 8
+        else:
+            target, met = "", None
+        mark = "" if met is None else ("met" if met else "NOT MET")
+        print(f"  {m:20s} {best[m] * 1e6:9.2f} {ratio:6.2f}x  {target:8s} {mark:7s} {notes.get(m, '')}")
     if st is not None:
         ratio = best["syscalls-in-trace"] / best["plain"]
-        print(f"  {'strace -f':20s} {'':9s} {st:6.1f}x  (tracesock syscalls-in-trace is {ratio / st:.3f} of it;"
-              f" target <= 0.25)")
+        print(f"  {'strace -f':20s} {'':9s} {st:6.1f}x  (syscalls-in-trace is {ratio / st:.3f} of it;"
+              f" target <= 1/8 = 0.125)")
     else:
-        print("  strace -f: not available")
+        print("  strace -f: not available (the syscalls-in-trace target is relative to it)")
 
     total, chunk = (64 << 20, 16 << 20) if opts.quick else (256 << 20, 16 << 20)
     bulk_names = ["plain", "metrics", "calls", "syscalls-in-trace", "profile"]
@@ -173,9 +184,11 @@ def main(argv=None):
         for m in bulk_names:
             rate[m] = max(rate[m], modes.run(m, bulk, total, chunk))
     print(f"bulk sendall of {total >> 20} MiB in {chunk >> 20} MiB chunks to a reading thread (best round)")
-    print(f"  {'mode':20s} {'MiB/s':>9s} {'ratio':>7s}  target >= 0.95x")
+    print(f"  {'mode':20s} {'MiB/s':>9s} {'ratio':>7s}  target >= 0.98x")
     for m in bulk_names:
-        print(f"  {m:20s} {rate[m] / (1 << 20):9.0f} {rate[m] / rate['plain']:6.2f}x")
+        ratio = rate[m] / rate["plain"]
+        mark = "" if m == "plain" else ("met" if ratio >= 0.98 else "NOT MET")
+        print(f"  {m:20s} {rate[m] / (1 << 20):9.0f} {ratio:6.2f}x  {mark}")
     modes.processor.force_flush()
     print(f"spans made and exported: {modes.exporter.count}")
 

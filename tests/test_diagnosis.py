@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tracesock.core import tcpinfo
+from tracesock.core import speedups, tcpinfo
 from harness import tcp_pair
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO is Linux")
@@ -31,7 +31,8 @@ def _reader(sock, pause=0.0, size=1 << 20):
         pass  # the timeout test resets the connection under it
 
 
-def _sendall(telemetry, data, sndbuf=None, pause=0.0, size=1 << 20, timeout=None, storm=None):
+def _sendall(telemetry, data, sndbuf=None, pause=0.0, size=1 << 20, timeout=None, storm=None,
+             handler_runs=None, storm_delay=0.002):
     cli, conn = tcp_pair(sndbuf=sndbuf)
     cli.settimeout(timeout)
     t = threading.Thread(target=_reader, args=(conn, pause, size))
@@ -39,11 +40,14 @@ def _sendall(telemetry, data, sndbuf=None, pause=0.0, size=1 << 20, timeout=None
     previous = None
     if storm:
         def burn(signum, frame):  # a handler that takes time: the signals cost the sender
+            began = time.time_ns()
             until = time.perf_counter() + storm
             while time.perf_counter() < until:
                 pass
+            if handler_runs is not None:
+                handler_runs.append((began, time.time_ns()))
         previous = signal.signal(signal.SIGALRM, burn)
-        signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+        signal.setitimer(signal.ITIMER_REAL, storm_delay, 0.002)
     error = None
     try:
         with telemetry.tracer.start_as_current_span("upload") as upload:
@@ -90,15 +94,15 @@ def test_forced_small_send_buffer_is_send_buffer_small(traced):
 
 @linux_only
 def test_signal_storm_is_signals(traced):
-    # The verdict weighs the handlers' CPU time (RUSAGE_THREAD user time, which the
-    # kernel samples per tick: +-4 ms against a call of 30-80 ms) against the call's
-    # wall time, and a process-directed SIGALRM may land in the reader thread, so
-    # the main thread's first non-blocking send can take all 64 MiB uninterrupted
-    # (no wait: no snapshot, no verdict).  Measured on the pure-Python path: about
-    # 1 try in 5 is not "signals".  So the scenario gets six real tries, and one of
-    # them must be "signals" with its EINTR retries and handler time.
+    # With the C extension, the handlers' time is measured exactly (they run
+    # timed right after the blocking send or wait they interrupted): one try.
+    # The pure-Python path weighs the thread's user CPU time instead (sampled
+    # per tick: +-4 ms against a call of 30-80 ms), and a process-directed
+    # SIGALRM may land in the reader thread; measured there, about 1 try in 5
+    # is not "signals", so that path gets six real tries.
+    tries = 1 if speedups.available() else 6
     verdicts = []
-    for _ in range(6):
+    for _ in range(tries):
         traced.clear()
         span, _ = _sendall(traced, b"g" * (64 << 20), storm=0.0019)
         verdicts.append(span.attributes.get("tracesock.diagnosis"))
@@ -107,6 +111,36 @@ def test_signal_storm_is_signals(traced):
     assert "signals" in verdicts, verdicts
     assert span.attributes["tracesock.eintr_retries"] > 0
     assert span.attributes["tracesock.signals.duration"] > 0
+
+
+def _union_inside(runs, start, end):
+    """Total time covered by the (begin, end) runs within [start, end] (nested runs overlap)."""
+    total, cur = 0, None
+    for a, b in sorted((max(a, start), min(b, end)) for a, b in runs if b > start and a < end):
+        if cur is not None and a <= cur[1]:
+            cur = (cur[0], max(cur[1], b))
+            continue
+        if cur is not None:
+            total += cur[1] - cur[0]
+        cur = (a, b)
+    return total + (cur[1] - cur[0] if cur is not None else 0)
+
+
+@linux_only
+@pytest.mark.skipif(not speedups.available(), reason="exact handler time needs the C extension")
+def test_signals_duration_is_the_handlers_own_time(traced):
+    # Each handler run times itself (wall clock, as spans are); tracesock's figure
+    # is the handlers' time inside the call: never more (but for the call overhead
+    # of each run), and nearly all of it.  Not counted: a handler that runs in
+    # Python code before the call's first wait -- so the storm starts 5 ms in,
+    # once the first non-blocking try has filled the socket buffer.
+    runs = []
+    span, _ = _sendall(traced, b"h" * (64 << 20), storm=0.0019, handler_runs=runs, storm_delay=0.005)
+    inside = _union_inside([r for r in runs if isinstance(r, tuple)], span.start_time, span.end_time)
+    measured = span.attributes["tracesock.signals.duration"] * 1e9
+    assert inside > 0, "no signal came during the call"
+    assert inside * 0.8 <= measured <= inside * 1.05 + 200_000, (measured, inside)
+    assert span.attributes["tracesock.diagnosis"] == "signals"
 
 
 @linux_only

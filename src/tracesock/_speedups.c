@@ -28,6 +28,8 @@
 #include <pthread.h>
 #include <string.h>
 #include <stdlib.h>
+#include <stddef.h>
+#include <frameobject.h>  /* PyFrame_GetBack (3.10) */
 
 #define MAXBOUNDS 64
 #define MAXSLOTS 256
@@ -142,33 +144,169 @@ static int context_busy(void) {
     return busy;
 }
 
-static PyObject *
-fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
-{
-    if (argc != 4 || !configured) {
-        PyErr_SetString(PyExc_TypeError, "fast(method, sock, args, kwargs)");
-        return NULL;
-    }
-    int method = (int)PyLong_AsLong(argv[0]);
-    PyObject *sock = argv[1], *args = argv[2], *kwargs = argv[3];
-    if (method < 0 || method >= M_COUNT || !PyTuple_Check(args)) {
-        PyErr_SetString(PyExc_ValueError, "bad method");
-        return NULL;
-    }
-    if ((kwargs != Py_None && (!PyDict_Check(kwargs) || PyDict_GET_SIZE(kwargs) > 0))
-        || PyTuple_GET_SIZE(args) != 1 || context_busy()) {
-        return Py_NewRef(not_fast);
+/* The socket object's own fields, read directly when their layout is the
+ * one socketmodule.h has declared since 3.5 (PySocketSockObject: fd, family,
+ * type, proto, error handler, timeout in ns, negative when blocking).
+ * configure() checks it against a probe socket of known family, type and
+ * timeout; when anything differs, the descriptors and gettimeout() are used. */
+typedef struct {
+    PyObject_HEAD
+    int sock_fd;
+    int sock_family;
+    int sock_type;
+    int sock_proto;
+    PyObject *(*errorhandler)(void);
+    long long sock_timeout;
+} SockHead;
+
+static PyTypeObject *sock_type = NULL;
+static int layout_ok = 0;
+
+/* 1: blocking (gettimeout() is None), 0: not, -1: cannot tell (not a socket). */
+static int sock_blocking(PyObject *sock) {
+    if (layout_ok) {
+        if (!PyObject_TypeCheck(sock, sock_type)) return -1;
+        return ((SockHead *)sock)->sock_timeout < 0;
     }
     PyObject *timeout = PyObject_Vectorcall(gettimeout_fn, &sock, 1, NULL);
     if (timeout == NULL) {
         PyErr_Clear();
-        return Py_NewRef(not_fast);
+        return -1;
     }
     int blocking = (timeout == Py_None);
     Py_DECREF(timeout);
-    if (!blocking) return Py_NewRef(not_fast);
+    return blocking;
+}
 
-    PyObject *arg0 = PyTuple_GET_ITEM(args, 0);
+/* The last slot found per method: a program mostly uses one kind of socket. */
+static Slot *last_slot[M_COUNT + 2];
+
+static Slot *slot_of(int method, PyObject *sock) {
+    if (layout_ok && PyObject_TypeCheck(sock, sock_type)) {
+        Slot *s = last_slot[method];
+        SockHead *h = (SockHead *)sock;
+        if (s != NULL && s->family == h->sock_family && s->type == h->sock_type) return s;
+    }
+    Slot *s = slot_for(method, sock);
+    if (s != NULL) last_slot[method] = s;
+    return s;
+}
+
+/* Profile mode (telemetry.profile.Profile.fast, in C): every call of the C
+ * path is added to the profile entry of its Python stack.  The key is the
+ * Profile's own -- (method, id(code), f_lasti, ... innermost first, then
+ * (0, TRUNCATED) past max_depth) -- looked up in this thread's entries dict;
+ * when there is none yet, or the stack holds an asyncio callback (which the
+ * Python side splices a task into), it declines and Python records the call. */
+static PyObject *prof_local = NULL, *prof_names[M_COUNT], *entries_name = NULL;
+static int prof_depth = 0;
+static void *prof_hrun = NULL;
+
+static int list_add(PyObject *list, Py_ssize_t i, long long v) {
+    PyObject *old = PyList_GET_ITEM(list, i);
+    long long x = PyLong_AsLongLong(old);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    PyObject *nw = PyLong_FromLongLong(x + v);
+    if (nw == NULL) return -1;
+    PyList_SET_ITEM(list, i, nw);
+    Py_DECREF(old);
+    return 0;
+}
+
+static int frame_lasti(PyFrameObject *f) {
+#if PY_VERSION_HEX >= 0x030B0000
+    return PyFrame_GetLasti(f);
+#else
+    PyObject *v = PyObject_GetAttrString((PyObject *)f, "f_lasti");
+    if (v == NULL) return -2;
+    long x = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return (int)x;
+#endif
+}
+
+/* 1: recorded; 0: declined (the Python side records it), no exception set. */
+static int profile_record(int method, long long d, long long n) {
+    PyFrameObject *f = PyEval_GetFrame();
+    if (f == NULL || prof_depth <= 0 || prof_depth > 256) return 0;
+    PyObject *items[2 * 256 + 3];
+    int k = 0, ok = 1;
+    items[k++] = Py_NewRef(prof_names[method]);
+    PyFrameObject *g = (PyFrameObject *)Py_NewRef(f);
+    for (int i = 0; i < prof_depth && g != NULL && ok; i++) {
+        PyCodeObject *code = PyFrame_GetCode(g);
+        int lasti = frame_lasti(g);
+        if ((void *)code == prof_hrun || lasti == -2) ok = 0;
+        items[k++] = PyLong_FromVoidPtr(code);
+        items[k++] = PyLong_FromLong(lasti);
+        Py_DECREF(code);
+        PyFrameObject *back = PyFrame_GetBack(g);
+        Py_DECREF(g);
+        g = back;
+    }
+    if (g != NULL) {  /* deeper than max_depth */
+        items[k++] = PyLong_FromLong(0);
+        items[k++] = PyLong_FromLong(0);  /* TRUNCATED */
+        Py_DECREF(g);
+    }
+    PyObject *key = PyTuple_New(k);
+    for (int i = 0; i < k; i++) {
+        if (items[i] == NULL) ok = 0;
+        if (key != NULL) PyTuple_SET_ITEM(key, i, items[i]);
+        else Py_XDECREF(items[i]);
+    }
+    if (key == NULL || !ok) {
+        Py_XDECREF(key);
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *entries = PyObject_GetAttr(prof_local, entries_name);
+    PyObject *e = (entries != NULL && PyDict_CheckExact(entries)) ? PyDict_GetItemWithError(entries, key) : NULL;
+    Py_DECREF(key);
+    int done = 0;
+    if (e != NULL && PyList_CheckExact(e) && PyList_GET_SIZE(e) >= 12) {
+        /* _FAST_CALLS, _FAST_NS, then sent (4) or received (5) */
+        done = list_add(e, 10, 1) == 0 && list_add(e, 11, d) == 0 && list_add(e, method >= M_SEND ? 4 : 5, n) == 0;
+    }
+    Py_XDECREF(entries);
+    PyErr_Clear();
+    return done;
+}
+
+static PyObject *
+set_profile(PyObject *module, PyObject *args)
+{
+    PyObject *local, *names;
+    int depth;
+    PyObject *hrun;
+    if (!PyArg_ParseTuple(args, "OOiO:set_profile", &local, &names, &depth, &hrun))
+        return NULL;
+    if (local == Py_None) {
+        Py_CLEAR(prof_local);
+        Py_RETURN_NONE;
+    }
+    if (!PyTuple_Check(names) || PyTuple_GET_SIZE(names) != M_COUNT) {
+        PyErr_SetString(PyExc_TypeError, "set_profile: names must be a tuple of the C methods");
+        return NULL;
+    }
+    if (entries_name == NULL && (entries_name = PyUnicode_InternFromString("entries")) == NULL)
+        return NULL;
+    for (int i = 0; i < M_COUNT; i++) Py_XSETREF(prof_names[i], Py_NewRef(PyTuple_GET_ITEM(names, i)));
+    prof_depth = depth;
+    prof_hrun = hrun == Py_None ? NULL : (void *)hrun;
+    Py_XSETREF(prof_local, Py_NewRef(local));
+    Py_RETURN_NONE;
+}
+
+/* The C hot path of one call sock.<method>(arg0): the result, NOT_FAST
+ * (nothing done), PARTIAL (continue in Python) or NULL with the exception.
+ * args: the call's positional arguments for on_slow, or NULL to make them. */
+static PyObject *
+fast_call(int method, PyObject *sock, PyObject *arg0, PyObject *args)
+{
+    if (context_busy()) return Py_NewRef(not_fast);
+    if (sock_blocking(sock) != 1) return Py_NewRef(not_fast);
+
     PyObject *call_args[4];
     Py_ssize_t nargs;
     call_args[0] = sock;
@@ -223,14 +361,26 @@ fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
             }
         }
     }
-    Slot *s = slot_for(method, sock);
+    Slot *s = slot_of(method, sock);
     if (s != NULL) record(s, end - start, n, odd);
     if (method == M_SENDALL) {
         Py_DECREF(result);
         result = Py_NewRef(Py_None);
     }
-    if (end - start >= slow_ns && on_slow != NULL && on_slow != Py_None) {
-        PyObject *r = PyObject_CallFunction(on_slow, "iOLLLOO", method, sock, start, end, n, result, args);
+    int profiled = 1;
+    if (prof_local != NULL) profiled = profile_record(method, end - start, n);
+    if ((end - start >= slow_ns || !profiled) && on_slow != NULL && on_slow != Py_None) {
+        PyObject *made = NULL;
+        if (args == NULL) {
+            args = made = PyTuple_Pack(1, arg0);
+            if (made == NULL) {
+                PyErr_Clear();
+                return result;  /* no span for this one; the metrics have it */
+            }
+        }
+        PyObject *r = PyObject_CallFunction(on_slow, "iOLLLOOO", method, sock, start, end, n, result, args,
+                                            profiled ? Py_True : Py_False);
+        Py_XDECREF(made);
         if (r == NULL) {
             /* on_slow swallows its own errors: this is a signal handler's exception,
              * which surfaces here exactly as it would after CPython's method. */
@@ -243,12 +393,231 @@ fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 }
 
 static PyObject *
+fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 4 || !configured) {
+        PyErr_SetString(PyExc_TypeError, "fast(method, sock, args, kwargs)");
+        return NULL;
+    }
+    int method = (int)PyLong_AsLong(argv[0]);
+    PyObject *sock = argv[1], *args = argv[2], *kwargs = argv[3];
+    if (method < 0 || method >= M_COUNT || !PyTuple_Check(args)) {
+        PyErr_SetString(PyExc_ValueError, "bad method");
+        return NULL;
+    }
+    if ((kwargs != Py_None && (!PyDict_Check(kwargs) || PyDict_GET_SIZE(kwargs) > 0))
+        || PyTuple_GET_SIZE(args) != 1) {
+        return Py_NewRef(not_fast);
+    }
+    return fast_call(method, sock, PyTuple_GET_ITEM(args, 0), args);
+}
+
+/* --- the patched methods themselves: a method type of our own -------------
+ *
+ * socket.socket.recv & co. while instrumented.  A Method behaves as the
+ * Python function it stands for (its `fallback`, dressed the same way: doc,
+ * name, qualified name, module, __wrapped__ live in its __dict__): bound to
+ * an instance it gives a bound method (types.MethodType, __func__ the
+ * Method), looked up on the class it gives itself, it pickles by reference
+ * (its __qualname__ in its __module__).  Called as sock.recv(64) -- one
+ * positional argument, nothing else -- it runs fast_call() with no Python
+ * frame and no argument packing (vectorcall, and Py_TPFLAGS_METHOD_DESCRIPTOR
+ * so the interpreter does not even make the bound method); everything else,
+ * and whatever fast_call() declines, is the fallback's, called with the very
+ * same arguments.  An exception of the fast path goes to raised(sock, m,
+ * args, kwargs, exc), a call to continue (PARTIAL) to cont(sock, m, args,
+ * kwargs), as the Python wrapper did. */
+typedef struct {
+    PyObject_HEAD
+    int index;
+    PyObject *fallback, *m, *raised, *cont, *dict;
+    vectorcallfunc vectorcall;
+} Method;
+
+static PyObject *
+method_continue(Method *self, PyObject *sock, PyObject *arg0, PyObject *r)
+{
+    /* r: NULL (the fast path raised) or PARTIAL */
+    PyObject *args = PyTuple_Pack(1, arg0);
+    PyObject *kwargs = args ? PyDict_New() : NULL;
+    if (kwargs == NULL) {
+        Py_XDECREF(args);
+        Py_XDECREF(r);
+        return NULL;
+    }
+    if (r == NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL) PyException_SetTraceback(value, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        PyObject *stack[] = {sock, self->m, args, kwargs, value};
+        r = PyObject_Vectorcall(self->raised, stack, 5, NULL);
+        Py_XDECREF(value);
+    }
+    if (r == partial) {
+        Py_DECREF(r);
+        PyObject *stack[] = {sock, self->m, args, kwargs};
+        r = PyObject_Vectorcall(self->cont, stack, 4, NULL);
+    }
+    Py_DECREF(args);
+    Py_DECREF(kwargs);
+    return r;
+}
+
+static PyObject *
+method_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Method *self = (Method *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 2 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0))
+        return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+    PyObject *r = fast_call(self->index, args[0], args[1], NULL);
+    if (r == not_fast) {
+        Py_DECREF(r);
+        return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+    }
+    if (r == NULL || r == partial) return method_continue(self, args[0], args[1], r);
+    return r;
+}
+
+static PyObject *
+method_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None) return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *
+method_reduce(PyObject *self, PyObject *unused)
+{
+    /* by reference, as a function: pickle finds __qualname__ in __module__ */
+    return PyObject_GetAttrString(self, "__qualname__");
+}
+
+static PyObject *
+method_repr(PyObject *self)
+{
+    PyObject *q = PyObject_GetAttrString(self, "__qualname__");
+    if (q == NULL) {
+        PyErr_Clear();
+        return PyUnicode_FromFormat("<function at %p>", self);
+    }
+    PyObject *r = PyUnicode_FromFormat("<function %U at %p>", q, self);
+    Py_DECREF(q);
+    return r;
+}
+
+static int
+method_traverse(Method *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->m);
+    Py_VISIT(self->raised);
+    Py_VISIT(self->cont);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+method_clear(Method *self)
+{
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->m);
+    Py_CLEAR(self->raised);
+    Py_CLEAR(self->cont);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+method_dealloc(Method *self)
+{
+    PyObject_GC_UnTrack(self);
+    method_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef method_methods[] = {
+    {"__reduce__", method_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef method_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject MethodType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tracesock._speedups.Method",
+    .tp_basicsize = sizeof(Method),
+    .tp_dealloc = (destructor)method_dealloc,
+    .tp_vectorcall_offset = offsetof(Method, vectorcall),
+    .tp_repr = method_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
+                | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = NULL,
+    .tp_traverse = (traverseproc)method_traverse,
+    .tp_clear = (inquiry)method_clear,
+    .tp_methods = method_methods,
+    .tp_getset = method_getset,
+    .tp_descr_get = method_get,
+    .tp_dictoffset = offsetof(Method, dict),
+};
+
+/* method(index, fallback, m, raised, cont) -> the Method of C path `index`. */
+static PyObject *
+make_method(PyObject *module, PyObject *args)
+{
+    int index;
+    PyObject *fallback, *m, *raised, *cont;
+    if (!PyArg_ParseTuple(args, "iOOOO:method", &index, &fallback, &m, &raised, &cont))
+        return NULL;
+    if (!configured || index < 0 || index >= M_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "method(): not configured, or a bad index");
+        return NULL;
+    }
+    Method *self = PyObject_GC_New(Method, &MethodType);
+    if (self == NULL) return NULL;
+    self->index = index;
+    self->fallback = Py_NewRef(fallback);
+    self->m = Py_NewRef(m);
+    self->raised = Py_NewRef(raised);
+    self->cont = Py_NewRef(cont);
+    self->dict = NULL;
+    self->vectorcall = method_vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+/* Is the probe socket's layout the one SockHead declares?  probe: a socket
+ * with family AF_UNIX, type SOCK_STREAM and a timeout of 1.5 s. */
+static void check_layout(PyObject *probe) {
+    layout_ok = 0;
+    if (probe == NULL || probe == Py_None || !PyObject_TypeCheck(probe, sock_type)) return;
+    SockHead *h = (SockHead *)probe;
+    int family, type;
+    if (member_int(family_descr, probe, &family) < 0 || member_int(type_descr, probe, &type) < 0) {
+        PyErr_Clear();
+        return;
+    }
+    layout_ok = h->sock_family == family && h->sock_type == type && family == AF_UNIX
+        && type == SOCK_STREAM && h->sock_timeout == 1500000000LL;
+}
+
+static PyObject *
 configure(PyObject *module, PyObject *args)
 {
     PyObject *bounds_seq;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOlO", &fns[M_RECV], &fns[M_RECV_INTO], &fns[M_SEND],
+    PyObject *probe = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOlO|O", &fns[M_RECV], &fns[M_RECV_INTO], &fns[M_SEND],
                           &gettimeout_fn, &family_descr, &type_descr, &context_var,
-                          &not_fast, &partial, &on_slow, &bounds_seq, &dontwait, &zero_obj))
+                          &not_fast, &partial, &on_slow, &bounds_seq, &dontwait, &zero_obj, &probe))
         return NULL;
     fns[M_SENDALL] = fns[M_SEND];
     PyObject *objs[] = {fns[M_RECV], fns[M_RECV_INTO], fns[M_SEND], gettimeout_fn, family_descr,
@@ -274,6 +643,14 @@ configure(PyObject *module, PyObject *args)
     if (PyErr_Occurred()) return NULL;
     nbounds = (int)nb;
     dontwait_obj = PyLong_FromLong(dontwait);
+    if (sock_type == NULL) {
+        PyObject *t = PyObject_GetAttrString(family_descr, "__objclass__");
+        if (t != NULL && PyType_Check(t)) sock_type = (PyTypeObject *)t;  /* kept */
+        else Py_XDECREF(t);
+        PyErr_Clear();
+    }
+    check_layout(probe);
+    memset(last_slot, 0, sizeof(last_slot));
     configured = 1;
     Py_RETURN_NONE;
 }
@@ -326,24 +703,187 @@ error:
     return NULL;
 }
 
-/* send_counted(fd, buffer, flags, acc): one *blocking* send(2) of buffer, the
- * GIL released, its outcome written into acc -- a writable buffer of 5 int64:
- * [0] += bytes sent, [1] start ns, [2] end ns, [3] result (-1 on error),
- * [4] errno -- before any Python code runs again.  A Python signal handler may
- * raise as soon as this returns (the interpreter runs it right after the
- * call); what reached the kernel is in acc all the same.  Returns the result
- * as an int; never raises for the syscall (the caller reads errno). */
+/* Exact time in Python signal handlers.  A handler runs in the main thread
+ * whenever the interpreter next checks for signals -- after a syscall the
+ * signal interrupted, at the next bytecode -- where its time is mixed into
+ * whatever runs around it.  Right after a blocking syscall of the slow path
+ * returns (send_counted, poll_wait), the handlers of the signals that arrived
+ * meanwhile are run here instead, by the interpreter's own PyErr_CheckSignals
+ * (the same handlers, in the same order, raising the same exception, only a
+ * few instructions earlier than the interpreter would), and the time that
+ * took is added to sigacc[0] (an int64 buffer) before anything else can run.
+ * When no signal came, that is one check of a flag between two clock reads
+ * (the tens of nanoseconds counted then are the whole error).  Only in the
+ * main thread: handlers run nowhere else. */
+static unsigned long main_ident = 0;
+
+/* A handler that runs elsewhere during the call -- a signal that arrived
+ * while the slow path ran Python code, at the next bytecode -- is timed by a
+ * profile function (PyEval_SetProfile, this thread only) that watches for the
+ * code objects of the installed Python handlers.  It is switched on only once
+ * a handler ran during the call (in a timed check), and only when no profile
+ * function is set already (it never replaces the program's); the call's end
+ * switches it off (signal_timing_stop).  sig_acc is the running call's sigacc. */
+static PyObject *getsignal_fn = NULL, *signal_numbers = NULL;
+static PyCodeObject *handler_codes[64];
+static int nhandler_codes = 0, hook_on = 0, in_check = 0;
+static PyFrameObject *hook_frame = NULL;   /* the outermost handler frame being timed */
+static long long hook_start = 0, *hook_acc = NULL;
+static PyObject *hook_acc_owner = NULL;  /* keeps hook_acc's buffer alive */
+static unsigned long hook_thread = 0;  /* the thread whose profile function it is */
+
+static int
+hook(PyObject *obj, PyFrameObject *frame, int what, PyObject *arg)
+{
+    if (in_check || hook_acc == NULL) return 0;
+    if (what == PyTrace_CALL && hook_frame == NULL) {
+        PyCodeObject *code = PyFrame_GetCode(frame);
+        for (int i = 0; i < nhandler_codes; i++) {
+            if (handler_codes[i] == code) {
+                hook_frame = frame;
+                hook_start = now_ns();
+                break;
+            }
+        }
+        Py_DECREF(code);
+    } else if (what == PyTrace_RETURN && frame == hook_frame) {
+        hook_acc[0] += now_ns() - hook_start;
+        hook_frame = NULL;
+    }
+    return 0;
+}
+
+/* The code objects of the Python handlers installed now (functions and bound
+ * methods; others -- default_int_handler, a partial, a callable object -- are
+ * timed only where the timed checks run them); 0 when there are none. */
+static int collect_handler_codes(void) {
+    nhandler_codes = 0;
+    if (getsignal_fn == NULL || signal_numbers == NULL) return 0;
+    Py_ssize_t n = PyList_GET_SIZE(signal_numbers);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *h = PyObject_CallOneArg(getsignal_fn, PyList_GET_ITEM(signal_numbers, i));
+        if (h == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (!PyCallable_Check(h)) {  /* SIG_DFL, SIG_IGN, None */
+            Py_DECREF(h);
+            continue;
+        }
+        PyObject *fn = PyMethod_Check(h) ? PyMethod_GET_FUNCTION(h) : h;
+        PyObject *code = PyFunction_Check(fn) ? PyFunction_GET_CODE(fn) : NULL;
+        Py_DECREF(h);  /* the handler stays referenced by the signal module */
+        if (code != NULL && nhandler_codes < 64) handler_codes[nhandler_codes++] = (PyCodeObject *)code;
+    }
+    return nhandler_codes > 0;
+}
+
+static void hook_start_for(Py_buffer *sigacc) {
+    if (hook_on || getsignal_fn == NULL) return;
+    PyObject *current = PySys_GetObject("getprofile");  /* borrowed; a function */
+    PyObject *prof = current ? PyObject_CallNoArgs(current) : NULL;
+    if (prof == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    int free_ = (prof == Py_None);
+    Py_DECREF(prof);
+    if (!free_ || !collect_handler_codes()) return;
+    hook_acc_owner = Py_XNewRef(sigacc->obj);
+    if (hook_acc_owner == NULL) return;
+    hook_acc = (long long *)sigacc->buf;
+    hook_frame = NULL;
+    PyEval_SetProfile(hook, NULL);
+    hook_on = 1;
+    hook_thread = PyThread_get_thread_ident();
+}
+
+static PyObject *
+signal_timing_stop(PyObject *self, PyObject *noargs)
+{
+    if (hook_on && PyThread_get_thread_ident() == hook_thread) {
+        if (hook_frame != NULL && hook_acc != NULL)  /* a handler raising out of the call */
+            hook_acc[0] += now_ns() - hook_start;
+        PyEval_SetProfile(NULL, NULL);
+        hook_on = 0;
+        hook_frame = NULL;
+        hook_acc = NULL;
+        Py_CLEAR(hook_acc_owner);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+signal_timing_setup(PyObject *self, PyObject *args)
+{
+    PyObject *fn, *nums;
+    if (!PyArg_ParseTuple(args, "OO!:signal_timing_setup", &fn, &PyList_Type, &nums))
+        return NULL;
+    Py_XSETREF(getsignal_fn, Py_NewRef(fn));
+    Py_XSETREF(signal_numbers, Py_NewRef(nums));
+    Py_RETURN_NONE;
+}
+
+static int timed_signals(Py_buffer *sigacc) {
+    if (sigacc == NULL || sigacc->buf == NULL) return PyErr_CheckSignals();
+    if (main_ident != 0 && PyThread_get_thread_ident() != main_ident) return 0;
+    in_check = 1;
+    long long t0 = now_ns();
+    int r = PyErr_CheckSignals();
+    long long d = now_ns() - t0;
+    in_check = 0;
+    ((long long *)sigacc->buf)[0] += d;
+    if (d >= 1000 && r == 0) hook_start_for(sigacc);  /* a handler ran: time the others too */
+    return r;
+}
+
+static int sigacc_ok(Py_buffer *b);
+
+/* run_signals(sigacc): the handlers due now, timed into sigacc (see above). */
+static PyObject *
+run_signals(PyObject *self, PyObject *arg)
+{
+    Py_buffer sigacc;
+    if (PyObject_GetBuffer(arg, &sigacc, PyBUF_WRITABLE) < 0) return NULL;
+    if (!sigacc_ok(&sigacc)) {
+        PyBuffer_Release(&sigacc);
+        return NULL;
+    }
+    int r = timed_signals(&sigacc);
+    PyBuffer_Release(&sigacc);
+    if (r < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static int sigacc_ok(Py_buffer *b) {
+    if (b->buf != NULL && b->len < (Py_ssize_t)sizeof(long long)) {
+        PyErr_SetString(PyExc_ValueError, "sigacc must hold an int64");
+        return 0;
+    }
+    return 1;
+}
+
+/* send_counted(fd, buffer, flags, acc[, sigacc]): one *blocking* send(2) of
+ * buffer, the GIL released, its outcome written into acc -- a writable buffer
+ * of 5 int64: [0] += bytes sent, [1] start ns, [2] end ns, [3] result (-1 on
+ * error), [4] errno -- before any Python code runs again.  A Python signal
+ * handler may raise as soon as this returns (the interpreter runs it right
+ * after the call); what reached the kernel is in acc all the same.  With
+ * sigacc, the handlers due run here, timed (see timed_signals), and their
+ * exception is raised from here.  Returns the result as an int; never raises
+ * for the syscall (the caller reads errno). */
 static PyObject *
 send_counted(PyObject *self, PyObject *args)
 {
     int fd, flags;
-    Py_buffer data, accbuf;
-    if (!PyArg_ParseTuple(args, "iy*iw*:send_counted", &fd, &data, &flags, &accbuf))
+    Py_buffer data, accbuf, sigacc = {0};
+    if (!PyArg_ParseTuple(args, "iy*iw*|w*:send_counted", &fd, &data, &flags, &accbuf, &sigacc))
         return NULL;
-    if (accbuf.len < (Py_ssize_t)(5 * sizeof(long long))) {
+    if (accbuf.len < (Py_ssize_t)(5 * sizeof(long long)) || !sigacc_ok(&sigacc)) {
         PyBuffer_Release(&data);
         PyBuffer_Release(&accbuf);
-        PyErr_SetString(PyExc_ValueError, "acc must hold 5 int64");
+        if (sigacc.buf != NULL) PyBuffer_Release(&sigacc);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "acc must hold 5 int64");
         return NULL;
     }
     long long *acc = (long long *)accbuf.buf;
@@ -365,7 +905,45 @@ send_counted(PyObject *self, PyObject *args)
     acc[4] = err;
     PyBuffer_Release(&data);
     PyBuffer_Release(&accbuf);
+    int raised = 0;
+    if (sigacc.buf != NULL) {
+        raised = timed_signals(&sigacc) < 0;
+        PyBuffer_Release(&sigacc);
+    }
+    if (raised) return NULL;
     return PyLong_FromSsize_t(n);
+}
+
+#include <poll.h>
+
+/* poll_wait(fd, events, timeout_ms, sigacc) -> (result, errno, start_ns,
+ * end_ns): one poll(2) of fd, the GIL released, then the signal handlers due,
+ * timed into sigacc (see timed_signals); their exception is raised from here. */
+static PyObject *
+poll_wait(PyObject *self, PyObject *args)
+{
+    int fd, events, ms;
+    Py_buffer sigacc = {0};
+    if (!PyArg_ParseTuple(args, "iiiw*:poll_wait", &fd, &events, &ms, &sigacc))
+        return NULL;
+    if (!sigacc_ok(&sigacc)) {
+        PyBuffer_Release(&sigacc);
+        return NULL;
+    }
+    struct pollfd pfd = {fd, (short)events, 0};
+    long long start, end;
+    int n, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    start = now_ns();
+    n = poll(&pfd, 1, ms);
+    if (n < 0)
+        err = errno;
+    end = now_ns();
+    Py_END_ALLOW_THREADS
+    int raised = timed_signals(&sigacc) < 0;
+    PyBuffer_Release(&sigacc);
+    if (raised) return NULL;
+    return Py_BuildValue("iiLL", n, err, start, end);
 }
 
 /* hold_signals() / release_signals(): span making in the main thread runs
@@ -377,7 +955,6 @@ send_counted(PyObject *self, PyObject *args)
  * is raised from it).  Nested holds are counted. */
 static sigset_t blockable, saved_mask;
 static int blockable_ready = 0, hold_depth = 0;
-static unsigned long main_ident = 0;
 
 static PyObject *
 signals_setup(PyObject *self, PyObject *args)
@@ -821,7 +1398,8 @@ tls_fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     r->call_end = end;
     if (result == NULL)
         return NULL;
-    int usual = end - start < slow_ns
+    /* profiling: the Python side adds every TLS call to the profile */
+    int usual = prof_local == NULL && end - start < slow_ns
         && (!r->over_used || (r->over_eagain + r->over_eintr + r->over_partial + r->over_failed) == 0);
     for (int i = 0; usual && i < r->n; i++) {
         TlsEvent *e = &r->ev[i];
@@ -859,13 +1437,25 @@ tls_fast_setup(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+layout_ok_fn(PyObject *module, PyObject *unused)
+{
+    return PyBool_FromLong(layout_ok);
+}
+
 static PyMethodDef methods[] = {
     {"signals_setup", signals_setup, METH_VARARGS,
      "signals_setup(signals, main_thread_ident): what hold_signals blocks, and where"},
     {"hold_signals", hold_signals, METH_NOARGS, "block the asynchronous signals (main thread)"},
     {"release_signals", release_signals, METH_NOARGS, "undo hold_signals"},
     {"send_counted", send_counted, METH_VARARGS,
-     "send_counted(fd, buffer, flags, acc) -> result; acc: [bytes total, start, end, result, errno]"},
+     "send_counted(fd, buffer, flags, acc[, sigacc]) -> result; acc: [bytes total, start, end, result, errno]"},
+    {"signal_timing_setup", signal_timing_setup, METH_VARARGS,
+     "signal_timing_setup(signal.getsignal, [signal numbers]): what the handler hook looks at"},
+    {"run_signals", run_signals, METH_O, "run_signals(sigacc): the handlers due now, timed into sigacc"},
+    {"signal_timing_stop", signal_timing_stop, METH_NOARGS, "the call is over: stop timing handlers"},
+    {"poll_wait", poll_wait, METH_VARARGS,
+     "poll_wait(fd, events, timeout_ms, sigacc) -> (result, errno, start_ns, end_ns)"},
     {"tls_setup", tls_setup, METH_O, "tls_setup(path of _ssl) -> True when OpenSSL's BIO callbacks are usable"},
     {"tls_begin", tls_begin, METH_O, "tls_begin(sslobj) -> True: this thread records the wire level of sslobj"},
     {"tls_end", tls_end, METH_NOARGS,
@@ -875,7 +1465,13 @@ static PyMethodDef methods[] = {
     {"tls_fast_setup", tls_fast_setup, METH_VARARGS, "tls_fast_setup(UNUSUAL, NESTED): tls_fast's marks"},
     {"fast", (PyCFunction)(void (*)(void))fast, METH_FASTCALL,
      "fast(method, sock, args, kwargs) -> result, NOT_FAST or PARTIAL"},
+    {"method", make_method, METH_VARARGS,
+     "method(index, fallback, m, raised, cont) -> the patched method of C path index"},
+    {"layout_ok", (PyCFunction)(void (*)(void))layout_ok_fn, METH_NOARGS,
+     "layout_ok() -> True when socket fields are read directly"},
     {"configure", configure, METH_VARARGS, "configure(...): set the objects the fast path uses"},
+    {"set_profile", set_profile, METH_VARARGS,
+     "set_profile(Profile._local or None, method names, max_depth, asyncio callback code or None)"},
     {"set_slow_ns", set_slow_ns, METH_O, "set_slow_ns(ns): calls at least this long call on_slow"},
     {"last", last, METH_NOARGS, "last() -> (start_ns, end_ns, bytes) of the last fast attempt"},
     {"snapshot", snapshot, METH_O,
@@ -891,5 +1487,6 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    if (PyType_Ready(&MethodType) < 0) return NULL;
     return PyModule_Create(&module_def);
 }

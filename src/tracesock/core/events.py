@@ -208,6 +208,7 @@ class Call:
         "tcp_before",
         "tcp_attrs",
         "sent_acc",
+        "signal_acc",
     )
 
     def __init__(self, method, stats, start, keep_steps):
@@ -235,6 +236,7 @@ class Call:
         self.tcp_before = None  # that snapshot
         self.tcp_attrs = None  # span attributes from TCP_INFO deltas (and the verdict)
         self.sent_acc = None  # blocking sends: the C extension's running tally (_syscall.sent_counter)
+        self.signal_acc = None  # [ns in Python signal handlers], exact (syscall.signal_acc), or None
 
     def _keep(self, step):
         if self.steps is not None:

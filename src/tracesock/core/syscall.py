@@ -55,6 +55,8 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
+import _signal as _csignal
+import signal as _signal
 import socket as _stdsocket
 import struct
 from array import array as _array
@@ -65,7 +67,7 @@ from .events import INTERRUPTED, READY, TIMEOUT, errno_name
 from .originals import C_SOCKET
 from .speedups import module as _speedups
 
-__all__ = ["Deadline", "now", "wait", "syscall", "sock_call", "blocking_send", "fd_blocks", "timed_out",
+__all__ = ["Deadline", "now", "signal_acc", "signal_timing_done", "wait", "syscall", "sock_call", "blocking_send", "fd_blocks", "timed_out",
            "recv_now", "send_now"]
 
 now = time.perf_counter_ns
@@ -98,16 +100,20 @@ def wait(call, fd, writing, timeout_ns):
         # _PyTime_ROUND_CEILING: never wake up before the deadline.
         ms = min(-(-timeout_ns // 1_000_000), _INT_MAX)
     call.before_waiting()
-    pfd = libc.PollFd(fd, _POLLOUT if writing else _POLLIN, 0)
-    start = now()
-    n = libc.poll(ctypes.byref(pfd), 1, ms)
-    end = now()
+    if _poll_wait is not None:
+        # The handlers of the signals that came during the wait run in there, timed.
+        n, code, start, end = _poll_wait(fd, _POLLOUT if writing else _POLLIN, ms, signal_acc(call))
+    else:
+        pfd = libc.PollFd(fd, _POLLOUT if writing else _POLLIN, 0)
+        start = now()
+        n = libc.poll(ctypes.byref(pfd), 1, ms)
+        end = now()
+        code = libc.get_errno() if n < 0 else 0
     if n > 0:
         outcome = READY
     elif n == 0:
         outcome = TIMEOUT
     else:
-        code = libc.get_errno()
         if code != _EINTR:
             raise OSError(code, os.strerror(code))
         outcome = INTERRUPTED
@@ -235,6 +241,32 @@ def sock_call(call, sock, name, fn, args, writing, size_of, timeout_ns=None,
 
 
 _send_counted = getattr(_speedups, "send_counted", None)
+_poll_wait = getattr(_speedups, "poll_wait", None)
+
+
+_timing_stop = getattr(_speedups, "signal_timing_stop", None)
+if _timing_stop is not None:
+    # _signal's own getsignal: no Python code (signal.getsignal's enum conversion) in between
+    _speedups.signal_timing_setup(_csignal.getsignal, sorted(_signal.valid_signals()))
+
+
+def signal_timing_done(call):
+    """The call is over: stop timing signal handlers for it (first thing at its end)."""
+    if call.signal_acc is not None:
+        _timing_stop()
+
+
+def signal_acc(call):
+    """The call's tally of ns spent in Python signal handlers ([ns]), which the
+    C extension's blocking syscalls add to (``timed_signals`` in _speedups.c);
+    ``None`` without it: then no exact figure exists (see tcpinfo.diagnose)."""
+    acc = call.signal_acc
+    if acc is None and _poll_wait is not None:
+        acc = call.signal_acc = _array("q", bytes(8))
+        # Before the call's first wait: the handlers of signals that came since it
+        # began run now, timed (they would run at the next bytecode anyway).
+        _speedups.run_signals(acc)
+    return acc
 
 
 def sent_counter():
@@ -262,7 +294,11 @@ def blocking_send(call, sock, view, flags):
     if acc is not None:
         # The C extension sends and counts before any Python code runs: if a
         # signal handler raises right after, acc still knows what was sent.
-        _send_counted(fd, view, flags, acc)
+        sig = signal_acc(call)
+        if sig is not None:
+            _send_counted(fd, view, flags, acc, sig)
+        else:
+            _send_counted(fd, view, flags, acc)
         start, end, n, code = acc[1], acc[2], acc[3], acc[4]
     else:
         pybuf = libc.PyBuffer()

@@ -63,6 +63,9 @@ VERDICTS = ("receiver_slow", "send_buffer_small", "network", "signals", "timeout
 
 # A cause "explains" a slow call when it accounts for this share of its duration.
 _DOMINANT = 0.3
+# Exact handler time below this is the clock reads around a check that ran no
+# handler (tens of ns each; a Python handler call alone takes longer).
+_HANDLER_RAN_NS = 100_000
 
 
 def snapshot(sock):
@@ -108,9 +111,12 @@ def inq(sock):
     return struct.unpack("i", buf)[0]
 
 
-def diagnose(before, after, duration_s, eintr_retries, timed_out):
+def diagnose(before, after, duration_s, eintr_retries, timed_out, signal_ns=None):
     """Span attributes and a verdict from two snapshots of one call.
 
+    ``signal_ns``: the exact time Python signal handlers ran during the call
+    (the C extension times them, see ``syscall.signal_acc``), or ``None``:
+    then the thread's user CPU time stands in for it (sampled per tick).
     Returns ``(attributes, verdict)``.  Times are turned into seconds.
     """
     attrs = {}
@@ -143,7 +149,13 @@ def diagnose(before, after, duration_s, eintr_retries, timed_out):
     small_buffer = (window is not None and sndbuf_now is not None
                     and sndbuf_now < window and sndbuf_now < _DEFAULT_SNDBUF)
     signal_s = 0.0
-    if eintr_retries and "utime" in before and "utime" in after:
+    if signal_ns is not None:
+        if eintr_retries or signal_ns >= _HANDLER_RAN_NS:
+            # A handler may also run after a send no signal interrupted (the
+            # signal went to another thread): its time delayed the call all the same.
+            signal_s = signal_ns / 1e9
+            attrs["tracesock.signals.duration"] = signal_s
+    elif eintr_retries and "utime" in before and "utime" in after:
         signal_s = max(after["utime"] - before["utime"], 0.0)
         attrs["tracesock.signals.duration"] = signal_s
     verdict = _verdict(duration_s, eintr_retries, timed_out, retrans, rwnd, sndbuf, busy,
@@ -156,7 +168,7 @@ def _verdict(duration_s, eintr_retries, timed_out, retrans, rwnd, sndbuf, busy, 
              signal_s):
     if timed_out:
         return "timeout"
-    if eintr_retries and signal_s >= duration_s * _DOMINANT:
+    if (eintr_retries or signal_s) and signal_s >= duration_s * _DOMINANT:
         return "signals"  # the handlers themselves took the time
     floor = duration_s * _DOMINANT * 1e6  # in us, like the chrono counters
     rwnd = rwnd or 0

@@ -30,7 +30,8 @@ from ..core.events import BOUNDS_NS, INTERRUPTED, RECEIVES, SOCKET_SENDS, Call, 
     stats_for, thread_stats
 from ..core.guard import from_signal_handler, swallow
 from ..core.originals import C_SOCKET, STD_SOCKET, dress
-from ..core.syscall import Deadline, blocking_send, fd_blocks, now, sent_counter, sock_call, timed_out
+from ..core.syscall import Deadline, blocking_send, fd_blocks, now, sent_counter, signal_timing_done, sock_call, \
+    timed_out
 from ..telemetry import recorder
 from ..telemetry.context import RUNTIME_VAR, SUPPRESS, current_context, parent_recording
 from . import policy
@@ -350,6 +351,7 @@ def _fast_failed(sock, m, start, end, exc, args, kwargs, ctx):
 
 def _finish(call, sock, ctx):
     try:
+        signal_timing_done(call)
         call.end = now()
         st = call.stats
         err = type(call.error).__name__ if call.error is not None else None
@@ -395,7 +397,7 @@ def diagnose(call, sock):
         if after is not None:
             call.tcp_attrs, verdict = tcpinfo.diagnose(
                 call.tcp_before, after, (call.end - call.start) / 1e9, call.eintr_retries,
-                call.timed_out)
+                call.timed_out, call.signal_acc[0] if call.signal_acc is not None else None)
             st.slow_calls[verdict] = st.slow_calls.get(verdict, 0) + 1
     elif call.method in RECEIVES and call.waits and st.transport == "tcp":
         # A receive that had to wait: the peer was slow to send (what is queued now).
@@ -609,23 +611,37 @@ def _load_speedups():
     if module is None or RUNTIME_VAR is None:
         return None
     try:
-        module.configure(_C.recv, _C.recv_into, _C.send, _C.gettimeout,
-                         _C.__dict__["family"], _C.__dict__["type"], RUNTIME_VAR,
-                         NOT_FAST, _PARTIAL, _c_slow, BOUNDS_NS, _DW, 0)
+        probe = _layout_probe()
+        try:
+            module.configure(_C.recv, _C.recv_into, _C.send, _C.gettimeout,
+                             _C.__dict__["family"], _C.__dict__["type"], RUNTIME_VAR,
+                             NOT_FAST, _PARTIAL, _c_slow, BOUNDS_NS, _DW, 0, probe)
+        finally:
+            probe.close()
         return module
     except Exception:  # an unexpected OpenTelemetry runtime context
         return None
 
 
+def _layout_probe():
+    """A socket the C path checks its direct reads of the socket's fields
+    against (family, type, timeout: see SockHead in _speedups.c)."""
+    probe = _C(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+    probe.settimeout(1.5)
+    return probe
+
+
 _C_METHODS = _speedups_loader.C_METHODS
 
 
-def _c_slow(index, sock, start, end, n, result, args):
-    """The C path's call reached the slow threshold: make its span (never raises)."""
+def _c_slow(index, sock, start, end, n, result, args, profiled=True):
+    """The C path's call reached the slow threshold, or was not added to the
+    profile (``profiled`` False): make its span, profile it (never raises)."""
     rec = recorder.RECORDER
-    if rec.profile is not None:  # while profiling, the C path reports every call here
-        # frames: 0 this, 1 the method (_accelerated), 2 its caller
-        rec.profile.fast(_C_METHODS[index], end - start, n, index >= 2, False, _sys._getframe(2))
+    if rec.profile is not None:
+        if not profiled:  # the C path found no profile entry for this stack yet
+            # frames: 0 this, 1 the caller of the method (a C Method: no frame of its own)
+            rec.profile.fast(_C_METHODS[index], end - start, n, index >= 2, False, _sys._getframe(1))
         if end - start < rec.slow_ns or not rec.detail:
             return
     m = _BY_NAME[_C_METHODS[index]]
@@ -921,20 +937,13 @@ def _sendfile_verdict(call):
 
 
 def _accelerated(index, m, python_method):
-    """``python_method`` with the C hot path in front (see ``_speedups.c``)."""
-    fast = SPEEDUPS.fast
+    """``python_method`` with the C hot path in front: a ``_speedups.Method``
+    (see ``_speedups.c``), which calls ``python_method`` for what it declines."""
+    _FALLBACKS[python_method.__name__] = python_method
+    return SPEEDUPS.method(index, python_method, m, _c_raised, _c_continue)
 
-    def method(self, *args, **kwargs):
-        try:
-            r = fast(index, self, args, kwargs)
-        except BaseException as exc:
-            r = _c_raised(self, m, args, kwargs, exc)
-        if r is NOT_FAST:
-            return python_method(self, *args, **kwargs)
-        return _c_continue(self, m, args, kwargs) if r is _PARTIAL else r
 
-    method.__name__ = python_method.__name__
-    return method
+_FALLBACKS = {}  # name -> the Python method behind a C Method (dressed as it)
 
 
 _BY_NAME = {"recv": RECV, "recv_into": RECV_INTO, "send": SEND, "sendall": SENDALL}
@@ -947,10 +956,12 @@ if SPEEDUPS is not None:
     sendall = _accelerated(3, SENDALL, sendall)
 if SPEEDUPS is not None:
     def _sync_threshold(rec):
-        if rec.profile is not None:  # profiling: every C-path call reports to _c_slow
-            SPEEDUPS.set_slow_ns(0)
+        p = rec.profile
+        if p is not None:  # profiling: the C path adds every call to the profile itself
+            SPEEDUPS.set_profile(p.local_entries(), _C_METHODS, p.max_depth, p.callback_code())
         else:
-            SPEEDUPS.set_slow_ns(rec.slow_ns if rec.detail else 1 << 62)
+            SPEEDUPS.set_profile(None, (), 0, None)
+        SPEEDUPS.set_slow_ns(rec.slow_ns if rec.detail else 1 << 62)
 
     recorder.on_change(_sync_threshold)
 
@@ -972,7 +983,7 @@ METHODS = {
 }
 
 
-for _name, _fn in METHODS.items():
+for _name, _fn in [*METHODS.items(), *_FALLBACKS.items()]:
     _original = getattr(STD_SOCKET, _name)
     # A C method names no module: pickled by reference as socket.socket.<name>.
     dress(_fn, _original, None if hasattr(_original, "__module__") else "socket")

@@ -62,7 +62,7 @@ from ..core import tcpinfo
 from ..core.events import INTERRUPTED, MAX_STEPS, READY, TIMEOUT, TLS_SENDS, Call, Stats, Step, errno_name
 from ..core.guard import swallow
 from ..core.originals import C_SOCKET, dress
-from ..core.syscall import blocking_send, now, recv_now, send_now, wait
+from ..core.syscall import blocking_send, now, recv_now, send_now, signal_timing_done, wait
 from ..telemetry import recorder
 from ..telemetry.attributes import site_attributes, socket_attributes, step_counters, timeout_attribute
 from ..telemetry.context import SUPPRESS, current_context
@@ -183,6 +183,7 @@ def _span(parent_ctx, rec, call, sock, handshake):
 
 def _finish(call, sock, ctx, handshake=False, end=None):
     try:
+        signal_timing_done(call)
         call.end = end or now()
         st = call.stats
         if handshake:

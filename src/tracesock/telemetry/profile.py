@@ -244,6 +244,15 @@ class Profile:
             for i, v in enumerate(values):
                 o[i] += v
 
+    def local_entries(self):
+        """The per-thread holder whose ``entries`` dict the hot paths add to
+        (the C extension reads it too: ``set_profile`` in _speedups.c)."""
+        return self._local
+
+    def callback_code(self):
+        """The code of asyncio's ``Handle._run``: a stack holding it takes the Python path."""
+        return self._hrun
+
     def fast(self, method, d, n, writing, partial, f=None):
         """A call done in one syscall without waiting (C or Python hot path).
 
