@@ -298,7 +298,12 @@ def test_slow_tls_sendall_to_a_slow_reader_gets_tcp_state_and_verdict(telemetry,
             got = 0
             while got < len(data):
                 time.sleep(0.005)
-                chunk = tls.recv(65536)
+                try:
+                    chunk = tls.recv(65536)
+                except ConnectionResetError:
+                    # the client closes with the server's session tickets unread: a
+                    # reset, which 3.13+ raises as such (before: b"", a ragged EOF)
+                    break
                 if not chunk:
                     break
                 got += len(chunk)
