@@ -35,7 +35,8 @@ EPILOG = f"""\
 Every option can also be set with a TRACESOCK_* environment variable
 (docs/configuration.md); options win.  OTLP is configured with the standard
 OTEL_EXPORTER_OTLP_* variables, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
-and OTEL_TRACES_SAMPLER.
+and OTEL_TRACES_SAMPLER; the metrics go along over OTLP with --exporter otlp
+(OTEL_METRICS_EXPORTER, OTEL_METRIC_EXPORT_INTERVAL, ...: docs/configuration.md).
 
 examples:
   tracesock run client.py --url http://localhost:8000/
