@@ -561,3 +561,25 @@ def test_attach_to_a_target_of_an_unprivileged_user(targets, tmp_path):
     out = tmp_path / f"tracesock-{t.pid}.json"
     assert os.stat(out).st_uid == 0 and any(n == "socket.recv" for n, _ in spans_of(out))
     assert not os.path.exists(f"/tmp/tracesock-65534/{t.pid}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_refuses_when_ptrace_is_denied_with_the_fix(targets, tmp_path):
+    """A non-dumpable target and an attacher without CAP_SYS_PTRACE: ptrace is denied."""
+    t = targets("busy", env=cli_env(ATTACH_TARGET_UNDUMPABLE="1"))
+    r = subprocess.run(["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace",
+                        sys.executable, "-m", "tracesock", "attach", str(t.pid)],
+                       capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=60)
+    _refused(r, f"ptrace denied for pid {t.pid}", "CAP_SYS_PTRACE")
+    assert t.state()["ours"] == []
+
+
+@pytest.mark.skipif(not REMOTE_EXEC, reason="sys.remote_exec is Python 3.14+")
+@pytest.mark.parametrize("how", ["env", "-X"])
+def test_refuses_when_remote_debugging_is_disabled(targets, tmp_path, how):
+    if how == "env":
+        t = targets("busy", env=cli_env(PYTHON_DISABLE_REMOTE_DEBUG="1"))
+    else:
+        t = targets("busy", launcher=[sys.executable, "-u", "-X", "disable-remote-debug"])
+    _refused(attach(t.pid, cwd=tmp_path), "remote debugging is disabled", "PYTHON_DISABLE_REMOTE_DEBUG")
+    assert t.state()["ours"] == []

@@ -42,7 +42,7 @@ import time
 
 from . import INJECT, AttachError
 
-__all__ = ["bootstrap", "inject_gdb", "inject_remote_exec", "attacher_paths"]
+__all__ = ["bootstrap", "inject_gdb", "inject_remote_exec", "attacher_paths", "ptrace_help"]
 
 BOOTSTRAP = r'''
 import sys
@@ -199,7 +199,7 @@ gdb.execute("detach")
 """
 
 
-def _ptrace_help():
+def ptrace_help():
     try:
         with open("/proc/sys/kernel/yama/ptrace_scope") as f:
             scope = f.read().strip()
@@ -250,7 +250,7 @@ def inject_gdb(pid, source, channel, timeout, on_wait=None, tick=None):
     if "TRACESOCK-INJECTED" in out or "TRACESOCK-PENDING 0" in out:
         return
     if "ptrace: Operation not permitted" in out:
-        raise AttachError(f"ptrace denied for pid {pid}: {_ptrace_help()}")
+        raise AttachError(f"ptrace denied for pid {pid}: {ptrace_help()}")
     if "ptrace: No such process" in out:
         raise AttachError(f"no such process: {pid}")
     if 'Function "PyEval_RestoreThread" not defined' in out or "No symbol table" in out:
@@ -286,10 +286,10 @@ def inject_remote_exec(pid, source, channel, executable):
         return
     text = " ".join(out.stdout.split())
     if out.returncode == 3:
-        raise AttachError(f"ptrace denied for pid {pid} ({text[6:]}): {_ptrace_help()}")
+        raise AttachError(f"ptrace denied for pid {pid} ({text[6:]}): {ptrace_help()}")
     if out.returncode == 4:
         raise AttachError(f"no such process: {pid}")
     if "not enabled" in text.lower() or "disable" in text.lower():
         raise AttachError(f"remote debugging is disabled in pid {pid} (PYTHON_DISABLE_REMOTE_DEBUG or "
-                          f"-X disable_remote_debug): restart it without, or with TRACESOCK_TRIGGER=SIGUSR2")
+                          f"-X disable-remote-debug): restart it without, or with TRACESOCK_TRIGGER=SIGUSR2")
     raise AttachError(f"sys.remote_exec into pid {pid} failed: {text[6:] if text.startswith('ERROR') else text}")

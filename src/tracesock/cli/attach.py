@@ -29,7 +29,7 @@ from ..attach import (DEFAULT_LEASE, DETACH, DONE, HEARTBEAT, OWNER, REQUEST, ST
                       TRIGGER_ENV, AttachError, age, alive, channel_dir, ensure_private_dir, proc_status,
                       read_json, runtime_dir, start_time, trigger_file, write_json)
 from ..attach.agent import parse_trigger
-from ..attach.inject import attacher_paths, bootstrap, inject_gdb, inject_remote_exec
+from ..attach.inject import attacher_paths, bootstrap, inject_gdb, inject_remote_exec, ptrace_help
 from ..exporters.file import write_private
 from .args import OneLineParser
 
@@ -151,6 +151,8 @@ _EXE = re.compile(r"python(\d+)\.(\d+)")
 def _python_of(pid, name):
     try:
         exe = os.readlink(f"/proc/{pid}/exe")
+    except PermissionError:  # /proc/PID/exe needs the same right as ptrace
+        raise AttachError(f"ptrace denied for pid {pid} ({name}): {ptrace_help()}") from None
     except OSError as e:
         raise AttachError(f"cannot read /proc/{pid}/exe: {e.strerror}") from None
     exe_path = f"/proc/{pid}/exe"
