@@ -95,12 +95,14 @@ print("done")
 """
 
 
-def test_run_profile_two_sites(tmp_path):
+@pytest.mark.parametrize("how", ["script", "-m"])
+def test_run_profile_two_sites(tmp_path, how):
     script = tmp_path / "two_sites.py"
     script.write_text(TWO_SITES)
     out = tmp_path / "prof.speedscope.json"
+    program = [str(script)] if how == "script" else ["-m", "two_sites"]  # stacks from its first frame
     r = subprocess.run([PY, "-m", "tracesock", "run", "--no-summary", "--exporter", "none",
-                        "--profile", str(out), str(script)], cwd=tmp_path, env=cli_env(),
+                        "--profile", str(out), *program], cwd=tmp_path, env=cli_env(),
                        capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "done\n" and r.stderr == ""  # the program's output is its own (--no-summary)

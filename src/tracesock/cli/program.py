@@ -28,6 +28,7 @@ makes the printed traceback start at the program's first frame).
 from __future__ import annotations
 
 import builtins
+import functools
 import importlib.machinery
 import importlib.util
 import io
@@ -113,7 +114,7 @@ def script(path, args):
                   else importlib.machinery.SourceFileLoader)("__main__", full)
         main.__loader__ = loader
         try:
-            execute(lambda: _code_of(full, pyc), vars(main))
+            execute(functools.partial(_code_of, full, pyc), vars(main))
         finally:
             # pythonrun.c removes them once the script has run (atexit handlers do not see them)
             vars(main).pop("__file__", None)
@@ -140,13 +141,13 @@ def _main_of(path, full, args):
     main = _fresh_main()
     # runpy hides __main__ while it looks for the directory's own
     try:
-        _name, spec, code = runpy._get_main_module_details(runpy._Error)
+        runpy._get_main_module_details(runpy._Error)
     except runpy._Error as e:
         raise NotRunnable(str(e), 1) from None
 
     def run():
         sys.modules["__main__"] = main
-        execute(lambda: code, vars(main), spec)
+        execute(None, vars(main), main_module=("__main__", False))
 
     return run
 
@@ -157,28 +158,34 @@ def module(name, args):
     _set_path0(os.getcwd())
     main = _fresh_main()  # what the parent packages imported to find it see
     try:
-        _name, spec, code = runpy._get_module_details(name, runpy._Error)
+        runpy._get_module_details(name, runpy._Error)
     except runpy._Error as e:
         raise NotRunnable(str(e), 1) from None
 
     def run():
-        sys.argv[0] = spec.origin
-        execute(lambda: code, vars(main), spec)
+        execute(None, vars(main), main_module=(name, True))
 
     return run
 
 
-def execute(load, globals_, spec=None):
-    """Run the program's code in ``globals_``: the frame above the program's first (see trim_traceback)."""
-    if spec is None:
+def execute(load, globals_, main_module=None):
+    """Run the program: the frame above its first (trim_traceback cuts the traceback there).
+
+    A script: ``load()``'s code in ``globals_``.  ``main_module`` ``(name, alter_argv)``:
+    what python's C main calls for ``-m`` and for a directory or zip file,
+    ``runpy._run_module_as_main``, into ``sys.modules["__main__"]`` (``globals_``'s module):
+    it finds the module again (already checked, its parent packages already imported),
+    sets ``sys.argv[0]`` and the module's attributes from its spec, and its two frames
+    are in the traceback as under python.
+    """
+    if main_module is None:
         exec(load(), globals_)
     else:
-        # runpy's own: __name__, __file__, __cached__, __loader__, __package__, __spec__ from the spec
-        runpy._run_code(load(), globals_, None, "__main__", spec)
+        runpy._run_module_as_main(*main_module)
 
 
-# The frames just above the program's; _code_of: a SyntaxError in the script has no frame of it.
-_MARKERS = (execute.__code__, _code_of.__code__, runpy._run_code.__code__)
+# Right below execute() when the script's source does not compile: no frame of the program.
+_BELOW_EXECUTE = (_code_of.__code__,)
 
 
 def trim_traceback():
@@ -193,13 +200,14 @@ def trim_traceback():
 
     def hook(exc_type, exc, tb):
         sys.excepthook = previous
-        found, start = False, None
         t = tb
-        while t is not None:
-            if t.tb_frame.f_code in _MARKERS:
-                found, start = True, t.tb_next
+        while t is not None and t.tb_frame.f_code is not execute.__code__:
             t = t.tb_next
-        if found and isinstance(exc, BaseException):
+        if t is not None and isinstance(exc, BaseException):
+            # the first execute() only: the program may run code through runpy itself
+            start = t.tb_next
+            while start is not None and start.tb_frame.f_code in _BELOW_EXECUTE:
+                start = start.tb_next
             tb = start
             exc.__traceback__ = tb  # what the default hook prints from
         previous(exc_type, exc, tb)

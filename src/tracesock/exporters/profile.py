@@ -122,10 +122,14 @@ def _is_run_code(name, path):
     return name == "_run_code" and "runpy" in path
 
 
+def _is_runpy(name, path):
+    return name in ("_run_module_as_main", "_run_code") and "runpy" in path
+
+
 def _trim(frames):
     """Without tracesock's own frames; under ``tracesock run``, from the program's first frame
-    (what ran before ``tracesock.cli.program.execute`` -- and runpy's ``_run_code`` it may call
-    -- is the runner, not the program)."""
+    (what ran before ``tracesock.cli.program.execute`` -- and the runpy frames it may call
+    for ``-m`` -- is the runner, not the program)."""
     cut = 0
     runner = False
     for i, (name, path, line) in enumerate(frames):
@@ -133,7 +137,7 @@ def _trim(frames):
             runner = True
             if name == "execute" and path.endswith(_PROGRAM_START):
                 cut = i + 1
-                if cut < len(frames) and _is_run_code(*frames[cut][:2]):
+                while cut < len(frames) and _is_runpy(*frames[cut][:2]):  # -m: runpy's frames
                     cut += 1
                 break
         elif runner and _is_run_code(name, path):
