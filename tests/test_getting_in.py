@@ -370,3 +370,16 @@ def test_uncaught_exception_traceback_is_pythons(programs, program):
     assert got.returncode == expected.returncode == 1
     assert got.stderr == expected.stderr
     assert "in go" in got.stderr and "inner.py" in got.stderr  # the program's frames, all of them
+
+
+def test_runpy_warning_comes_once_as_under_python(programs):
+    # a package that imports the module run with -m: runpy warns, once
+    write(programs / "selfish" / "__init__.py", "import warnings\nwarnings.warn('own', RuntimeWarning)\n"
+                                                "from . import server\n")
+    write(programs / "selfish" / "server.py", "print('server', __name__)\n")
+    expected = run([PY, "-m", "selfish.server"], programs)
+    got = run([PY, "-m", "tracesock", "run", "--no-summary", "-m", "selfish.server"], programs)
+    assert got.returncode == expected.returncode == 0
+    assert got.stdout == expected.stdout == "server selfish.server\nserver __main__\n"
+    assert got.stderr == expected.stderr
+    assert expected.stderr.count("RuntimeWarning: own") == expected.stderr.count("found in sys.modules") == 1

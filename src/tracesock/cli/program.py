@@ -38,6 +38,7 @@ import pkgutil
 import runpy
 import sys
 import types
+import warnings
 
 __all__ = ["NotRunnable", "script", "module", "trim_traceback"]
 
@@ -158,7 +159,13 @@ def module(name, args):
     _set_path0(os.getcwd())
     main = _fresh_main()  # what the parent packages imported to find it see
     try:
-        runpy._get_module_details(name, runpy._Error)
+        with warnings.catch_warnings():
+            # runpy's warning (a module imported by its own package) comes once, from the
+            # lookup _run_module_as_main makes again when the program starts; the parent
+            # packages' own warnings are not repeated: they show now
+            warnings.filterwarnings("ignore", message=".* found in sys.modules after import of package",
+                                    category=RuntimeWarning)
+            runpy._get_module_details(name, runpy._Error)
     except runpy._Error as e:
         raise NotRunnable(str(e), 1) from None
 
