@@ -432,14 +432,27 @@ def test_refuses_a_target_of_another_user(targets, tmp_path):
     assert same_state(t.state(), before)
 
 
-@gdb_only
+def _other_python():
+    """An interpreter of another version without tracesock (gdb needed below 3.14)."""
+    me = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for p in ("/usr/bin/python3.15", "/usr/bin/python3.14",
+              os.path.expanduser("~/.pyenv/versions/3.12.1/bin/python3.12"),
+              os.path.expanduser("~/.pyenv/versions/3.10.13/bin/python3.10")):
+        version = os.path.basename(p)[len("python"):]
+        if version == me or not os.path.exists(p):
+            continue
+        if tuple(map(int, version.split("."))) < (3, 14) and shutil.which("gdb") is None:
+            continue
+        if subprocess.run([p, "-I", "-c", "import tracesock"], capture_output=True).returncode != 0:
+            return p
+    return None
+
+
 def test_refuses_when_tracesock_is_not_importable_in_the_target(tmp_path):
-    """Another Python version (pyenv's 3.12 without tracesock): the target says what to install where."""
-    other = next((p for p in (os.path.expanduser("~/.pyenv/versions/3.12.1/bin/python3.12"),
-                              os.path.expanduser("~/.pyenv/versions/3.10.13/bin/python3.10"))
-                  if os.path.exists(p)), None)
+    """Another Python version without tracesock: the target says what to install where."""
+    other = _other_python()
     if other is None:
-        pytest.skip("no second Python version")
+        pytest.skip("no other Python version without tracesock")
     code = "import time\nprint('port 0', flush=True)\nwhile True: time.sleep(0.1)"
     proc = subprocess.Popen([other, "-I", "-c", code], stdout=subprocess.PIPE, text=True)
     try:
