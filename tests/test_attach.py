@@ -63,7 +63,21 @@ class Target:
                 return json.loads(line)
             self.lines.append(line)
 
+    def rss(self):
+        """Resident memory in KiB."""
+        self.proc.stdin.write("rss\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, self.proc.stderr.read()
+            if line.startswith("rss "):
+                return int(line.split()[1])
+            self.lines.append(line)
+
     def close(self):
+        trigger = f"/tmp/tracesock-{os.geteuid()}/{self.pid}.trigger"
+        if os.path.exists(trigger):  # a killed target does not remove its advertisement
+            os.unlink(trigger)
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
@@ -160,6 +174,7 @@ def test_attach_mid_traffic_and_detach_leaves_the_target_as_it_was(targets, tmp_
     peers and exactly the bytes the client counted; the target's state as before."""
     t = targets(mode)
     before = t.state()  # no connection open: compared once the client is done
+    rss_before = t.rss()
     client = EchoClient(t.port)
     client.start()
     time.sleep(0.5)
@@ -171,13 +186,14 @@ def test_attach_mid_traffic_and_detach_leaves_the_target_as_it_was(targets, tmp_
     assert not client.errors
     time.sleep(0.3)
     after = t.state()
+    rss_after = t.rss()
     assert same_state(after, before), (after, before)
     assert before["ours"] == [] and "tracesock" not in str(before["meta_path"])
     out = tmp_path / f"tracesock-{t.pid}.json"
     assert "socket calls traced" in r.stderr and str(out) in r.stderr
     spans = spans_of(out)
     names = {n for n, _ in spans}
-    assert "tracesock.attach" in names
+    assert "tracesock.attached" in names
     assert {"socket.recv", "socket.accept"} <= names or {"socket.recv", "socket.send"} <= names, names
     # per connection, the bytes the target's spans say it sent == what the client got back
     sent = {}
@@ -200,6 +216,10 @@ def test_attach_mid_traffic_and_detach_leaves_the_target_as_it_was(targets, tmp_
     assert again.returncode == 0, again.stderr
     time.sleep(0.3)
     assert t.state() == after
+    # memory: the first attach loads tracesock and the SDK (a few MiB, measured ~7), the
+    # second adds nothing lasting
+    assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)
+    assert t.rss() - rss_after < 3 * 1024, rss_after
 
 
 def _fds(pid):
@@ -412,14 +432,27 @@ def test_refuses_a_target_of_another_user(targets, tmp_path):
     assert same_state(t.state(), before)
 
 
-@gdb_only
+def _other_python():
+    """An interpreter of another version without tracesock (gdb needed below 3.14)."""
+    me = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for p in ("/usr/bin/python3.15", "/usr/bin/python3.14",
+              os.path.expanduser("~/.pyenv/versions/3.12.1/bin/python3.12"),
+              os.path.expanduser("~/.pyenv/versions/3.10.13/bin/python3.10")):
+        version = os.path.basename(p)[len("python"):]
+        if version == me or not os.path.exists(p):
+            continue
+        if tuple(map(int, version.split("."))) < (3, 14) and shutil.which("gdb") is None:
+            continue
+        if subprocess.run([p, "-I", "-c", "import tracesock"], capture_output=True).returncode != 0:
+            return p
+    return None
+
+
 def test_refuses_when_tracesock_is_not_importable_in_the_target(tmp_path):
-    """Another Python version (pyenv's 3.12 without tracesock): the target says what to install where."""
-    other = next((p for p in (os.path.expanduser("~/.pyenv/versions/3.12.1/bin/python3.12"),
-                              os.path.expanduser("~/.pyenv/versions/3.10.13/bin/python3.10"))
-                  if os.path.exists(p)), None)
+    """Another Python version without tracesock: the target says what to install where."""
+    other = _other_python()
     if other is None:
-        pytest.skip("no second Python version")
+        pytest.skip("no other Python version without tracesock")
     code = "import time\nprint('port 0', flush=True)\nwhile True: time.sleep(0.1)"
     proc = subprocess.Popen([other, "-I", "-c", code], stdout=subprocess.PIPE, text=True)
     try:
@@ -456,7 +489,7 @@ def test_trigger_two_signals_write_the_spans_in_between(targets, tmp_path):
     while not out.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     names = {n for n, _ in spans_of(out)}
-    assert {"tracesock.attach", "socket.recv"} <= names
+    assert {"tracesock.attached", "socket.recv"} <= names
     time.sleep(0.3)
     assert same_state(t.state(), dormant)
 
@@ -583,3 +616,18 @@ def test_refuses_when_remote_debugging_is_disabled(targets, tmp_path, how):
         t = targets("busy", launcher=[sys.executable, "-u", "-X", "disable-remote-debug"])
     _refused(attach(t.pid, cwd=tmp_path), "remote debugging is disabled", "PYTHON_DISABLE_REMOTE_DEBUG")
     assert t.state()["ours"] == []
+
+
+def test_sigterm_to_the_attacher_detaches_and_prints_the_summary(targets, tmp_path):
+    t = targets("busy")
+    before = t.state()
+    proc = attach(t.pid, cwd=tmp_path, wait=False)
+    _wait_attached(proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "detached" in err and "socket calls traced" in err
+    assert (tmp_path / f"tracesock-{t.pid}.json").exists()
+    assert not os.path.exists(f"/tmp/tracesock-{os.geteuid()}/{t.pid}")  # the channel is removed
+    time.sleep(0.3)
+    assert same_state(t.state(), before)

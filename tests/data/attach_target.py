@@ -48,6 +48,9 @@ def control():
     for line in sys.stdin:
         if line.strip() == "state":
             print(json.dumps(state()), flush=True)
+        elif line.strip() == "rss":
+            with open("/proc/self/status") as f:
+                print("rss", next(x for x in f if x.startswith("VmRSS:")).split()[1], flush=True)
         elif line.strip() == "quit":
             os._exit(0)
     os._exit(0)

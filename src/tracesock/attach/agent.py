@@ -5,7 +5,7 @@ injects (through gdb on 3.10-3.13, ``sys.remote_exec`` on 3.14+) or by the
 trigger's signal: it reads the request from the channel directory (see
 :mod:`tracesock.attach`), starts a :class:`tracesock.exporters.Session` (the
 same providers, exporters and summary as ``tracesock run``, under one
-``tracesock.attach`` span) and ``instrument()``, then a thread,
+``tracesock.attached`` span) and ``instrument()``, then a thread,
 ``tracesock-attach``, watches the channel: a ``detach`` file, a heartbeat
 older than the lease (the attacher is gone) or the end of ``--duration``
 ends the attachment -- ``uninstrument()``, the spans flushed and written,
@@ -74,7 +74,7 @@ class Attachment:
             self.console = open(os.path.join(channel, CONSOLE), "w", encoding="utf-8")
         self.buffer = io.StringIO() if stderr is None else stderr
         argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
-        self.session = Session(settings, argv, stderr=self.buffer, span_name="tracesock.attach",
+        self.session = Session(settings, argv, stderr=self.buffer, span_name="tracesock.attached",
                                console_out=self.console)
         try:
             self.session.setup()

@@ -213,7 +213,7 @@ class Session:
     def __init__(self, settings, argv, *, environ=None, stderr=None, span_name="tracesock.run",
                  console_out=None):
         self.settings = settings
-        self.span_name = span_name  # "tracesock.attach" for tracesock attach and the trigger
+        self.span_name = span_name  # "tracesock.attached" for tracesock attach and the trigger
         self.console_out = console_out  # where --exporter console prints (default stderr)
         self.argv = list(argv)
         self.environ = os.environ if environ is None else environ
