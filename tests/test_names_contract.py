@@ -15,9 +15,6 @@ SRC = os.path.join(ROOT, "src", "tracesock")
 NAME = r"(?:tracesock|tls|dns)\.[a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*"
 # Literals that look like names but are not telemetry (module paths are excluded by lookup).
 NOT_TELEMETRY = {"tracesock._speedups.last"}
-# Telemetry names that are module paths too: the span of ``tracesock attach`` is named
-# after its package.
-ALSO_MODULES = {"tracesock.attach"}
 
 
 def _doc_names():
@@ -35,8 +32,7 @@ def _code_names():
                 with open(os.path.join(folder, name), encoding="utf-8") as f:
                     names.update(re.findall(r"[\"'](" + NAME + r")[\"']", f.read()))
     return {n for n in names
-            if n in ALSO_MODULES
-            or n not in NOT_TELEMETRY
+            if n not in NOT_TELEMETRY
             and not os.path.exists(os.path.join(ROOT, "src", *n.split(".")) + ".py")
             and not os.path.isdir(os.path.join(ROOT, "src", *n.split(".")))}
 
