@@ -168,6 +168,9 @@ def main(argv):
         run_program = _prepare(module, program)
     except NotRunnable as e:
         return e.status
+    except BaseException:  # raised by a parent package python imports to find the module
+        trim_traceback()
+        raise
 
     try:
         session = start(settings, command, children_env=propagate)
@@ -248,6 +251,9 @@ def _run_untraced(module, program):
         run_program = _prepare(module, program)
     except NotRunnable as e:
         return e.status
+    except BaseException:
+        trim_traceback()
+        raise
     try:
         run_program()
     except SystemExit:
