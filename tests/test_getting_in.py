@@ -383,3 +383,21 @@ def test_runpy_warning_comes_once_as_under_python(programs):
     assert got.stdout == expected.stdout == "server selfish.server\nserver __main__\n"
     assert got.stderr == expected.stderr
     assert expected.stderr.count("RuntimeWarning: own") == expected.stderr.count("found in sys.modules") == 1
+
+
+@pytest.mark.parametrize("launcher", ["python -m tracesock run", "tracesock run, disabled"])
+@pytest.mark.parametrize("program", [["-m", "broken.mod"], ["-m", "syn"]])
+def test_error_while_finding_the_module_is_printed_as_python_does(programs, launcher, program):
+    write(programs / "broken" / "__init__.py", "print('init ran')\nraise ValueError('broken package')\n")
+    write(programs / "broken" / "mod.py", "print('mod')\n")
+    write(programs / "syn.py", "x = (\n")
+    prefix, env = LAUNCHERS[launcher]
+    expected = run([PY, *program], programs)
+    got = run([*prefix, *program], programs, **env)
+    assert got.returncode == expected.returncode == 1
+    assert got.stdout == expected.stdout  # the package ran once
+    # python's traceback, but for the frame of runpy's caller (_run_module_as_main)
+    lines = expected.stderr.splitlines(keepends=True)
+    assert "in _run_module_as_main" in lines[1]
+    assert got.stderr == lines[0] + "".join(lines[2:])
+    assert glob.glob(str(programs / "tracesock-*.json")) == []

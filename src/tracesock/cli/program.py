@@ -40,7 +40,7 @@ import sys
 import types
 import warnings
 
-__all__ = ["NotRunnable", "script", "module", "trim_traceback"]
+__all__ = ["NotRunnable", "execute", "lookup", "module", "script", "trim_traceback"]
 
 
 class NotRunnable(Exception):
@@ -142,7 +142,7 @@ def _main_of(path, full, args):
     main = _fresh_main()
     # runpy hides __main__ while it looks for the directory's own
     try:
-        runpy._get_main_module_details(runpy._Error)
+        lookup(runpy._get_main_module_details, runpy._Error)
     except runpy._Error as e:
         raise NotRunnable(str(e), 1) from None
 
@@ -165,7 +165,7 @@ def module(name, args):
             # packages' own warnings are not repeated: they show now
             warnings.filterwarnings("ignore", message=".* found in sys.modules after import of package",
                                     category=RuntimeWarning)
-            runpy._get_module_details(name, runpy._Error)
+            lookup(runpy._get_module_details, name, runpy._Error)
     except runpy._Error as e:
         raise NotRunnable(str(e), 1) from None
 
@@ -173,6 +173,16 @@ def module(name, args):
         execute(None, vars(main), main_module=(name, True))
 
     return run
+
+
+def lookup(find, *args):
+    """runpy's lookup of the program before it starts: the frame above runpy's.
+
+    An exception in a parent package imported to find the module (or a
+    ``SyntaxError`` in its source) is printed from there, as python prints it
+    but for the one ``_run_module_as_main`` frame python shows above.
+    """
+    return find(*args)
 
 
 def execute(load, globals_, main_module=None):
@@ -191,7 +201,9 @@ def execute(load, globals_, main_module=None):
         runpy._run_module_as_main(*main_module)
 
 
-# Right below execute() when the script's source does not compile: no frame of the program.
+# The frames right above the program's (the first one found cuts), and right below
+# execute() when the script's source does not compile: no frame of the program.
+_ABOVE_PROGRAM = (execute.__code__, lookup.__code__)
 _BELOW_EXECUTE = (_code_of.__code__,)
 
 
@@ -208,10 +220,10 @@ def trim_traceback():
     def hook(exc_type, exc, tb):
         sys.excepthook = previous
         t = tb
-        while t is not None and t.tb_frame.f_code is not execute.__code__:
+        while t is not None and t.tb_frame.f_code not in _ABOVE_PROGRAM:
             t = t.tb_next
         if t is not None and isinstance(exc, BaseException):
-            # the first execute() only: the program may run code through runpy itself
+            # the first one only: the program may run code through runpy itself
             start = t.tb_next
             while start is not None and start.tb_frame.f_code in _BELOW_EXECUTE:
                 start = start.tb_next

@@ -172,6 +172,9 @@ def main(argv):
         run_program = _prepare(module, program)
     except NotRunnable as e:
         return e.status
+    except BaseException:  # raised by a parent package python imports to find the module
+        trim_traceback()
+        raise
 
     if opts.dormant:  # docs/attach.md: the way in without ptrace
         try:
@@ -259,6 +262,9 @@ def _run_untraced(module, program):
         run_program = _prepare(module, program)
     except NotRunnable as e:
         return e.status
+    except BaseException:
+        trim_traceback()
+        raise
     return _run_plain(run_program)
 
 
