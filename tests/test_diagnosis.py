@@ -108,7 +108,9 @@ def test_signal_storm_is_signals(traced):
         verdicts.append(span.attributes.get("tracesock.diagnosis"))
         if verdicts[-1] == "signals":
             break
-    assert "signals" in verdicts, verdicts
+    a = span.attributes
+    assert "signals" in verdicts, (verdicts, a.get("tracesock.signals.duration"), a.get("tracesock.eintr_retries"),
+                                   (span.end_time - span.start_time) / 1e9)
     assert span.attributes["tracesock.eintr_retries"] > 0
     assert span.attributes["tracesock.signals.duration"] > 0
 
@@ -141,6 +143,30 @@ def test_signals_duration_is_the_handlers_own_time(traced):
     assert inside > 0, "no signal came during the call"
     assert inside * 0.8 <= measured <= inside * 1.05 + 200_000, (measured, inside)
     assert span.attributes["tracesock.diagnosis"] == "signals"
+
+
+@linux_only
+@pytest.mark.skipif(not speedups.available(), reason="exact handler time needs the C extension")
+def test_handler_timing_leaves_the_programs_profiler_alone(traced):
+    # The handlers are timed by a profile function only when the program has none;
+    # the program's stays in place, sees its calls, and nothing of ours is left.
+    seen = []
+
+    def profiler(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "burn":
+            seen.append(1)
+
+    sys.setprofile(profiler)
+    try:
+        span, _ = _sendall(traced, b"p" * (16 << 20), storm=0.0019, storm_delay=0.005)
+        assert sys.getprofile() is profiler
+    finally:
+        sys.setprofile(None)
+    assert seen  # the program's profiler saw the handler runs
+    assert span.attributes.get("tracesock.eintr_retries", 0) == 0 or \
+        span.attributes["tracesock.signals.duration"] > 0  # timed where the checks ran them
+    span, _ = _sendall(traced, b"q" * (16 << 20), storm=0.0019, storm_delay=0.005)
+    assert sys.getprofile() is None  # ours is switched off as the call ends
 
 
 @linux_only

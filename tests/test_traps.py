@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.request
 import weakref
+import weakref
 from socket import create_connection as imported_create_connection  # before instrument()
 from socket import socket as S  # before instrument(): the trap
 from socket import socketpair as imported_socketpair
@@ -365,6 +366,27 @@ def test_pickle_class_level_method(name):
         return pickle.loads(pickle.dumps(fn)) is fn
     (kind, out), _ = twice(scenario)
     assert out is True
+
+
+@pytest.mark.parametrize("name", ["recv", "recv_into", "send", "sendall", "recvfrom"])
+def test_patched_method_copies_and_weakrefs_like_a_function(name):
+    # The patched methods were Python functions; with the C extension the hot four
+    # are _speedups.Method objects, which must keep what a function allowed.
+    tracesock.instrument()
+    try:
+        fn = socket.socket.__dict__[name]
+        assert copy.copy(fn) is fn and copy.deepcopy(fn) is fn
+        ref = weakref.ref(fn)
+        assert ref() is fn
+        assert fn.__get__(None, socket.socket) is fn  # looked up on the class: itself
+        a, b = socket.socketpair()
+        with a, b:
+            bound = fn.__get__(a, socket.socket)
+            assert bound.__self__ is a and bound.__func__ is fn
+            a.send(b"xy")
+            assert socket.socket.recv(b, 2) == b"xy"  # called unbound, with the instance
+    finally:
+        tracesock.uninstrument()
 
 
 # === identity and metadata of the class and its methods ========================

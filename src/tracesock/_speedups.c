@@ -430,7 +430,7 @@ fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 typedef struct {
     PyObject_HEAD
     int index;
-    PyObject *fallback, *m, *raised, *cont, *dict;
+    PyObject *fallback, *m, *raised, *cont, *dict, *weakrefs;
     vectorcallfunc vectorcall;
 } Method;
 
@@ -535,6 +535,7 @@ static void
 method_dealloc(Method *self)
 {
     PyObject_GC_UnTrack(self);
+    if (self->weakrefs != NULL) PyObject_ClearWeakRefs((PyObject *)self);
     method_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -568,6 +569,7 @@ static PyTypeObject MethodType = {
     .tp_getset = method_getset,
     .tp_descr_get = method_get,
     .tp_dictoffset = offsetof(Method, dict),
+    .tp_weaklistoffset = offsetof(Method, weakrefs),  /* as functions: weakref.ref(socket.socket.recv) */
 };
 
 /* method(index, fallback, m, raised, cont) -> the Method of C path `index`. */
@@ -590,6 +592,7 @@ make_method(PyObject *module, PyObject *args)
     self->raised = Py_NewRef(raised);
     self->cont = Py_NewRef(cont);
     self->dict = NULL;
+    self->weakrefs = NULL;
     self->vectorcall = method_vectorcall;
     PyObject_GC_Track(self);
     return (PyObject *)self;
@@ -804,7 +807,13 @@ signal_timing_stop(PyObject *self, PyObject *noargs)
     if (hook_on && PyThread_get_thread_ident() == hook_thread) {
         if (hook_frame != NULL && hook_acc != NULL)  /* a handler raising out of the call */
             hook_acc[0] += now_ns() - hook_start;
-        PyEval_SetProfile(NULL, NULL);
+        /* Ours is still the profile function unless the program (a handler) set one
+         * since: sys.getprofile() is None for ours (no object); never clear theirs. */
+        PyObject *current = PySys_GetObject("getprofile");
+        PyObject *prof = current ? PyObject_CallNoArgs(current) : NULL;
+        if (prof == Py_None) PyEval_SetProfile(NULL, NULL);
+        Py_XDECREF(prof);
+        PyErr_Clear();
         hook_on = 0;
         hook_frame = NULL;
         hook_acc = NULL;
