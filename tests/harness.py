@@ -126,3 +126,18 @@ def cli_env(**extra):
            if not k.startswith(("TRACESOCK_", "OTEL_")) and k != "PYTHONPATH"}
     env.update(extra)
     return env
+
+
+def prometheus_tool(name):
+    """Debian's prometheus package's ``prometheus`` or ``promtool``; skipped where it is
+    absent, except under CI (TRACESOCK_REQUIRE_PROMETHEUS=1), where absence fails."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("TRACESOCK_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail(f"{name} is not installed (TRACESOCK_REQUIRE_PROMETHEUS=1)")
+        pytest.skip(f"{name} is not installed (Debian: apt-get install prometheus)")
+    return path

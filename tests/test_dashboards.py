@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
-import pytest
 import yaml
+
+from harness import prometheus_tool
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DASHBOARDS = os.path.join(ROOT, "dashboards")
@@ -26,13 +26,7 @@ def dashboard():
 
 
 def promtool():
-    """The promtool binary; CI (TRACESOCK_REQUIRE_PROMETHEUS=1) fails instead of skipping."""
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("TRACESOCK_REQUIRE_PROMETHEUS") == "1":
-            pytest.fail("promtool is not installed (TRACESOCK_REQUIRE_PROMETHEUS=1)")
-        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
-    return path
+    return prometheus_tool("promtool")
 
 
 def test_committed_json_is_the_generators_output():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import urllib.request
 import pytest
 import yaml
 
-from harness import cli_env
+from harness import cli_env, prometheus_tool
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DASHBOARDS = os.path.join(ROOT, "dashboards")
@@ -38,12 +37,7 @@ LIMIT = 120
 
 
 def prometheus_binary():
-    path = shutil.which("prometheus")
-    if path is None:
-        if os.environ.get("TRACESOCK_REQUIRE_PROMETHEUS") == "1":
-            pytest.fail("prometheus is not installed (TRACESOCK_REQUIRE_PROMETHEUS=1)")
-        pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
-    return path
+    return prometheus_tool("prometheus")
 
 
 def free_port():
