@@ -587,12 +587,15 @@ def test_attach_to_a_target_of_an_unprivileged_user(targets, tmp_path):
     t = targets("busy", user=65534)
     client = EchoClient(t.port)
     client.start()
-    r = attach(t.pid, "--duration", "1.5", cwd=tmp_path)
+    r = attach(t.pid, "--duration", "1.5", "--profile", "p.folded", cwd=tmp_path)
     client.stop.set()
     client.join(10)
     assert r.returncode == 0, r.stderr
     out = tmp_path / f"tracesock-{t.pid}.json"
     assert os.stat(out).st_uid == 0 and any(n == "socket.recv" for n, _ in spans_of(out))
+    profile = tmp_path / "p.folded"  # the profile comes back the same way
+    assert f"tracesock: profile: {profile} (" in r.stderr, r.stderr
+    assert os.stat(profile).st_uid == 0 and ";socket.recv;" in profile.read_text()
     assert not os.path.exists(f"/tmp/tracesock-65534/{t.pid}")
 
 
@@ -631,3 +634,35 @@ def test_sigterm_to_the_attacher_detaches_and_prints_the_summary(targets, tmp_pa
     assert not os.path.exists(f"/tmp/tracesock-{os.geteuid()}/{t.pid}")  # the channel is removed
     time.sleep(0.3)
     assert same_state(t.state(), before)
+
+
+# --- what attach carries along: --profile, the exporters, the scrape endpoint ------------------
+
+def test_profile_while_attached_written_at_detach(targets, tmp_path):
+    """--profile: socket time by Python stack inside the target while attached, written at
+    detach relative to the attacher's directory ({pid} replaced), named in the summary; an
+    existing file is refused before the target is touched; nothing of the profile stays."""
+    t = targets("busy")
+    before = t.state()
+    client = EchoClient(t.port)
+    client.start()
+    r = attach(t.pid, "--duration", "1.5", "--profile", "prof-{pid}.speedscope.json", cwd=tmp_path)
+    client.stop.set()
+    client.join(30)
+    assert r.returncode == 0, r.stderr
+    speedscope, folded = tmp_path / f"prof-{t.pid}.speedscope.json", tmp_path / f"prof-{t.pid}.folded"
+    assert f"tracesock: profile: {speedscope} and {folded}" in r.stderr, r.stderr
+    doc = json.loads(speedscope.read_text())
+    assert "speedscope" in doc["$schema"]
+    stacks = folded.read_text().splitlines()
+    # the echo thread's calls, by the target's own frames
+    assert any("attach_target.py" in s and "echo" in s and ";socket.recv;" in s for s in stacks), stacks[:5]
+    assert any(";socket.sendall;" in s for s in stacks), stacks[:5]
+    time.sleep(0.3)
+    assert same_state(t.state(), before)
+    _refused(attach(t.pid, "-o", "other.json", "--profile", "prof-{pid}.speedscope.json", cwd=tmp_path),
+             "--profile", "exists", "--overwrite")
+    again = attach(t.pid, "--duration", "0.5", "-o", "other.json", "--profile", "only-{pid}.folded", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"tracesock: profile: {tmp_path / f'only-{t.pid}.folded'} (" in again.stderr
+    assert not (tmp_path / f"only-{t.pid}.speedscope.json").exists()

@@ -33,6 +33,8 @@ import time
 from ..core.config import ConfigError, Settings, from_env, parse_detail, parse_threshold
 from .. import patching
 from ..exporters import Session
+from ..exporters.profile import write as write_profile
+from ..telemetry import profile as live_profile
 from . import (CONSOLE, DETACH, DONE, HEARTBEAT, REQUEST, STATUS, TRIGGER_ENV, age, channel_dir,
                ensure_private_dir, read_json, runtime_dir, start_time, trigger_file, write_json)
 
@@ -76,10 +78,14 @@ class Attachment:
         argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
         self.session = Session(settings, argv, stderr=self.buffer, span_name="tracesock.attached",
                                console_out=self.console)
+        # --profile: a profile of this attachment only (not the process's, if it has one)
+        self.profile = live_profile.Profile() if r.get("profile") else None
         try:
             self.session.setup()
-            self.session.instrument()
+            self.session.instrument(self.profile)
         except BaseException:
+            if self.profile is not None:
+                live_profile.disable()
             self._close_console()
             try:
                 self.session.shutdown(print_summary=False)
@@ -135,6 +141,8 @@ class Attachment:
             result["summary"] = self.session.render_summary() if self.session.summary is not None else ""
         except Exception as e:  # never raise into the program
             result["error"] = _line(e)
+        if self.profile is not None:
+            result.update(self._write_profile())
         self._close_console()
         for p in self.added_paths:
             try:
@@ -147,6 +155,19 @@ class Attachment:
             except Exception:
                 pass
         return result
+
+    def _write_profile(self):
+        """Write --profile's files (the session is shut down: no call adds to it any more)."""
+        if live_profile.current() is self.profile:
+            live_profile.disable()
+        try:
+            written = write_profile(self.profile, self.request["profile"],
+                                    overwrite=bool(self.request.get("overwrite")))
+        except Exception as e:  # never raise into the program
+            return {"profile_error": f"cannot write the profile: {_line(e)}"}
+        finally:
+            self.profile = None  # its stacks' code objects are not kept past the attach
+        return {"profile": written}
 
     def _close_console(self):
         if self.console is not None:

@@ -31,6 +31,7 @@ from ..attach import (DEFAULT_LEASE, DETACH, DONE, HEARTBEAT, OWNER, REQUEST, ST
 from ..attach.agent import parse_trigger
 from ..attach.inject import attacher_paths, bootstrap, inject_gdb, inject_remote_exec, ptrace_help
 from ..exporters.file import write_private
+from ..exporters.profile import paths_for
 from .args import OneLineParser
 
 PROG = "tracesock attach"
@@ -55,6 +56,10 @@ def parser():
     ap.add_argument("-o", "--output", metavar="PATH",
                     help="the trace file (default ./tracesock-<pid>.json); {pid} is the target's pid")
     ap.add_argument("--prometheus-port", metavar="PORT", help="the target serves its metrics on this port")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="also profile socket time by Python stack while attached; at detach write FILE "
+                         "(relative to this directory) as speedscope JSON and the collapsed stacks next to "
+                         "it (FILE ending in .folded: those only); {pid} is the target's pid. docs/profiling.md")
     ap.add_argument("--max-spans", metavar="N", help=f"spans kept for the file (default {DEFAULT_MAX_SPANS})")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     ap.add_argument("--lease", metavar="SECONDS",
@@ -192,6 +197,10 @@ def _request(opts, target):
     final = os.path.abspath(output.replace("{pid}", str(target.pid)))
     if "file" in exporters:
         check_output([final], "--output", opts.overwrite)
+    profile = None
+    if opts.profile:
+        profile = os.path.abspath(parse_output(opts.profile, "--profile").replace("{pid}", str(target.pid)))
+        check_output(paths_for(profile), "--profile", opts.overwrite)
     request = {
         "detail": parse_detail(opts.detail, "--detail") if opts.detail else "calls",
         "slow_threshold": parse_threshold(opts.slow_threshold, "--slow-threshold") if opts.slow_threshold else 0.0,
@@ -201,6 +210,7 @@ def _request(opts, target):
         "lease": _seconds(opts.lease, "--lease") if opts.lease else float(os.environ.get("TRACESOCK_ATTACH_LEASE") or DEFAULT_LEASE),
         "duration": _seconds(opts.duration, "--duration") if opts.duration else None,
         "overwrite": bool(opts.overwrite),
+        "profile": profile,
         "attacher": f"pid {os.getpid()} (tracesock attach, user {_user(os.geteuid())})",
     }
     return request, final
@@ -257,6 +267,10 @@ def main(argv):
         channel = _claim(target)
         if request["output"] is None:
             request["output"] = os.path.join(channel, TRACE)
+        profile = request["profile"]
+        if profile is not None and os.geteuid() != target.uid:  # written in the channel; we copy it
+            request["profile"] = os.path.join(channel, "profile.folded" if profile.endswith(".folded")
+                                              else "profile.speedscope.json")
         write_json(os.path.join(channel, OWNER), {"pid": os.getpid(), "attacher": request["attacher"],
                                                   "since": time.time(), "target_start": target.start})
         _touch(os.path.join(channel, HEARTBEAT))
@@ -271,7 +285,7 @@ def main(argv):
         sys.stderr.flush()
         del status
         done = _hold(channel, request, target)
-        return _report(done, channel, final, request, target)
+        return _report(done, channel, final, request, target, profile)
     except (AttachError, ConfigError) as e:
         if channel is not None:
             shutil.rmtree(channel, ignore_errors=True)
@@ -365,13 +379,23 @@ def _hold(channel, request, target):
             signal.signal(s, h)
 
 
-def _report(done, channel, final, request, target):
-    summary = done.get("summary") or ""
-    written = done.get("output")
+def _copy_back(written, final, channel, overwrite):
+    """A file the target wrote into the channel (another user's target) -> where it was asked for."""
     if written and os.path.dirname(written) == channel and os.path.exists(written):
         with open(written, encoding="utf-8") as f:
-            write_private(final, f.read(), overwrite=request["overwrite"])
+            write_private(final, f.read(), overwrite=overwrite)
+        return final
+    return written
+
+
+def _report(done, channel, final, request, target, profile=None):
+    summary = done.get("summary") or ""
+    written = done.get("output")
+    copied = _copy_back(written, final, channel, request["overwrite"])
+    if copied != written:
         summary = summary.replace(written, final)
+    profiles = [_copy_back(w, f, channel, request["overwrite"])
+                for w, f in zip(done.get("profile") or (), paths_for(profile) if profile else ())]
     console = os.path.join(channel, CONSOLE)
     if os.path.exists(console):
         with open(console, encoding="utf-8", errors="replace") as f:
@@ -380,10 +404,13 @@ def _report(done, channel, final, request, target):
     lines = [f"tracesock: detached from {target.label}: {done.get('reason', '?')}"]
     if summary:
         lines.append(summary)
-    if done.get("error"):
-        lines.append(f"tracesock: {done['error']}")
+    if profiles:
+        lines.append(f"tracesock: profile: {' and '.join(profiles)} (docs/profiling.md)")
+    for key in ("error", "profile_error"):
+        if done.get(key):
+            lines.append(f"tracesock: {done[key]}")
     sys.stderr.write("\n".join(lines) + "\n")
-    return 1 if done.get("error") else 0
+    return 1 if done.get("error") or done.get("profile_error") else 0
 
 
 def detach_main(argv):

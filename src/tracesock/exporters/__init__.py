@@ -339,9 +339,11 @@ class Session:
         ctx = self.run_span.get_span_context()
         return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
-    def instrument(self):
+    def instrument(self, profile=None):
+        """Patch; ``profile`` (a telemetry.profile.Profile) also records every call into it."""
         patching.instrument(self.wrapper, self.meter_provider, detail=self.settings.detail,
-                             slow_threshold=self.settings.slow_threshold)
+                             slow_threshold=self.settings.slow_threshold,
+                             profile=profile if profile is not None else False)
 
     # --- tear down --------------------------------------------------------------
 
