@@ -575,6 +575,37 @@ def test_exemplars_link_to_spans_and_counts_stay_exact(telemetry):
             assert exemplar.value == pytest.approx((span.end_time - span.start_time) / 1e9, abs=1e-6)
 
 
+def _recv_after(delay, fast_one):
+    """A blocking recv that waits ``delay`` s for its byte (then, if ``fast_one``, a fast recv)."""
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Timer(delay, a.send, (b"x",))
+        sender.start()
+        b.recv(10)
+        sender.join()
+        if fast_one:
+            a.send(b"y")
+            b.recv(10)
+
+
+def test_exemplar_candidates_of_an_earlier_session_never_eat_a_count(telemetry):
+    # Spans with no meter provider leave exemplar candidates behind (nothing collects
+    # them).  A later metrics-only session's first flush must not take one for its own
+    # sample: its duration is not in that interval's sum, the rest of the sum went negative
+    # and the SDK dropped that record -- one call fewer counted (a 450 ms candidate and a
+    # 250 ms sample share the (0.2, 0.5] bucket; the fast recv is the one that was lost).
+    tracesock.instrument(telemetry.tracer_provider, None, detail="calls", slow_threshold=0)
+    _recv_after(0.45, fast_one=False)
+    tracesock.uninstrument()
+    telemetry.instrument(detail="metrics")
+    _recv_after(0.25, fast_one=True)
+    tracesock.uninstrument()
+    point = telemetry.metrics()["tracesock.call.duration"][
+        frozenset({"tracesock.call": "recv", "network.transport": "unix"}.items())]
+    assert point.count == sum(point.bucket_counts) == 2
+    assert not point.exemplars  # no span in this session: nothing to link to
+
+
 def test_a_failed_call_and_its_wait_carry_exemplars(telemetry):
     telemetry.instrument(slow_threshold=None)  # a failed call gets a span anyway
     a, b = socket.socketpair()

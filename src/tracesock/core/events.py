@@ -84,9 +84,13 @@ class Hist:
         self.max = -1
 
     def merge(self, other):
+        # The total before the counts: the writer adds to counts first, so while it
+        # runs every sample in the total read is also in the counts read (the
+        # collector subtracts exemplars it has counted from the total).
+        total = other.total
         for i, c in enumerate(other.counts):
             self.counts[i] += c
-        self.total += other.total
+        self.total += total
         if other.min < self.min:
             self.min = other.min
         if other.max > self.max:

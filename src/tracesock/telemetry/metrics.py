@@ -134,7 +134,9 @@ class MetricsBridge:
         # DNS lookups, connection set-up (process-wide aggregates)
         self.rare = {key: _histogram(meter, name, description)
                      for key, (name, description) in RARE_HISTOGRAMS.items()}
-        # A provider sees what happened since it was attached, not before.
+        # A provider sees what happened since it was attached, not before: exemplar
+        # candidates offered until now are samples inside the base.
+        _take_exemplars()
         self._base = self._totals()
         self._base_dropped = dropped_count()
         self._flushed = {key: (list(h.counts), h.total) for key, (_, h) in self._series(False).items()}
@@ -261,17 +263,22 @@ class MetricsBridge:
                 if n <= 0:
                     continue
                 self._flushed[key] = (counts, h.total)
-                total_s = (h.total - prev_total) / 1e9
+                total_ns = h.total - prev_total
                 instrument = instruments[key[0]]
                 for i, (ns, sc) in (exemplars.get(key) or {}).items():
-                    if delta[i] > 0:  # one of this bucket's samples, recorded in its span's context
+                    # One of this bucket's samples, recorded in its span's context -- unless
+                    # its duration is not in this interval's sum (a candidate offered before
+                    # this bridge's base, or whose sample was flushed already): taking it
+                    # out would leave a negative sum, which the SDK drops with the count.
+                    if delta[i] > 0 and ns <= total_ns:
                         _record_in_span(instrument, ns / 1e9, attrs, sc)
                         delta[i] -= 1
                         n -= 1
-                        total_s -= ns / 1e9
+                        total_ns -= ns
                         self.merged_samples += 1
                 if n <= 0:
                     continue
+                total_s = total_ns / 1e9
                 lo = (h.min if h.max >= 0 else 0) / 1e9
                 hi = (h.max if h.max >= 0 else 0) / 1e9
                 self._push(instrument, attrs, delta, n, total_s, lo, hi)
