@@ -279,7 +279,10 @@ class MetricsBridge:
                 if n <= 0:
                     continue
                 total_s = total_ns / 1e9
-                lo = (h.min if h.max >= 0 else 0) / 1e9
+                # min() because on the pure-Python path the reset of min/max can
+                # interleave with a worker's sample and leave min at "no sample yet"
+                # under a real max: never push that sentinel as a value.
+                lo = (min(h.min, h.max) if h.max >= 0 else 0) / 1e9
                 hi = (h.max if h.max >= 0 else 0) / 1e9
                 self._push(instrument, attrs, delta, n, total_s, lo, hi)
 
