@@ -820,3 +820,23 @@ def test_prometheus_port_served_while_attached_and_closed_at_detach(targets, tmp
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
         s.listen()
+
+
+def test_run_dormant_profile_covers_each_switched_on_period(targets, tmp_path):
+    """tracesock run --dormant --profile FILE: each period the trigger switches on is profiled
+    and written when it is switched off (the second round numbered, as the trace is)."""
+    t = targets("busy", env=cli_env(PYTHONUNBUFFERED="1"), cwd=tmp_path,
+                launcher=[sys.executable, "-m", "tracesock", "run", "--dormant", "--profile", "p-{pid}.folded"])
+    for n, name in ((1, f"p-{t.pid}.folded"), (2, f"p-{t.pid}-2.folded")):
+        os.kill(t.pid, signal.SIGUSR2)
+        assert _wait_for(lambda: "socket.sendall" in str(t.state()["ours"]))
+        client = EchoClient(t.port)
+        client.start()
+        time.sleep(1)
+        client.stop.set()
+        client.join(10)
+        os.kill(t.pid, signal.SIGUSR2)
+        assert _wait_for(lambda: (tmp_path / name).exists()), n
+        assert ";socket.recv;" in (tmp_path / name).read_text()
+        assert _wait_for(lambda: t.state()["ours"] == [])
+    assert f"tracesock: profile: {tmp_path / name} (" in t.close()

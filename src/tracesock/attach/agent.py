@@ -373,7 +373,9 @@ def _switch_on():
                "exporters": list(settings.exporters), "max_spans": settings.max_spans,
                "output": os.path.abspath(_numbered(settings.output_path(), _trigger["cycles"])),
                "overwrite": settings.overwrite, "service_name": settings.service_name,
-               "prometheus_port": settings.prometheus_port, "attacher": "the trigger signal"}
+               "prometheus_port": settings.prometheus_port, "attacher": "the trigger signal",
+               "profile": (os.path.abspath(_numbered(settings.profile.replace("{pid}", str(os.getpid())),
+                                                     _trigger["cycles"])) if settings.profile else None)}
     with _lock:
         if _refusal() is not None:
             return
@@ -396,6 +398,10 @@ class _Standalone(Attachment):
         result = super().finish(reason)
         if result and self.session.settings.summary:
             _say(result.get("summary", ""))
+            if result.get("profile"):
+                _say(f"tracesock: profile: {' and '.join(result['profile'])} (docs/profiling.md)")
+        if result and result.get("profile_error"):
+            _say(f"tracesock: {result['profile_error']}")
         return result
 
 
