@@ -21,7 +21,14 @@ import time
 
 import pytest
 
-from harness import cli_env
+from harness import cli_env as _cli_env
+
+
+def cli_env(**extra):
+    """harness.cli_env keeping TRACESOCK_NO_SPEEDUPS: targets run the path the suite runs."""
+    if "TRACESOCK_NO_SPEEDUPS" in os.environ:
+        extra.setdefault("TRACESOCK_NO_SPEEDUPS", os.environ["TRACESOCK_NO_SPEEDUPS"])
+    return _cli_env(**extra)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET = os.path.join(HERE, "data", "attach_target.py")
@@ -75,6 +82,8 @@ class Target:
             self.lines.append(line)
 
     def close(self):
+        if self.proc.stderr.closed:  # closed already (by the test): what it said was returned then
+            return ""
         trigger = f"/tmp/tracesock-{os.geteuid()}/{self.pid}.trigger"
         if os.path.exists(trigger):  # a killed target does not remove its advertisement
             os.unlink(trigger)
@@ -556,6 +565,58 @@ def test_opentelemetry_instrument_dormant_switches_on_and_off(targets, tmp_path)
     assert same_state(t.state(), before)
 
 
+def _caught(pid, signum):
+    with open(f"/proc/{pid}/status") as f:
+        mask = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(mask & (1 << (signum - 1)))
+
+
+@pytest.mark.parametrize("how", ["signal", "attach"])
+def test_instrumentor_uninstrument_ends_a_trigger_session(targets, tmp_path, how):
+    """SocketInstrumentor().uninstrument() with the trigger switched on (by its signal, or by
+    tracesock attach through it): the session ends as at the next signal -- uninstrumented, the
+    attach's file written and its summary printed -- and the handler is gone: nothing is left."""
+    instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
+    if not os.path.exists(instrument):
+        pytest.skip("opentelemetry-instrumentation is not installed")
+    env = cli_env(OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none",
+                  TRACESOCK_TRIGGER="SIGUSR2", PYTHONUNBUFFERED="1")
+    t = targets("busy", env=env, launcher=[instrument, sys.executable])
+    advert = f"/tmp/tracesock-{os.geteuid()}/{t.pid}.trigger"
+    assert _caught(t.pid, signal.SIGUSR2) and os.path.exists(advert)
+    client = EchoClient(t.port)
+    client.start()
+    proc = None
+    try:
+        if how == "signal":
+            os.kill(t.pid, signal.SIGUSR2)
+        else:
+            proc = attach(t.pid, cwd=tmp_path, wait=False)  # until detached
+            _wait_attached(proc)
+        assert _wait_for(lambda: "socket.sendall" in str(t.state()["ours"]))
+        time.sleep(0.5)
+        t.proc.stdin.write("uninstrument\n")
+        t.proc.stdin.flush()
+        t.state()  # answered once uninstrument() returned (one command after the other)
+        assert "uninstrumented\n" in t.lines, t.lines
+        if proc is not None:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            assert "detached" in err and "uninstrument()" in err and "socket calls traced" in err, err
+            assert any(n == "socket.recv" for n, _ in spans_of(tmp_path / f"tracesock-{t.pid}.json"))
+    finally:
+        client.stop.set()
+        client.join(10)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    time.sleep(0.3)
+    after = t.state()
+    assert after["ours"] == [] and not any(n.startswith("tracesock") for n in after["threads"]), after
+    # uninstrument() ran in the target's control thread: the main thread puts the handler back
+    assert _wait_for(lambda: not _caught(t.pid, signal.SIGUSR2)) and not os.path.exists(advert)
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_refuses_a_target_that_another_tracer_holds(targets, tmp_path):
     t = targets("busy")
@@ -666,3 +727,116 @@ def test_profile_while_attached_written_at_detach(targets, tmp_path):
     assert again.returncode == 0, again.stderr
     assert f"tracesock: profile: {tmp_path / f'only-{t.pid}.folded'} (" in again.stderr
     assert not (tmp_path / f"only-{t.pid}.speedscope.json").exists()
+
+
+def test_exporter_otlp_sends_from_the_target(targets, tmp_path):
+    """--exporter otlp: the spans of the attached period and tracesock's metrics arrive at a real
+    OTLP/HTTP receiver with the target's service name and resource (its environment's
+    OTEL_* settings), the exporter's own sockets untraced, no file; the summary says where."""
+    from otlp_receiver import OTLPReceiver
+
+    with OTLPReceiver() as rx:
+        t = targets("busy", env=cli_env(OTEL_EXPORTER_OTLP_ENDPOINT=rx.endpoint, OTEL_SERVICE_NAME="echo-target"))
+        before = t.state()
+        client = EchoClient(t.port)
+        client.start()
+        r = attach(t.pid, "--duration", "1.5", "--exporter", "otlp", cwd=tmp_path)
+        client.stop.set()
+        client.join(30)
+        assert r.returncode == 0, r.stderr
+        assert f"trace: sent over OTLP to {rx.endpoint}/v1/traces" in r.stderr, r.stderr
+        assert f"metrics: sent over OTLP (http/protobuf) to {rx.endpoint}/v1/metrics (1 exports)" in r.stderr, r.stderr
+        spans = rx.wait_for(lambda got: any(s.name == "tracesock.attached" for s in got))
+        points = rx.wait_for_points(lambda got: any(p.metric == "tracesock.io" for p in got))
+    (run,) = [s for s in spans if s.name == "tracesock.attached"]
+    calls = [s for s in spans if s.name.startswith("socket.")]
+    assert {"socket.recv", "socket.sendall"} <= {s.name for s in calls}
+    for s in [run] + calls:
+        assert s.resource["service.name"] == "echo-target" and s.resource["process.pid"] == t.pid, s.resource
+        assert s.trace_id == run.trace_id
+    assert all(s.attributes.get("network.peer.port") != rx.port for s in calls)  # its own exports
+    io = [p for p in points if p.metric == "tracesock.io"]
+    assert all(p.resource["service.name"] == "echo-target" for p in io)
+    assert sum(p.value for p in io if p.attributes["network.io.direction"] == "receive") > 0
+    assert not (tmp_path / f"tracesock-{t.pid}.json").exists()
+    time.sleep(0.3)
+    assert same_state(t.state(), before)
+
+
+def test_exporter_console_is_printed_by_the_attacher(targets, tmp_path):
+    """--exporter console: the SDK's console output comes out of the attacher at detach, not
+    out of the program's stderr."""
+    t = targets("busy")
+    client = EchoClient(t.port)
+    client.start()
+    r = attach(t.pid, "--duration", "1.5", "--exporter", "console", cwd=tmp_path)
+    client.stop.set()
+    client.join(30)
+    assert r.returncode == 0, r.stderr
+    assert '"name": "tracesock.attached"' in r.stdout and '"name": "socket.recv"' in r.stdout, r.stdout[:2000]
+    assert '"name": "socket.' not in r.stderr
+    assert not (tmp_path / f"tracesock-{t.pid}.json").exists()
+    assert not os.path.exists(f"/tmp/tracesock-{os.geteuid()}/{t.pid}")  # console.txt went with the channel
+    assert "socket." not in t.close()  # the program's stderr is its own
+
+
+def test_prometheus_port_served_while_attached_and_closed_at_detach(targets, tmp_path):
+    """--prometheus-port 0: the target serves its scrape endpoint while attached (the attacher
+    says where), the endpoint's own connections untraced; at detach it is closed, its thread
+    gone and the port free."""
+    import urllib.request
+
+    t = targets("busy")
+    before = t.state()
+    client = EchoClient(t.port)
+    client.start()
+    proc = attach(t.pid, "--prometheus-port", "0", cwd=tmp_path, wait=False)
+    try:
+        lines = _wait_attached(proc)
+        lines.append(proc.stderr.readline())
+        url = next(line.split(" at ")[1].strip() for line in lines if "Prometheus metrics at" in line)
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        time.sleep(1)
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            body = resp.read().decode()
+        received = [line for line in body.splitlines()
+                    if line.startswith("tracesock_io") and 'network_io_direction="receive"' in line]
+        assert received and float(received[0].split()[-1]) > 0, body[:2000]
+        assert "python_gc_objects" not in body  # tracesock's registry, not the process-wide one
+    finally:
+        client.stop.set()
+        client.join(30)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f"metrics were served at {url}" in err
+    spans = spans_of(tmp_path / f"tracesock-{t.pid}.json")
+    assert all(tags.get("network.local.port") != port for _, tags in spans)  # the scrape is not traced
+    time.sleep(0.3)
+    assert same_state(t.state(), before)  # no tracesock-prometheus thread, no descriptor
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    with socket.socket() as s:  # free again for a server (SO_REUSEADDR: the scrape's TIME_WAIT)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_run_dormant_profile_covers_each_switched_on_period(targets, tmp_path):
+    """tracesock run --dormant --profile FILE: each period the trigger switches on is profiled
+    and written when it is switched off (the second round numbered, as the trace is)."""
+    t = targets("busy", env=cli_env(PYTHONUNBUFFERED="1"), cwd=tmp_path,
+                launcher=[sys.executable, "-m", "tracesock", "run", "--dormant", "--profile", "p-{pid}.folded"])
+    for n, name in ((1, f"p-{t.pid}.folded"), (2, f"p-{t.pid}-2.folded")):
+        os.kill(t.pid, signal.SIGUSR2)
+        assert _wait_for(lambda: "socket.sendall" in str(t.state()["ours"]))
+        client = EchoClient(t.port)
+        client.start()
+        time.sleep(1)
+        client.stop.set()
+        client.join(10)
+        os.kill(t.pid, signal.SIGUSR2)
+        assert _wait_for(lambda: (tmp_path / name).exists()), n
+        assert ";socket.recv;" in (tmp_path / name).read_text()
+        assert _wait_for(lambda: t.state()["ours"] == [])
+    assert f"tracesock: profile: {tmp_path / name} (" in t.close()

@@ -31,7 +31,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "pip install 'tracesock[instrumentation]'") from e
 
 from . import patching
-from .attach.agent import TRIGGER_ENV, install_trigger
+from .attach.agent import TRIGGER_ENV, install_trigger, remove_trigger
 from .core.config import DISABLED_ENV, ConfigError, check_tls_engine, parse_bool, parse_detail, parse_threshold
 
 
@@ -82,4 +82,7 @@ class SocketInstrumentor(BaseInstrumentor):
                           detail=detail, slow_threshold=slow_threshold)
 
     def _uninstrument(self, **kwargs):
+        # The dormant trigger's session (or an attach through it) ends as at its
+        # next signal -- uninstrumented, its file written -- and the handler goes.
+        remove_trigger()
         patching.uninstrument()

@@ -5,7 +5,8 @@ MODE asyncio: an asyncio echo server in the main thread.
 MODE slowsend PORT: repeated 2 MiB sendall()s to a slow reader at PORT; each connection's
 bytes are printed ("sent N").
 Prints "port N" (its listening port, 0 if none) first.  A control thread reads stdin:
-"state" prints one JSON line (what attach must leave as it was), "quit" exits.
+"state" prints one JSON line (what attach must leave as it was), "uninstrument" calls
+SocketInstrumentor().uninstrument(), "quit" exits.
 """
 
 import asyncio
@@ -51,6 +52,10 @@ def control():
         elif line.strip() == "rss":
             with open("/proc/self/status") as f:
                 print("rss", next(x for x in f if x.startswith("VmRSS:")).split()[1], flush=True)
+        elif line.strip() == "uninstrument":  # what opentelemetry-instrument's instrumentor undoes
+            from tracesock.instrumentor import SocketInstrumentor
+            SocketInstrumentor().uninstrument()
+            print("uninstrumented", flush=True)
         elif line.strip() == "quit":
             os._exit(0)
     os._exit(0)

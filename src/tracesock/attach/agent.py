@@ -38,12 +38,12 @@ from ..telemetry import profile as live_profile
 from . import (CONSOLE, DETACH, DONE, HEARTBEAT, REQUEST, STATUS, TRIGGER_ENV, age, channel_dir,
                ensure_private_dir, read_json, runtime_dir, start_time, trigger_file, write_json)
 
-__all__ = ["begin", "install_trigger", "active", "parse_trigger", "TRIGGER_ENV"]
+__all__ = ["begin", "install_trigger", "remove_trigger", "active", "parse_trigger", "TRIGGER_ENV"]
 
 POLL = 0.2  # how often the watcher looks at the channel
 _lock = threading.Lock()
 _current = None  # the attachment in progress
-_trigger = {"mode": None, "cycles": 0, "settings": None, "file": None}
+_trigger = {"mode": None, "cycles": 0, "settings": None, "file": None, "signum": None, "previous": None}
 
 
 def active():
@@ -208,8 +208,10 @@ def begin(channel, added_paths=()):
         attachment = Attachment(channel, request, added_paths)
         with _lock:
             _current = attachment
+        prometheus = attachment.session.prometheus
         write_json(status, {"state": "attached", "pid": os.getpid(),
-                            "python": sys.version.split()[0], "executable": sys.executable})
+                            "python": sys.version.split()[0], "executable": sys.executable,
+                            "prometheus": prometheus.url if prometheus is not None else None})
         attachment.watch()
     except BaseException as e:  # the program never sees an exception of ours
         _drop(added_paths)
@@ -258,7 +260,8 @@ def install_trigger(raw, mode="session", settings=None):
     signum = parse_trigger(raw)
     _trigger["settings"] = settings if settings is not None else from_env()  # bad variables: said now
     _trigger["mode"] = mode
-    signal.signal(signum, _on_signal)
+    _trigger["previous"] = signal.signal(signum, _on_signal)
+    _trigger["signum"] = signum
     try:
         uid = os.geteuid()
         ensure_private_dir(runtime_dir(uid), uid)
@@ -277,12 +280,56 @@ def _unadvertise(pid):
             os.unlink(_trigger["file"])
         except OSError:
             pass
+        _trigger["file"] = None
+
+
+def remove_trigger(reason="uninstrument()"):
+    """Leave nothing of the trigger: end what it (or an attach through it) switched on -- which
+    uninstruments and writes the file -- and put the signal's previous handler back.
+
+    ``SocketInstrumentor._uninstrument`` calls it.  Outside the main thread a
+    handler cannot be replaced: ours, now inert, is made to run in the main
+    thread (``_thread.interrupt_main``), which puts the previous one back.
+    """
+    with _lock:
+        current = _current
+    if current is not None:
+        current.finish(reason)
+    signum = _trigger["signum"]
+    if signum is None:
+        return
+    _trigger["signum"] = None  # from now on a late signal does nothing
+    try:
+        _restore_handler(signum)
+    except ValueError:  # not the main thread
+        try:
+            _thread.interrupt_main(signum)
+        except Exception:
+            pass
+    _unadvertise(os.getpid())
+    try:
+        atexit.unregister(_unadvertise)
+    except Exception:
+        pass
+
+
+def _restore_handler(signum):
+    """The handler from before install_trigger back (ValueError outside the main thread)."""
+    if signal.getsignal(signum) is _on_signal:
+        previous = _trigger["previous"]
+        signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
 
 def _on_signal(signum, frame):
     # Runs between two bytecodes of the main thread, which may hold any lock
     # (threading's own included): take none here.  A bare thread starts the
     # worker (a threading.Thread, so no _DummyThread is left registered).
+    if _trigger["signum"] is None:  # removed by remove_trigger outside the main thread
+        try:
+            _restore_handler(signum)
+        except Exception:
+            pass
+        return
     _thread.start_new_thread(_spawn, ())
 
 
@@ -326,7 +373,9 @@ def _switch_on():
                "exporters": list(settings.exporters), "max_spans": settings.max_spans,
                "output": os.path.abspath(_numbered(settings.output_path(), _trigger["cycles"])),
                "overwrite": settings.overwrite, "service_name": settings.service_name,
-               "prometheus_port": settings.prometheus_port, "attacher": "the trigger signal"}
+               "prometheus_port": settings.prometheus_port, "attacher": "the trigger signal",
+               "profile": (os.path.abspath(_numbered(settings.profile.replace("{pid}", str(os.getpid())),
+                                                     _trigger["cycles"])) if settings.profile else None)}
     with _lock:
         if _refusal() is not None:
             return
@@ -349,6 +398,10 @@ class _Standalone(Attachment):
         result = super().finish(reason)
         if result and self.session.settings.summary:
             _say(result.get("summary", ""))
+            if result.get("profile"):
+                _say(f"tracesock: profile: {' and '.join(result['profile'])} (docs/profiling.md)")
+        if result and result.get("profile_error"):
+            _say(f"tracesock: {result['profile_error']}")
         return result
 
 

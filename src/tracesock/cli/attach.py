@@ -55,7 +55,8 @@ def parser():
                          "OTEL_EXPORTER_OTLP_* environment")
     ap.add_argument("-o", "--output", metavar="PATH",
                     help="the trace file (default ./tracesock-<pid>.json); {pid} is the target's pid")
-    ap.add_argument("--prometheus-port", metavar="PORT", help="the target serves its metrics on this port")
+    ap.add_argument("--prometheus-port", metavar="PORT", help="the target serves its metrics for Prometheus on this port while attached "
+                         "(0: any free port; the URL is printed), closed at detach")
     ap.add_argument("--profile", metavar="FILE",
                     help="also profile socket time by Python stack while attached; at detach write FILE "
                          "(relative to this directory) as speedscope JSON and the collapsed stacks next to "
@@ -280,11 +281,11 @@ def main(argv):
         how = (f"its {signal.Signals(signum).name} trigger" if signum else
                "sys.remote_exec" if target.version >= REMOTE_EXEC else "gdb")
         until = f"for {request['duration']:g} s" if request["duration"] else "until Ctrl-C"
-        sys.stderr.write(f"tracesock: attached to {target.label} through {how}: tracing {until} "
-                         f"(or `tracesock detach {pid}`)\n")
-        sys.stderr.flush()
-        del status
-        done = _hold(channel, request, target)
+        lines = [f"tracesock: attached to {target.label} through {how}: tracing {until} "
+                 f"(or `tracesock detach {pid}`)"]
+        if status.get("prometheus"):
+            lines.append(f"tracesock: Prometheus metrics at {status['prometheus']}")
+        done = _hold(channel, request, target, "\n".join(lines) + "\n")
         return _report(done, channel, final, request, target, profile)
     except (AttachError, ConfigError) as e:
         if channel is not None:
@@ -342,14 +343,17 @@ def _touch(path):
     os.utime(path)
 
 
-def _hold(channel, request, target):
-    """Heartbeat until the end; then ask the target to detach and wait for its done.json."""
+def _hold(channel, request, target, announce):
+    """Say ``announce``; heartbeat until the end; then ask the target to detach and wait for its done.json."""
     stop = {"why": None}
 
     def on_signal(signum, frame):
         stop["why"] = signal.Signals(signum).name
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Said once Ctrl-C and SIGTERM detach: a signal right after it must not kill us attached.
+    sys.stderr.write(announce)
+    sys.stderr.flush()
     done_path = os.path.join(channel, DONE)
     heartbeat = os.path.join(channel, HEARTBEAT)
     end = None if request["duration"] is None else time.monotonic() + request["duration"]

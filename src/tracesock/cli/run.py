@@ -87,7 +87,8 @@ def parser():
     ap.add_argument("--profile", metavar="FILE",
                     help="also profile socket time by Python stack; at exit write FILE as speedscope "
                          "JSON and the collapsed stacks next to it (FILE ending in .folded: those only); "
-                         "{pid} is replaced. This process only, not --children")
+                         "{pid} is replaced. This process only, not --children; with --dormant, each period the "
+                         "trigger switched on (written when it is switched off)")
     ap.add_argument("--dormant", action="store_true",
                     help="patch nothing: only install the trigger's signal handler (TRACESOCK_TRIGGER, "
                          "default SIGUSR2); the signal switches tracing on, the next one off (docs/attach.md)")
