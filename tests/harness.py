@@ -119,11 +119,17 @@ def points(reader, prefix=""):
 
 # --- subprocesses ------------------------------------------------------------
 
+# Kept in a child's environment: which hot path the suite runs (C or pure Python) is the
+# run's choice, not a setting a test exercises.
+SUITE_PATH = "TRACESOCK_NO_SPEEDUPS"
+
+
 def cli_env(**extra):
-    """os.environ without TRACESOCK_*, OTEL_* and PYTHONPATH, plus ``extra``: the environment
-    of a ``tracesock`` / ``python -m tracesock`` child that only sees what the test sets."""
+    """os.environ without TRACESOCK_* (but SUITE_PATH), OTEL_* and PYTHONPATH, plus ``extra``:
+    the environment of a ``tracesock`` / ``python -m tracesock`` child that only sees what
+    the test sets, on the hot path the suite runs."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TRACESOCK_", "OTEL_")) and k != "PYTHONPATH"}
+           if k == SUITE_PATH or not k.startswith(("TRACESOCK_", "OTEL_")) and k != "PYTHONPATH"}
     env.update(extra)
     return env
 

@@ -21,14 +21,8 @@ import time
 
 import pytest
 
-from harness import cli_env as _cli_env
+from harness import cli_env
 
-
-def cli_env(**extra):
-    """harness.cli_env keeping TRACESOCK_NO_SPEEDUPS: targets run the path the suite runs."""
-    if "TRACESOCK_NO_SPEEDUPS" in os.environ:
-        extra.setdefault("TRACESOCK_NO_SPEEDUPS", os.environ["TRACESOCK_NO_SPEEDUPS"])
-    return _cli_env(**extra)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET = os.path.join(HERE, "data", "attach_target.py")
