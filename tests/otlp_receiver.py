@@ -1,13 +1,18 @@
-"""A real OTLP/HTTP receiver for the tests: an http.server that decodes the protobuf.
+"""Real OTLP receivers for the tests, decoding the protobuf: OTLP/HTTP (an http.server)
+and OTLP/gRPC (a grpcio server implementing opentelemetry-proto's TraceService and
+MetricsService).
 
-    with OTLPReceiver() as rx:
+    with OTLPReceiver() as rx:          # or OTLPGrpcReceiver(), or receiver(protocol)
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = rx.endpoint
         ... run something that exports ...
         spans = rx.wait_for(lambda spans: any(s.name == "tracesock.run" for s in spans))
 
 Each decoded span is a :class:`ReceivedSpan` with plain-Python attributes and
-its resource's attributes; each metric data point posted to ``/v1/metrics`` is a
+its resource's attributes; each metric data point exported is a
 :class:`ReceivedPoint` (``rx.points``, in arrival order; ``rx.wait_for_points``).
+Both receivers share the decoding and collection (:class:`_Collector`); ``rx.endpoint``
+is what ``OTEL_EXPORTER_OTLP_ENDPOINT`` takes, ``rx.metrics_endpoint`` the URL the
+metrics exporter posts to (the summary names it).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import gzip
 import threading
 import zlib
 from dataclasses import dataclass, field
+from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -99,52 +105,15 @@ def _points(request, index):
     return out
 
 
-class OTLPReceiver:
-    def __init__(self, host="127.0.0.1"):
+class _Collector:
+    """What both receivers keep: the decoded spans and points, and waiting for them."""
+
+    def __init__(self):
         self.spans = []
         self.points = []
         self.metric_requests = 0
-        self.requests = []  # (path, content-type, content-encoding)
+        self.requests = []  # HTTP: (path, content-type, content-encoding); gRPC: (method, None, encoding)
         self._cond = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                encoding = self.headers.get("Content-Encoding", "")
-                if encoding == "gzip":
-                    body = gzip.decompress(body)
-                elif encoding == "deflate":
-                    body = zlib.decompress(body)
-                receiver.requests.append((self.path, self.headers.get("Content-Type"), encoding))
-                if self.path == "/v1/traces":
-                    request = ExportTraceServiceRequest()
-                    request.ParseFromString(body)
-                    receiver._add(request)
-                    out = ExportTraceServiceResponse().SerializeToString()
-                elif self.path == "/v1/metrics":
-                    request = ExportMetricsServiceRequest()
-                    request.ParseFromString(body)
-                    receiver._add_metrics(request)
-                    out = ExportMetricsServiceResponse().SerializeToString()
-                else:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.endpoint = f"http://{host}:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def _add(self, request):
         spans = []
@@ -185,6 +154,55 @@ class OTLPReceiver:
                                      f"{sorted({s.name for s in self.spans})}")
             return list(self.spans)
 
+
+class OTLPReceiver(_Collector):
+    """OTLP/HTTP: ``POST /v1/traces`` and ``/v1/metrics``, protobuf bodies (gzip/deflate allowed)."""
+
+    protocol = "http/protobuf"
+
+    def __init__(self, host="127.0.0.1"):
+        super().__init__()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                encoding = self.headers.get("Content-Encoding", "")
+                if encoding == "gzip":
+                    body = gzip.decompress(body)
+                elif encoding == "deflate":
+                    body = zlib.decompress(body)
+                receiver.requests.append((self.path, self.headers.get("Content-Type"), encoding))
+                if self.path == "/v1/traces":
+                    request = ExportTraceServiceRequest()
+                    request.ParseFromString(body)
+                    receiver._add(request)
+                    out = ExportTraceServiceResponse().SerializeToString()
+                elif self.path == "/v1/metrics":
+                    request = ExportMetricsServiceRequest()
+                    request.ParseFromString(body)
+                    receiver._add_metrics(request)
+                    out = ExportMetricsServiceResponse().SerializeToString()
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.endpoint = f"http://{host}:{self.port}"
+        self.metrics_endpoint = self.endpoint + "/v1/metrics"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
     def __enter__(self):
         self._thread.start()
         return self
@@ -192,3 +210,55 @@ class OTLPReceiver:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+class OTLPGrpcReceiver(_Collector):
+    """OTLP/gRPC: a grpcio server with opentelemetry-proto's TraceService and MetricsService."""
+
+    protocol = "grpc"
+
+    def __init__(self, host="127.0.0.1"):
+        import grpc  # the test extra has it (via opentelemetry-exporter-otlp-proto-grpc)
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        super().__init__()
+        receiver = self
+
+        def note(context, method):
+            metadata = dict(context.invocation_metadata())
+            receiver.requests.append((method, None, metadata.get("grpc-encoding", "")))
+
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                note(context, "/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+                receiver._add(request)
+                return ExportTraceServiceResponse()
+
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request, context):
+                note(context, "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export")
+                receiver._add_metrics(request)
+                return ExportMetricsServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self.server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self.server)
+        self.port = self.server.add_insecure_port(f"{host}:0")
+        # the http:// scheme tells the grpc exporters to connect without TLS
+        self.endpoint = self.metrics_endpoint = f"http://{host}:{self.port}"
+
+    def __enter__(self):
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stop(grace=None).wait()
+
+
+RECEIVERS = {"http/protobuf": OTLPReceiver, "grpc": OTLPGrpcReceiver}
+
+
+def receiver(protocol):
+    """A receiver for an ``OTEL_EXPORTER_OTLP_PROTOCOL`` value."""
+    return RECEIVERS[protocol]()

@@ -1,8 +1,8 @@
-"""Metrics over OTLP: ``tracesock run`` pushing to a real OTLP/HTTP receiver (protobuf decoded).
+"""Metrics over OTLP: ``tracesock run`` pushing to a real OTLP receiver (protobuf decoded).
 
-The receiver is tests/otlp_receiver.py (an http.server decoding
-``ExportMetricsServiceRequest``); the programs are real processes moving real
-bytes over loopback.
+The receivers are tests/otlp_receiver.py (an http.server for http/protobuf, a
+grpcio server for grpc, both decoding ``ExportMetricsServiceRequest``); the
+programs are real processes moving real bytes over loopback.
 """
 
 from __future__ import annotations
@@ -19,12 +19,23 @@ import time
 import pytest
 
 from harness import cli_env
-from otlp_receiver import OTLPReceiver
+from otlp_receiver import OTLPReceiver, receiver
 
 PY = sys.executable
 LIMIT = 120
 DELTA, CUMULATIVE = 1, 2
 SIZE = 3 << 20
+PROTOCOLS = ["http/protobuf", "grpc"]
+
+
+def protocol_env(protocol, both=True):
+    """The settings that pick ``protocol`` (grpc: the general variable, and the metrics one if ``both``)."""
+    if protocol == "http/protobuf":
+        return {}
+    env = {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    if both:
+        env["OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"] = "grpc"
+    return env
 
 # Moves SIZE bytes each way over TCP; one recv waits 0.2 s for its data (a slow call with a span).
 WORKLOAD = f"""\
@@ -76,12 +87,13 @@ def io_bytes(points, direction):
             and p.attributes == {"network.io.direction": direction, "network.transport": "tcp"}]
 
 
-def test_metrics_over_otlp_cumulative(tmp_path):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_metrics_over_otlp_cumulative(tmp_path, protocol):
     from tracesock.core.events import BOUNDS_S
 
-    with OTLPReceiver() as rx:
+    with receiver(protocol) as rx:
         r = run(tmp_path, WORKLOAD, "--exporter", "otlp", OTEL_EXPORTER_OTLP_ENDPOINT=rx.endpoint,
-                OTEL_METRIC_EXPORT_INTERVAL="300", OTEL_SERVICE_NAME="mover")
+                OTEL_METRIC_EXPORT_INTERVAL="300", OTEL_SERVICE_NAME="mover", **protocol_env(protocol))
         assert r.returncode == 0, r.stderr
         assert r.stdout == f"moved {SIZE} late\n"
         spans = rx.wait_for(lambda spans: any(s.name == "tracesock.run" for s in spans), timeout=5)
@@ -116,15 +128,22 @@ def test_metrics_over_otlp_cumulative(tmp_path):
     assert not [s for s in spans if s.attributes.get("network.peer.port") == rx.port]
     table = r.stderr.split("slowest calls:")[0]
     assert f":{rx.port}" not in table
-    assert f"metrics: sent over OTLP (http/protobuf) to {rx.endpoint}/v1/metrics (" in r.stderr
+    assert f"metrics: sent over OTLP ({protocol}) to {rx.metrics_endpoint} (" in r.stderr
     assert "failed" not in r.stderr
+    # the spans came over the same protocol as the metrics
+    assert {path for path, _, _ in rx.requests} == (
+        {"/v1/traces", "/v1/metrics"} if protocol == "http/protobuf" else
+        {"/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+         "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"})
 
 
-def test_metrics_over_otlp_delta(tmp_path):
-    with OTLPReceiver() as rx:
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_metrics_over_otlp_delta(tmp_path, protocol):
+    # grpc here from OTEL_EXPORTER_OTLP_PROTOCOL alone: the metrics protocol falls back to it
+    with receiver(protocol) as rx:
         r = run(tmp_path, WORKLOAD, "--exporter", "otlp", OTEL_EXPORTER_OTLP_ENDPOINT=rx.endpoint,
                 OTEL_METRIC_EXPORT_INTERVAL="100",
-                OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta")
+                OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta", **protocol_env(protocol, both=False))
         assert r.returncode == 0, r.stderr
         points = rx.wait_for_points(lambda points: points, timeout=5)
     assert {p.temporality for p in points if p.kind != "gauge"} == {DELTA}
@@ -137,6 +156,8 @@ def test_metrics_over_otlp_delta(tmp_path):
     connects = [p for p in points if p.metric == "tracesock.connect.duration"]
     assert sum(p.count for p in connects) == 1
     assert sum(sum(p.bucket_counts) for p in connects) == 1
+    assert not [p for p in points if str(rx.port) in str(p.attributes)]
+    assert f"metrics: sent over OTLP ({protocol}) to {rx.metrics_endpoint} (" in r.stderr
 
 
 EXITS = {
@@ -206,15 +227,24 @@ def test_bad_metrics_setting_is_one_line(tmp_path, env, message):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("tracesock run: error: " + message), r.stderr
 
 
-def test_grpc_metrics_without_its_extra(tmp_path):
-    try:
-        import opentelemetry.exporter.otlp.proto.grpc.metric_exporter  # noqa: F401
-        pytest.skip("the grpc exporter is installed")
-    except ImportError:
-        pass
-    r = run(tmp_path, "print('ran')\n", "--exporter", "otlp", OTEL_EXPORTER_OTLP_METRICS_PROTOCOL="grpc")
+# tracesock run with the grpc exporter package made unimportable (None in sys.modules),
+# as where the otlp-grpc extra is not installed
+WITHOUT_GRPC = """\
+import runpy, sys
+sys.modules["opentelemetry.exporter.otlp.proto.grpc"] = None
+sys.argv = ["tracesock", "run", "--exporter", "otlp", "prog.py"]
+runpy.run_module("tracesock", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"])
+def test_grpc_without_its_extra(tmp_path, variable):
+    write(tmp_path / "prog.py", "print('ran')\n")
+    r = subprocess.run([PY, "-c", WITHOUT_GRPC], cwd=tmp_path, env=cli_env(**{variable: "grpc"}),
+                       capture_output=True, text=True, timeout=LIMIT)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.count("\n") == 1 and "pip install 'tracesock[otlp-grpc]'" in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("tracesock run: error: ") and "pip install 'tracesock[otlp-grpc]'" in r.stderr
 
 
 # --- a dead collector: the program runs on unchanged, the failed exports counted ----------
@@ -250,8 +280,9 @@ class _Hanging:
             c.close()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("dead", ["refused", "hanging"])
-def test_dead_collector_leaves_the_program_unchanged(tmp_path, dead):
+def test_dead_collector_leaves_the_program_unchanged(tmp_path, dead, protocol):
     write(tmp_path / "prog.py", WORKLOAD)
     plain = subprocess.run([PY, "prog.py"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                            timeout=LIMIT)
@@ -259,8 +290,9 @@ def test_dead_collector_leaves_the_program_unchanged(tmp_path, dead):
     port = hanging.port if hanging else _refusing_port()
     try:
         started = time.monotonic()
-        r = run(tmp_path, WORKLOAD, "--exporter", "file", "-o", "t.json",
-                OTEL_METRICS_EXPORTER="otlp", OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=f"http://127.0.0.1:{port}/v1/metrics",
+        endpoint = f"http://127.0.0.1:{port}" + ("/v1/metrics" if protocol == "http/protobuf" else "")
+        r = run(tmp_path, WORKLOAD, "--exporter", "file", "-o", "t.json", OTEL_EXPORTER_OTLP_METRICS_PROTOCOL=protocol,
+                OTEL_METRICS_EXPORTER="otlp", OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=endpoint,
                 OTEL_METRIC_EXPORT_INTERVAL="200", OTEL_EXPORTER_OTLP_METRICS_TIMEOUT="1",
                 OTEL_METRIC_EXPORT_TIMEOUT="3000")
         took = time.monotonic() - started
@@ -274,16 +306,20 @@ def test_dead_collector_leaves_the_program_unchanged(tmp_path, dead):
     assert not [line for line in lines if not line.startswith(("tracesock:", "  "))], r.stderr
     assert "Traceback" not in r.stderr and "Failed to export" not in r.stderr
     (footer,) = [line for line in lines if line.startswith("  metrics: ")]
-    assert footer.startswith(f"  metrics: sent over OTLP (http/protobuf) to http://127.0.0.1:{port}/v1/metrics (")
+    assert footer.startswith(f"  metrics: sent over OTLP ({protocol}) to {endpoint} (")
     exports, failed = footer.rsplit("(", 1)[1].rstrip(")").split(", ")
     assert failed == exports.replace("exports", "failed") and int(failed.split()[0]) >= 1
     assert f":{port}" not in r.stderr.split("slowest calls:")[0]
 
 
-def test_a_failed_export_is_counted_as_dropped_telemetry(caplog):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_failed_export_is_counted_as_dropped_telemetry(caplog, protocol):
     # In process: the exporter a dead endpoint fails returns FAILURE, adds one to
     # tracesock.telemetry.dropped, and lets no log record reach the program's handlers.
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricExportResult
 
@@ -296,7 +332,8 @@ def test_a_failed_export_is_counted_as_dropped_telemetry(caplog):
     meter.create_counter("c").add(1)
     data = reader.get_metrics_data()
     port = _refusing_port()
-    exporter = CountingExporter(OTLPMetricExporter(endpoint=f"http://127.0.0.1:{port}/v1/metrics", timeout=1),
+    endpoint = f"http://127.0.0.1:{port}" + ("/v1/metrics" if protocol == "http/protobuf" else "")
+    exporter = CountingExporter(OTLPMetricExporter(endpoint=endpoint, timeout=1),
                                 "sent", "x")
     metric_exporters._quiet_export_logs()
     before = dropped_count()
@@ -308,7 +345,8 @@ def test_a_failed_export_is_counted_as_dropped_telemetry(caplog):
     # outside our exports the same logger still reaches the program's handlers
     with caplog.at_level(logging.WARNING):
         logging.getLogger("opentelemetry.exporter.otlp.proto.http.metric_exporter").warning("theirs")
-    assert [r.getMessage() for r in caplog.records] == ["theirs"]
+        logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").warning("theirs too")
+    assert [r.getMessage() for r in caplog.records] == ["theirs", "theirs too"]
 
 
 def test_children_push_their_own_metrics(tmp_path):
