@@ -54,26 +54,23 @@ class Target:
         self.port = int(line.split()[1])
         self.lines = []
 
-    def state(self):
-        self.proc.stdin.write("state\n")
+    def _ask(self, command, prefix):
+        """The target's answer line to ``command``; its other output is kept in ``lines``."""
+        self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
         while True:
             line = self.proc.stdout.readline()
             assert line, self.proc.stderr.read()
-            if line.startswith("{"):
-                return json.loads(line)
+            if line.startswith(prefix):
+                return line
             self.lines.append(line)
+
+    def state(self):
+        return json.loads(self._ask("state", "{"))
 
     def rss(self):
         """Resident memory in KiB."""
-        self.proc.stdin.write("rss\n")
-        self.proc.stdin.flush()
-        while True:
-            line = self.proc.stdout.readline()
-            assert line, self.proc.stderr.read()
-            if line.startswith("rss "):
-                return int(line.split()[1])
-            self.lines.append(line)
+        return int(self._ask("rss", "rss ").split()[1])
 
     def close(self):
         if self.proc.stderr.closed:  # closed already (by the test): what it said was returned then

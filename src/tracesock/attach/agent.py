@@ -119,13 +119,8 @@ class Attachment:
             return
 
     def finish(self, reason):
-        global _current
-        with _lock:
-            if self._done:
-                return None
-            self._done = True
-            if _current is self:
-                _current = None
+        if not _end(self):
+            return None
         self._stop.set()
         try:
             atexit.unregister(self.finish)
@@ -415,15 +410,24 @@ class _Providers:
         atexit.register(self.finish, "exit")
 
     def finish(self, reason):
-        global _current
-        with _lock:
-            if self._done:
-                return None
-            self._done = True
-            _current = None
+        if not _end(self):
+            return None
         atexit.unregister(self.finish)
         patching.uninstrument()
         return {"reason": reason}
+
+
+def _end(attachment):
+    """Marks ``attachment`` done, once (detach, the lease, exit and uninstrument can race to
+    end it): True for the caller that ended it, which then undoes it."""
+    global _current
+    with _lock:
+        if attachment._done:
+            return False
+        attachment._done = True
+        if _current is attachment:
+            _current = None
+    return True
 
 
 def _say(text):
