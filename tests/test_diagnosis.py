@@ -95,23 +95,27 @@ def test_forced_small_send_buffer_is_send_buffer_small(traced):
 @linux_only
 def test_signal_storm_is_signals(traced):
     # With the C extension, the handlers' time is measured exactly (they run
-    # timed right after the blocking send or wait they interrupted): one try.
-    # The pure-Python path weighs the thread's user CPU time instead (sampled
-    # per tick: +-4 ms against a call of 30-80 ms), and a process-directed
-    # SIGALRM may land in the reader thread; measured there, about 1 try in 5
-    # is not "signals", so that path gets six real tries.
+    # timed right after the blocking send or wait they interrupted): the first
+    # call the storm interrupts must be "signals".  The pure-Python path weighs
+    # the thread's user CPU time instead (sampled per tick: +-4 ms against a call
+    # of 30-80 ms): about 1 in 5 is not "signals", so it gets six tries.  A call
+    # the storm did not interrupt is no try: a process-directed SIGALRM may land
+    # in another thread, or while send() copies (a partial send, not EINTR), and a
+    # fast reader can take the 64 MiB without a wait.
     tries = 1 if speedups.available() else 6
     verdicts = []
-    for _ in range(tries):
+    for _ in range(30):
         traced.clear()
         span, _ = _sendall(traced, b"g" * (64 << 20), storm=0.0019)
+        if not span.attributes.get("tracesock.eintr_retries"):
+            continue
         verdicts.append(span.attributes.get("tracesock.diagnosis"))
-        if verdicts[-1] == "signals":
+        if verdicts[-1] == "signals" or len(verdicts) == tries:
             break
     a = span.attributes
+    assert verdicts, "the storm interrupted none of 30 calls"
     assert "signals" in verdicts, (verdicts, a.get("tracesock.signals.duration"), a.get("tracesock.eintr_retries"),
                                    (span.end_time - span.start_time) / 1e9)
-    assert span.attributes["tracesock.eintr_retries"] > 0
     assert span.attributes["tracesock.signals.duration"] > 0
 
 
