@@ -109,7 +109,8 @@ def script(path, args):
         _set_path0(os.path.dirname(os.path.realpath(path)))
         main = _fresh_main()
         main.__file__ = full
-        main.__cached__ = None
+        if sys.version_info < (3, 15):  # pythonrun.c stopped setting it in 3.15
+            main.__cached__ = None
         pyc = _is_pyc(full)
         loader = (importlib.machinery.SourcelessFileLoader if pyc
                   else importlib.machinery.SourceFileLoader)("__main__", full)
