@@ -153,6 +153,17 @@ class EchoClient(threading.Thread):
             time.sleep(0.02)
 
 
+def attach_under_traffic(t, *args, **kwargs):
+    """``tracesock attach`` to target ``t`` while an EchoClient keeps it busy: (result, client)."""
+    client = EchoClient(t.port)
+    client.start()
+    try:
+        return attach(t.pid, *args, **kwargs), client
+    finally:
+        client.stop.set()
+        client.join(30)
+
+
 def _wait_attached(proc, timeout=60):
     """Read the attacher's stderr up to its 'attached' line (it keeps running)."""
     deadline = time.monotonic() + timeout
@@ -208,11 +219,7 @@ def test_attach_mid_traffic_and_detach_leaves_the_target_as_it_was(targets, tmp_
         assert sent[p] == client.received[p], p
     # a second attach leaves exactly what the first left (nothing grows per attach); with
     # traffic, so that an idle event loop's main thread runs Python (sys.remote_exec waits for it)
-    client = EchoClient(t.port)
-    client.start()
-    again = attach(t.pid, "--duration", "0.5", "--overwrite", cwd=tmp_path)
-    client.stop.set()
-    client.join(30)
+    again, _ = attach_under_traffic(t, "--duration", "0.5", "--overwrite", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     time.sleep(0.3)
     assert t.state() == after
@@ -637,11 +644,7 @@ def test_attach_to_a_target_of_an_unprivileged_user(targets, tmp_path):
     if check.returncode != 0:
         pytest.skip("nobody cannot import tracesock from this checkout")
     t = targets("busy", user=65534)
-    client = EchoClient(t.port)
-    client.start()
-    r = attach(t.pid, "--duration", "1.5", "--profile", "p.folded", cwd=tmp_path)
-    client.stop.set()
-    client.join(10)
+    r, _ = attach_under_traffic(t, "--duration", "1.5", "--profile", "p.folded", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = tmp_path / f"tracesock-{t.pid}.json"
     assert os.stat(out).st_uid == 0 and any(n == "socket.recv" for n, _ in spans_of(out))
@@ -696,11 +699,7 @@ def test_profile_while_attached_written_at_detach(targets, tmp_path):
     existing file is refused before the target is touched; nothing of the profile stays."""
     t = targets("busy")
     before = t.state()
-    client = EchoClient(t.port)
-    client.start()
-    r = attach(t.pid, "--duration", "1.5", "--profile", "prof-{pid}.speedscope.json", cwd=tmp_path)
-    client.stop.set()
-    client.join(30)
+    r, _ = attach_under_traffic(t, "--duration", "1.5", "--profile", "prof-{pid}.speedscope.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     speedscope, folded = tmp_path / f"prof-{t.pid}.speedscope.json", tmp_path / f"prof-{t.pid}.folded"
     assert f"tracesock: profile: {speedscope} and {folded}" in r.stderr, r.stderr
@@ -729,11 +728,7 @@ def test_exporter_otlp_sends_from_the_target(targets, tmp_path):
     with OTLPReceiver() as rx:
         t = targets("busy", env=cli_env(OTEL_EXPORTER_OTLP_ENDPOINT=rx.endpoint, OTEL_SERVICE_NAME="echo-target"))
         before = t.state()
-        client = EchoClient(t.port)
-        client.start()
-        r = attach(t.pid, "--duration", "1.5", "--exporter", "otlp", cwd=tmp_path)
-        client.stop.set()
-        client.join(30)
+        r, _ = attach_under_traffic(t, "--duration", "1.5", "--exporter", "otlp", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         assert f"trace: sent over OTLP to {rx.endpoint}/v1/traces" in r.stderr, r.stderr
         assert f"metrics: sent over OTLP (http/protobuf) to {rx.endpoint}/v1/metrics (1 exports)" in r.stderr, r.stderr
@@ -758,11 +753,7 @@ def test_exporter_console_is_printed_by_the_attacher(targets, tmp_path):
     """--exporter console: the SDK's console output comes out of the attacher at detach, not
     out of the program's stderr."""
     t = targets("busy")
-    client = EchoClient(t.port)
-    client.start()
-    r = attach(t.pid, "--duration", "1.5", "--exporter", "console", cwd=tmp_path)
-    client.stop.set()
-    client.join(30)
+    r, _ = attach_under_traffic(t, "--duration", "1.5", "--exporter", "console", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert '"name": "tracesock.attached"' in r.stdout and '"name": "socket.recv"' in r.stdout, r.stdout[:2000]
     assert '"name": "socket.' not in r.stderr
