@@ -37,7 +37,7 @@ from ..core.config import ConfigError, check_output, metrics_settings, otlp_prot
 from .. import patching
 from ..telemetry.context import SUPPRESS
 from .file import JaegerFileExporter
-from .metrics import exemplar_filter, missing_extra, push_readers
+from .metrics import exemplar_filter, missing_extra, otlp_class, push_readers
 from .summary import SummaryProcessor
 
 __all__ = ["Session", "start", "program_name"]
@@ -101,17 +101,8 @@ class _RunTracerProvider(otel_trace.TracerProvider):
 
 def _otlp_span_exporter(environ):
     protocol = otlp_protocol(environ)
-    if protocol == "grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        except ImportError as e:
-            raise missing_extra("--exporter otlp with OTEL_EXPORTER_OTLP_PROTOCOL=grpc", "otlp-grpc", e) from None
-    else:
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError as e:
-            raise missing_extra("--exporter otlp", "otlp", e) from None
-    return OTLPSpanExporter(), protocol
+    what = "--exporter otlp with OTEL_EXPORTER_OTLP_PROTOCOL=grpc" if protocol == "grpc" else "--exporter otlp"
+    return otlp_class(protocol, "trace", what)(), protocol
 
 
 def otlp_endpoint(environ, protocol):

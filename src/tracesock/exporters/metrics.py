@@ -16,6 +16,7 @@ key set, so the exporter's own sockets are never traced or counted.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import threading
@@ -33,7 +34,7 @@ except ImportError:  # SDK without exemplars (< 1.26): none are sent
 from ..core.config import ConfigError
 from ..core.guard import dropped
 
-__all__ = ["CountingExporter", "exemplar_filter", "missing_extra", "otlp_metrics_endpoint", "push_readers",
+__all__ = ["CountingExporter", "exemplar_filter", "missing_extra", "otlp_class", "otlp_metrics_endpoint", "push_readers",
            "temporality"]
 
 # Loggers that report a failed export; quiet only while one of ours runs.
@@ -140,18 +141,23 @@ def missing_extra(what, extra, error):
                        f"pip install 'tracesock[{extra}]'")
 
 
+def otlp_class(protocol, signal, what):
+    """OpenTelemetry's OTLP exporter class for ``signal`` ("trace" or "metric") over
+    ``protocol`` (grpc, else http/protobuf): imported only when asked for, as its extra
+    may be missing -- then the one-line error naming ``what`` and the extra to install."""
+    grpc = protocol == "grpc"
+    module = f"opentelemetry.exporter.otlp.proto.{'grpc' if grpc else 'http'}.{signal}_exporter"
+    try:
+        found = importlib.import_module(module)
+    except ImportError as e:
+        raise missing_extra(what, "otlp-grpc" if grpc else "otlp", e) from None
+    return getattr(found, "OTLPSpanExporter" if signal == "trace" else "OTLPMetricExporter")
+
+
 def _otlp_exporter(ms, environ):
     preferred = temporality(ms.temporality)
-    if ms.protocol == "grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        except ImportError as e:
-            raise missing_extra("OTLP metrics over grpc", "otlp-grpc", e) from None
-    else:
-        try:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        except ImportError as e:
-            raise missing_extra("OTLP metrics", "otlp", e) from None
+    what = "OTLP metrics over grpc" if ms.protocol == "grpc" else "OTLP metrics"
+    OTLPMetricExporter = otlp_class(ms.protocol, "metric", what)
     endpoint = otlp_metrics_endpoint(environ, ms.protocol)
     exporter = OTLPMetricExporter(endpoint=endpoint, preferred_temporality=preferred)
     return CountingExporter(exporter, f"sent over OTLP ({ms.protocol})", endpoint)
