@@ -140,19 +140,18 @@ class _Collector:
 
     def wait_for_points(self, predicate, timeout=60):
         """The metric points received once ``predicate(points)`` holds (AssertionError after ``timeout``)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: predicate(list(self.points)), timeout):
-                raise AssertionError(f"the receiver did not get the expected metrics; got "
-                                     f"{sorted({p.metric for p in self.points})}")
-            return list(self.points)
+        return self._wait(self.points, predicate, timeout, "metrics", lambda p: p.metric)
 
     def wait_for(self, predicate, timeout=60):
         """The spans received once ``predicate(spans)`` holds (AssertionError after ``timeout``)."""
+        return self._wait(self.spans, predicate, timeout, "spans", lambda s: s.name)
+
+    def _wait(self, received, predicate, timeout, what, name):
         with self._cond:
-            if not self._cond.wait_for(lambda: predicate(list(self.spans)), timeout):
-                raise AssertionError(f"the receiver did not get the expected spans; got "
-                                     f"{sorted({s.name for s in self.spans})}")
-            return list(self.spans)
+            if not self._cond.wait_for(lambda: predicate(list(received)), timeout):
+                raise AssertionError(f"the receiver did not get the expected {what}; got "
+                                     f"{sorted({name(x) for x in received})}")
+            return list(received)
 
 
 class OTLPReceiver(_Collector):
