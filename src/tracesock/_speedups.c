@@ -298,6 +298,75 @@ set_profile(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* recv(n) and send(bytes) -- the commonest forms -- made here as CPython's
+ * sock_recv and sock_send make them on a blocking socket (socketmodule.c:
+ * the same syscall on the same fd with the GIL released around it, EINTR
+ * retried once the handlers ran without raising, OSError from errno as
+ * set_error makes it, the buffer allocated at n and shrunk to what arrived),
+ * without going through the method's argument parsing (a tuple, a format
+ * string).  The GIL is released even though a MSG_DONTWAIT call cannot
+ * block: keeping it would be cheaper, but it changes when other threads run
+ * (a thread waiting for the GIL would wait for the switch interval, 5 ms,
+ * where untraced it runs at once) -- tests/test_traps.py's signal storm sees
+ * it.  Anything else (recv of 0 or of a non-int, a buffer other than bytes)
+ * returns 0 and goes to CPython's method; 1: done, *out the result or NULL
+ * with the exception set. */
+static int native_call(int method, PyObject *sock, PyObject *arg0, PyObject **out) {
+    if (!layout_ok || method == M_RECV_INTO) return 0;  /* sock_blocking checked the type */
+    int fd = ((SockHead *)sock)->sock_fd;
+    ssize_t r;
+    if (method == M_RECV) {
+        if (!PyLong_CheckExact(arg0)) return 0;
+        Py_ssize_t want = PyLong_AsSsize_t(arg0);
+        if (want <= 0) {  /* 0, negative, or too large: CPython's own answer */
+            PyErr_Clear();
+            return 0;
+        }
+        PyObject *buf = PyBytes_FromStringAndSize(NULL, want);
+        if (buf == NULL) {
+            *out = NULL;
+            return 1;
+        }
+        char *p = PyBytes_AS_STRING(buf);
+        for (;;) {
+            Py_BEGIN_ALLOW_THREADS
+            r = recv(fd, p, (size_t)want, (int)dontwait);
+            Py_END_ALLOW_THREADS
+            if (r >= 0 || errno != EINTR) break;
+            if (PyErr_CheckSignals() < 0) {
+                Py_DECREF(buf);
+                *out = NULL;
+                return 1;
+            }
+        }
+        if (r < 0) {
+            int saved = errno;
+            Py_DECREF(buf);
+            errno = saved;
+            *out = PyErr_SetFromErrno(PyExc_OSError);
+            return 1;
+        }
+        if (r != want) _PyBytes_Resize(&buf, (Py_ssize_t)r);  /* NULL and MemoryError on failure */
+        *out = buf;
+        return 1;
+    }
+    if (!PyBytes_CheckExact(arg0)) return 0;
+    const char *p = PyBytes_AS_STRING(arg0);
+    size_t len = (size_t)PyBytes_GET_SIZE(arg0);
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        r = send(fd, p, len, (int)dontwait);
+        Py_END_ALLOW_THREADS
+        if (r >= 0 || errno != EINTR) break;
+        if (PyErr_CheckSignals() < 0) {
+            *out = NULL;
+            return 1;
+        }
+    }
+    *out = r < 0 ? PyErr_SetFromErrno(PyExc_OSError) : PyLong_FromSsize_t((Py_ssize_t)r);
+    return 1;
+}
+
 /* The C hot path of one call sock.<method>(arg0): the result, NOT_FAST
  * (nothing done), PARTIAL (continue in Python) or NULL with the exception.
  * args: the call's positional arguments for on_slow, or NULL to make them. */
@@ -320,7 +389,9 @@ fast_call(int method, PyObject *sock, PyObject *arg0, PyObject *args)
         nargs = 3;
     }
     long long start = now_ns();
-    PyObject *result = PyObject_Vectorcall(fns[method], call_args, nargs, NULL);
+    PyObject *result;
+    if (!native_call(method, sock, arg0, &result))
+        result = PyObject_Vectorcall(fns[method], call_args, nargs, NULL);
     long long end = now_ns();
     if (result == NULL) {
         stash(start, end, -1);
