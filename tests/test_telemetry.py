@@ -457,6 +457,39 @@ def test_so_errno_names(traced):
     assert traced.spans("syscall.send")[0].attributes["tracesock.syscall.errno"] == "EPIPE"
 
 
+def _peer_ports(traced, name):
+    return [s.attributes.get("network.peer.port") for s in traced.spans(name)]
+
+
+def test_peer_attributes_follow_each_socket_and_descriptor(traced):
+    """A connected stream socket's addresses are looked up once (telemetry.attributes):
+    they must still be each socket's own -- after a close reuses the descriptor number for
+    another connection -- and a datagram socket's peer whatever it connected to last."""
+    with socket.create_server(("127.0.0.1", 0)) as srv1, socket.create_server(("127.0.0.1", 0)) as srv2:
+        ports = [srv1.getsockname()[1], srv2.getsockname()[1]]
+        kept = []  # closed but alive: their descriptor numbers come back, their objects do not
+        with traced.tracer.start_as_current_span("p"):
+            for srv, port in zip((srv1, srv2, srv1), ports + ports[:1]):
+                cli = socket.create_connection(("127.0.0.1", port))
+                conn, _ = srv.accept()
+                kept += [cli, conn]
+                with cli, conn:
+                    cli.send(b"x")
+                    cli.send(b"y")
+                    assert conn.recv(2)
+            assert len({s.fileno() for s in kept}) == 1  # all closed
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sinks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+            with udp, sinks[0], sinks[1]:
+                for sink in sinks + sinks[:1]:
+                    sink.bind(("127.0.0.1", 0)) if sink.getsockname()[1] == 0 else None
+                    udp.connect(sink.getsockname())
+                    udp.send(b"d")
+                udp_ports = [s.getsockname()[1] for s in sinks + sinks[:1]]
+    assert _peer_ports(traced, "socket.send")[:6] == [ports[0]] * 2 + [ports[1]] * 2 + [ports[0]] * 2
+    assert _peer_ports(traced, "socket.send")[6:] == udp_ports
+
+
 def test_steps_beyond_the_cap_are_counted_not_kept(traced, monkeypatch):
     from tracesock.core import events
 

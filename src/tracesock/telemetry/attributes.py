@@ -7,6 +7,7 @@ from ..core.originals import C_SOCKET
 from .context import CALLER_SITE
 
 import socket as _stdsocket
+import weakref as _weakref
 
 __all__ = ["call_attributes", "caller_site", "site_attributes", "socket_attributes", "step_attributes",
            "step_counters", "timeout_attribute"]
@@ -35,26 +36,65 @@ def socket_attributes(sock, call):
     ntype = _network_type(family)
     if ntype:
         attrs["network.type"] = ntype
-    peer = call.address
-    if peer is None:
-        try:
-            peer = sock.getpeername()
-        except (OSError, ValueError):
-            peer = None
-    host, port = _split_address(peer)
-    if host is not None:
-        attrs["network.peer.address"] = host
-    if port is not None:
-        attrs["network.peer.port"] = port
+    if call.address is None:
+        attrs.update(_connection(sock))
+        return attrs
+    _address_attributes(attrs, "network.peer", call.address)
     try:
-        host, port = _split_address(sock.getsockname())
+        _address_attributes(attrs, "network.local", sock.getsockname())
     except (OSError, ValueError):
-        host = port = None
-    if host is not None:
-        attrs["network.local.address"] = host
-    if port is not None:
-        attrs["network.local.port"] = port
+        pass
     return attrs
+
+
+def _address_attributes(attrs, prefix, addr):
+    host, port = _split_address(addr)
+    if host is not None:
+        attrs[prefix + ".address"] = host
+    if port is not None:
+        attrs[prefix + ".port"] = port
+
+
+# A connected stream socket's peer and local address stay what they are for as
+# long as it is connected (connecting it again fails with EISCONN), and asking
+# the kernel for them is two syscalls -- most of what a span inside a trace
+# costs besides the SDK.  So they are asked for once per socket and file
+# descriptor: id(sock) -> (weak reference to sock, fd, attributes).  The entry
+# goes when the socket does; a socket whose fd changed (detach, close) asks
+# again.  Datagram sockets can connect elsewhere at any time: never kept.
+_connections = {}
+_CONNECTIONS_MAX = 4096
+
+
+def _connection(sock):
+    key, fd = id(sock), C_SOCKET.fileno(sock)
+    entry = _connections.get(key)
+    if entry is not None and entry[0]() is sock and entry[1] == fd:
+        return entry[2]
+    attrs = {}
+    try:
+        peer = sock.getpeername()
+    except (OSError, ValueError):
+        peer = None
+    _address_attributes(attrs, "network.peer", peer)
+    try:
+        _address_attributes(attrs, "network.local", sock.getsockname())
+    except (OSError, ValueError):
+        pass
+    if (peer is not None and C_SOCKET.type.__get__(sock) == _stdsocket.SOCK_STREAM
+            and len(_connections) < _CONNECTIONS_MAX):
+        try:
+            ref = _weakref.ref(sock, lambda r, key=key: _forget(key, r))
+        except TypeError:  # a socket type without weak references: not kept
+            return attrs
+        _connections[key] = (ref, fd, attrs)
+    return attrs
+
+
+def _forget(key, ref):
+    entry = _connections.get(key)
+    if entry is not None and entry[0] is ref:
+        del _connections[key]
 
 
 def site_attributes(attrs, stacktrace=False):
