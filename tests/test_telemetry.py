@@ -251,6 +251,40 @@ def test_suppressed_context_is_not_traced(traced):
     assert [s.name for s in traced.spans()] == ["p"]
 
 
+@pytest.mark.parametrize("held", ["baggage", "non-recording span", "recording span", "suppression"])
+def test_what_the_context_holds_decides_spans_and_counts(traced, held):
+    """A blocking socket's calls in a context holding baggage or a span that does not record
+    are counted and get no span; under a recording span they get one each; suppressed
+    (the telemetry pipeline's own I/O) they are neither -- on the C path as in Python."""
+    from opentelemetry import baggage, trace
+
+    parent = traced.tracer.start_span("p")
+    ctx = {"baggage": lambda: baggage.set_baggage("tenant", "a"),
+           "non-recording span": lambda: trace.set_span_in_context(trace.NonRecordingSpan(
+               trace.SpanContext(1, 2, False))),
+           "recording span": lambda: trace.set_span_in_context(parent),
+           "suppression": lambda: otel_context.set_value(SUPPRESS, True)}[held]()
+    a, b = socket.socketpair()
+    token = otel_context.attach(ctx)
+    try:
+        for _ in range(3):
+            a.send(b"x")
+            assert b.recv(1) == b"x"
+    finally:
+        otel_context.detach(token)
+        a.close()
+        b.close()
+    m = traced.metrics()
+    counted = traced.value(m, "tracesock.call.duration", **{"tracesock.call": "send"})
+    spans = [s for s in traced.spans() if s.name.startswith("socket.")]
+    assert counted == (0 if held == "suppression" else 3)
+    assert len(spans) == (6 if held == "recording span" else 0)
+    if held == "recording span":
+        assert {s.parent.span_id for s in spans} == {parent.get_span_context().span_id}
+        assert all(s.attributes["code.function.name"].endswith("test_what_the_context_holds_decides_spans_and_counts")
+                   for s in spans)
+
+
 def test_span_processor_doing_socket_io_is_not_traced(telemetry):
     """A processor that talks over a socket in on_end must not feed back into tracing."""
     from opentelemetry.sdk.trace import SpanProcessor

@@ -131,6 +131,36 @@ static void record(Slot *s, long long d, long long n, int odd) {
     if (odd) s->odd += 1;
 }
 
+/* The OpenTelemetry context as fast_call sees it: CTX_EMPTY; CTX_HELD, it
+ * holds something (a span, baggage) and does not suppress instrumentation:
+ * the call is made here all the same and on_slow is told, which makes the
+ * span if a recording one is current (what the Python path would do after
+ * the same syscall, minus its frames); CTX_DECLINE, suppressed (the
+ * telemetry pipeline's own I/O: not traced, not counted) or unreadable. */
+enum { CTX_EMPTY = 0, CTX_HELD = 1, CTX_DECLINE = 2 };
+static PyObject *suppress_key = NULL;  /* opentelemetry.context's suppression key */
+static int spans_in_context = 0;       /* set_slow_ns(..., in_context): spans are made at all */
+
+static int context_state(void) {
+    PyObject *ctx = NULL;
+    if (PyContextVar_Get(context_var, NULL, &ctx) < 0) {
+        PyErr_Clear();
+        return CTX_DECLINE;
+    }
+    if (ctx == NULL) return CTX_EMPTY;
+    int state = CTX_DECLINE;
+    if (PyDict_Check(ctx) && PyDict_GET_SIZE(ctx) == 0) {
+        state = CTX_EMPTY;
+    } else if (PyDict_Check(ctx) && suppress_key != NULL) {
+        PyObject *v = PyDict_GetItemWithError(ctx, suppress_key);  /* borrowed */
+        int truth = v == NULL ? (PyErr_Occurred() ? -1 : 0) : PyObject_IsTrue(v);
+        if (truth < 0) PyErr_Clear();
+        else state = truth ? CTX_DECLINE : CTX_HELD;
+    }
+    Py_DECREF(ctx);
+    return state;
+}
+
 /* Is the OpenTelemetry context non-empty (a span, baggage, suppression)? */
 static int context_busy(void) {
     PyObject *ctx = NULL;
@@ -373,7 +403,8 @@ static int native_call(int method, PyObject *sock, PyObject *arg0, PyObject **ou
 static PyObject *
 fast_call(int method, PyObject *sock, PyObject *arg0, PyObject *args)
 {
-    if (context_busy()) return Py_NewRef(not_fast);
+    int ctx_state = context_state();
+    if (ctx_state == CTX_DECLINE) return Py_NewRef(not_fast);
     if (sock_blocking(sock) != 1) return Py_NewRef(not_fast);
 
     PyObject *call_args[4];
@@ -440,7 +471,8 @@ fast_call(int method, PyObject *sock, PyObject *arg0, PyObject *args)
     }
     int profiled = 1;
     if (prof_local != NULL) profiled = profile_record(method, end - start, n);
-    if ((end - start >= slow_ns || !profiled) && on_slow != NULL && on_slow != Py_None) {
+    if ((end - start >= slow_ns || !profiled || (ctx_state == CTX_HELD && spans_in_context))
+        && on_slow != NULL && on_slow != Py_None) {
         PyObject *made = NULL;
         if (args == NULL) {
             args = made = PyTuple_Pack(1, arg0);
@@ -689,10 +721,13 @@ configure(PyObject *module, PyObject *args)
 {
     PyObject *bounds_seq;
     PyObject *probe = NULL;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOlO|O", &fns[M_RECV], &fns[M_RECV_INTO], &fns[M_SEND],
+    PyObject *suppress = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOlO|OO", &fns[M_RECV], &fns[M_RECV_INTO], &fns[M_SEND],
                           &gettimeout_fn, &family_descr, &type_descr, &context_var,
-                          &not_fast, &partial, &on_slow, &bounds_seq, &dontwait, &zero_obj, &probe))
+                          &not_fast, &partial, &on_slow, &bounds_seq, &dontwait, &zero_obj, &probe,
+                          &suppress))
         return NULL;
+    Py_XSETREF(suppress_key, suppress != NULL && suppress != Py_None ? Py_NewRef(suppress) : NULL);
     fns[M_SENDALL] = fns[M_SEND];
     PyObject *objs[] = {fns[M_RECV], fns[M_RECV_INTO], fns[M_SEND], gettimeout_fn, family_descr,
                         type_descr, context_var, not_fast, partial, on_slow, zero_obj};
@@ -730,11 +765,13 @@ configure(PyObject *module, PyObject *args)
 }
 
 static PyObject *
-set_slow_ns(PyObject *module, PyObject *arg)
+set_slow_ns(PyObject *module, PyObject *args)
 {
-    long long v = PyLong_AsLongLong(arg);
-    if (v == -1 && PyErr_Occurred()) return NULL;
+    long long v;
+    int in_context = 0;
+    if (!PyArg_ParseTuple(args, "L|p:set_slow_ns", &v, &in_context)) return NULL;
     slow_ns = v;
+    spans_in_context = in_context;
     Py_RETURN_NONE;
 }
 
@@ -1552,7 +1589,9 @@ static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "configure(...): set the objects the fast path uses"},
     {"set_profile", set_profile, METH_VARARGS,
      "set_profile(Profile._local or None, method names, max_depth, asyncio callback code or None)"},
-    {"set_slow_ns", set_slow_ns, METH_O, "set_slow_ns(ns): calls at least this long call on_slow"},
+    {"set_slow_ns", set_slow_ns, METH_VARARGS,
+     "set_slow_ns(ns[, in_context]): calls at least this long call on_slow, and with in_context "
+     "every call made in a non-empty OpenTelemetry context"},
     {"last", last, METH_NOARGS, "last() -> (start_ns, end_ns, bytes) of the last fast attempt"},
     {"snapshot", snapshot, METH_O,
      "snapshot(reset_min_max) -> [(method, family, type, counts, total, min, max, bytes, odd)]"},

@@ -213,6 +213,7 @@ class Call:
         "tcp_attrs",
         "sent_acc",
         "signal_acc",
+        "site",
     )
 
     def __init__(self, method, stats, start, keep_steps):
@@ -241,6 +242,7 @@ class Call:
         self.tcp_attrs = None  # span attributes from TCP_INFO deltas (and the verdict)
         self.sent_acc = None  # blocking sends: the C extension's running tally (_syscall.sent_counter)
         self.signal_acc = None  # [ns in Python signal handlers], exact (syscall.signal_acc), or None
+        self.site = None  # the frame that called the method, where known (the C path's): code.* start there
 
     def _keep(self, step):
         if self.steps is not None:

@@ -73,8 +73,9 @@ def kind(filename):
     return found
 
 
-def call_site():
-    """The frame a user would call "where my code did this".
+def call_site(start=None):
+    """The frame a user would call "where my code did this", looked for from
+    ``start`` outwards (default: the caller's frame).
 
     The innermost frame outside tracesock, the standard library and installed
     packages, their console-script stubs included (``requests.get()`` in app.py
@@ -82,7 +83,8 @@ def call_site():
     tracesock and the stdlib's own socket layers (socket, ssl, selectors,
     socketserver, asyncio): gunicorn's ``http/wsgi.py`` for the response it sends.
     """
-    frame = sys._getframe(1)
+    # Walking through frames costs: each one passed is made into a frame object.
+    frame = sys._getframe(1) if start is None else start
     fallback = None
     while frame is not None:
         found = kind(frame.f_code.co_filename)

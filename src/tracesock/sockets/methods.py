@@ -615,7 +615,7 @@ def _load_speedups():
         try:
             module.configure(_C.recv, _C.recv_into, _C.send, _C.gettimeout,
                              _C.__dict__["family"], _C.__dict__["type"], RUNTIME_VAR,
-                             NOT_FAST, _PARTIAL, _c_slow, BOUNDS_NS, _DW, 0, probe)
+                             NOT_FAST, _PARTIAL, _c_slow, BOUNDS_NS, _DW, 0, probe, SUPPRESS)
         finally:
             probe.close()
         return module
@@ -635,17 +635,19 @@ _C_METHODS = _speedups_loader.C_METHODS
 
 
 def _c_slow(index, sock, start, end, n, result, args, profiled=True):
-    """The C path's call reached the slow threshold, or was not added to the
-    profile (``profiled`` False): make its span, profile it (never raises)."""
+    """The C path's call reached the slow threshold, ran in a non-empty
+    OpenTelemetry context (a recording span there gives it a span), or was
+    not added to the profile (``profiled`` False): make its span, profile it
+    (never raises)."""
     rec = recorder.RECORDER
-    if rec.profile is not None:
-        if not profiled:  # the C path found no profile entry for this stack yet
-            # frames: 0 this, 1 the caller of the method (a C Method: no frame of its own)
-            rec.profile.fast(_C_METHODS[index], end - start, n, index >= 2, False, _sys._getframe(1))
-        if end - start < rec.slow_ns or not rec.detail:
-            return
-    m = _BY_NAME[_C_METHODS[index]]
-    _hot_span(sock, m, start, end, n, args, result)
+    # frames: 0 this, 1 the caller of the method (a C Method: no frame of its own)
+    if rec.profile is not None and not profiled:  # no profile entry for this stack yet
+        rec.profile.fast(_C_METHODS[index], end - start, n, index >= 2, False, _sys._getframe(1))
+    if not rec.detail:
+        return
+    ctx = current_context()
+    if end - start >= rec.slow_ns or (ctx and parent_recording(ctx)):
+        _hot_span(sock, _BY_NAME[_C_METHODS[index]], start, end, n, args, result, ctx, _sys._getframe(1))
 
 
 def _c_raised(sock, m, args, kwargs, exc):
@@ -659,32 +661,34 @@ def _c_raised(sock, m, args, kwargs, exc):
         raise exc  # not the syscall's
     if isinstance(exc, BlockingIOError) and fd_blocks(sock):
         return _PARTIAL
-    _fast_failed(sock, m, last[0], last[1], exc, args, kwargs, None)
+    _fast_failed(sock, m, last[0], last[1], exc, args, kwargs, current_context())
     raise exc
 
 
 def _c_continue(sock, m, args, kwargs):
     """Continue a call the C path started: it would block, or sent only part."""
     first = SPEEDUPS.last()[:3]
+    ctx = current_context()  # the C path runs in any context that does not suppress us
     if m is SENDALL:
-        return _sendall_rest(sock, args[0], 0, None, None, first[0], first)
+        return _sendall_rest(sock, args[0], 0, ctx, None, first[0], first)
     if m.writing:
         if first[2] >= 0 and not fd_blocks(sock):  # O_NONBLOCK behind Python's back
             _fast_done(sock, m, first[0], first[1], first[2], _safe(m.requested, args, kwargs),
-                       args, kwargs, first[2], None)
+                       args, kwargs, first[2], ctx)
             return first[2]
-        return _send_blocking(sock, m, args, kwargs, None, first)
+        return _send_blocking(sock, m, args, kwargs, ctx, first)
     dargs, dkw = m.dontwait(args, kwargs)
-    return _slow(sock, m, dargs, dkw, None, None, first)
+    return _slow(sock, m, dargs, dkw, ctx, None, first)
 
 
 # --- public methods --------------------------------------------------------
 
-def _hot_span(sock, m, start, end, n, args, result):
+def _hot_span(sock, m, start, end, n, args, result, ctx, caller):
+    """The span of a C path call; ``caller``: the frame that called the method."""
     try:
-        rec = recorder.RECORDER
-        if rec.detail:
-            rec.emit(_fast_call(stats_of(sock), m, start, end, n, args, {}, result), sock, None)
+        call = _fast_call(stats_of(sock), m, start, end, n, args, {}, result)
+        call.site = caller
+        recorder.RECORDER.emit(call, sock, ctx)
     except Exception as exc:
         swallow(exc)
 
@@ -961,7 +965,8 @@ if SPEEDUPS is not None:
             SPEEDUPS.set_profile(p.local_entries(), _C_METHODS, p.max_depth, p.callback_code())
         else:
             SPEEDUPS.set_profile(None, (), 0, None)
-        SPEEDUPS.set_slow_ns(rec.slow_ns if rec.detail else 1 << 62)
+        # With spans at all, a call in a non-empty context goes to _c_slow too (a span may be recording).
+        SPEEDUPS.set_slow_ns(rec.slow_ns if rec.detail else 1 << 62, bool(rec.detail))
 
     recorder.on_change(_sync_threshold)
 

@@ -97,13 +97,14 @@ def _forget(key, ref):
         del _connections[key]
 
 
-def site_attributes(attrs, stacktrace=False):
-    """``code.*``: where in the program the call was made (``code.stacktrace`` if asked for; large)."""
+def site_attributes(attrs, stacktrace=False, caller=None):
+    """``code.*``: where in the program the call was made (``code.stacktrace`` if asked for;
+    large); ``caller``: the frame that called the method, when known (no walk through ours)."""
     held = CALLER_SITE.get()
     if held is not None:  # made for a caller on another stack (see caller_site)
         attrs.update(held)
         return
-    frame = sites.call_site()
+    frame = sites.call_site(caller)
     if frame is not None:
         code = frame.f_code
         attrs["code.function.name"] = getattr(code, "co_qualname", code.co_name)
@@ -143,7 +144,7 @@ def timeout_attribute(attrs, sock):
 
 def call_attributes(sock, call, stacktrace=False):
     attrs = socket_attributes(sock, call)
-    site_attributes(attrs, stacktrace)
+    site_attributes(attrs, stacktrace, call.site)
     if call.requested is not None:
         attrs["tracesock.bytes.requested"] = call.requested
     attrs["tracesock.bytes.transferred"] = call.transferred

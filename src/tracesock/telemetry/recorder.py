@@ -193,27 +193,87 @@ class _DirectSpans:
     Anything else takes the ordinary API path.
     """
 
-    __slots__ = ("processor", "processors", "new_span_id", "resource", "scope", "info",
-                 "SpanContext", "ReadableSpan")
+    __slots__ = ("processor", "processors", "new_span_id", "new_context", "new_span")
 
     def __init__(self, tracer, sdk):
         self.processor = tracer.span_processor
         self.processors = tracer.span_processor._span_processors
         self.new_span_id = tracer.id_generator.generate_span_id
-        self.resource = tracer.resource
-        self.scope = tracer._instrumentation_scope
-        self.info = tracer.instrumentation_info
-        self.SpanContext = otel_trace.SpanContext
-        self.ReadableSpan = sdk.ReadableSpan
+        self.new_context = _context_maker(otel_trace.SpanContext)
+        self.new_span = _span_maker(sdk.ReadableSpan, tracer.resource, tracer.instrumentation_info,
+                                    tracer._instrumentation_scope)
 
     def span(self, name, parent_sc, attributes, start, end, status):
-        sc = self.SpanContext(parent_sc.trace_id, self.new_span_id(), False,
-                              parent_sc.trace_flags, parent_sc.trace_state)
-        self.processor.on_end(self.ReadableSpan(
-            name=name, context=sc, parent=parent_sc, resource=self.resource,
-            attributes=attributes, kind=SpanKind.INTERNAL, instrumentation_info=self.info,
-            status=status, start_time=start, end_time=end, instrumentation_scope=self.scope))
+        sc = self.new_context(parent_sc.trace_id, self.new_span_id(), parent_sc.trace_flags,
+                              parent_sc.trace_state)
+        self.processor.on_end(self.new_span(name, sc, parent_sc, attributes, start, end, status))
         return sc
+
+
+# Inside a trace every call is several spans, and their constructors' keyword
+# arguments and checks are a third of what a span costs.  Both objects are
+# plain data: a SpanContext is a tuple (trace_id, span_id, is_remote, flags,
+# state, is_valid), a ReadableSpan the fields its __init__ assigns.  They are
+# built directly -- but only after a probe shows that this SDK's constructors
+# make exactly what the direct way makes; otherwise the constructors are used.
+_MAX_TRACE_ID, _MAX_SPAN_ID = (1 << 128) - 1, (1 << 64) - 1
+
+
+def _context_maker(SpanContext):
+    def direct(trace_id, span_id, flags, state):
+        valid = 0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID
+        return tuple.__new__(SpanContext, (trace_id, span_id, False, flags, state, valid))
+
+    def checked(trace_id, span_id, flags, state):
+        return SpanContext(trace_id, span_id, False, flags, state)
+
+    try:
+        flags, state = otel_trace.TraceFlags(1), otel_trace.TraceState()
+        for ids in ((3, 5), (1 << 100, _MAX_SPAN_ID), (3, 0)):
+            a, b = direct(*ids, flags, state), checked(*ids, flags, state)
+            if not (type(a) is type(b) and tuple(a) == tuple(b) and a.is_valid is b.is_valid
+                    and a.trace_flags is b.trace_flags and a.trace_state is b.trace_state):
+                return checked
+        return direct
+    except Exception:
+        return checked
+
+
+def _span_maker(ReadableSpan, resource, info, scope):
+    def checked(name, context, parent, attributes, start, end, status):
+        return ReadableSpan(name=name, context=context, parent=parent, resource=resource,
+                            attributes=attributes, kind=SpanKind.INTERNAL, instrumentation_info=info,
+                            status=status, start_time=start, end_time=end, instrumentation_scope=scope)
+
+    try:
+        fields = vars(checked("", None, None, None, 0, 0, _UNSET))
+        if not {"_name", "_context", "_parent", "_attributes", "_start_time", "_end_time", "_status"} <= set(fields):
+            return checked
+        new = object.__new__
+
+        def direct(name, context, parent, attributes, start, end, status):
+            span = new(ReadableSpan)
+            d = span.__dict__
+            d.update(fields)
+            d["_name"] = name
+            d["_context"] = context
+            d["_parent"] = parent
+            d["_attributes"] = attributes
+            d["_start_time"] = start
+            d["_end_time"] = end
+            d["_status"] = status
+            return span
+
+        sc = otel_trace.SpanContext(3, 5, False, otel_trace.TraceFlags(1))
+        probe = ("syscall.send", sc, sc, {"a": 1}, 10, 20, Status(StatusCode.ERROR, "x"))
+        a, b = direct(*probe), checked(*probe)
+        same = vars(a) == vars(b) and all(
+            getattr(a, p) == getattr(b, p) for p in ("name", "context", "parent", "attributes", "start_time",
+                                                     "end_time", "status", "kind", "resource",
+                                                     "instrumentation_scope", "events", "links"))
+        return direct if same and a.to_json() == b.to_json() else checked
+    except Exception:
+        return checked
 
 
 _direct_cache = {}  # id(tracer) -> (tracer, processors tuple, _DirectSpans or None)
