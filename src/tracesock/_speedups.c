@@ -1,20 +1,23 @@
 /* tracesock._speedups: the hot path of the commonest calls, in C.
  *
- * Optional: when this module cannot be built or imported, _socket.py does the
- * same in Python (measured 2.6x plain sockets on a 64-byte send+recv
- * pingpong; this brings it to about 1.26x).
+ * Optional: when this module cannot be built or imported, sockets/methods.py
+ * does the same in Python (about 11x plain sockets' instructions on a
+ * 64-byte send+recv pingpong; this brings it below plain's: see the cost
+ * section of docs/architecture.md).
  *
  * It does exactly what the Python fast path does -- no more:
  *   1. bail out (return NOT_FAST, no syscall made) unless the call is the
  *      plain form (positional args only, the one-argument form), the socket
- *      is blocking (gettimeout() is None) and the OpenTelemetry context is
- *      empty (no span, no suppression: those take the Python path);
- *   2. call CPython's own method (_socket.socket.recv etc.) once with
- *      MSG_DONTWAIT OR-ed into flags, timing it with CLOCK_MONOTONIC (the
- *      clock of time.perf_counter_ns);
+ *      is blocking (gettimeout() is None) and the OpenTelemetry context does
+ *      not suppress instrumentation (the telemetry pipeline's own I/O);
+ *   2. make one syscall with MSG_DONTWAIT -- recv(n) and send(bytes) here,
+ *      as socketmodule.c makes it (native_call), anything else through
+ *      CPython's own method -- timing it with CLOCK_MONOTONIC (the clock of
+ *      time.perf_counter_ns);
  *   3. on success, add the duration to a histogram and the bytes to a
  *      counter, per (method, family, type) -- the GIL makes these updates
- *      atomic -- and call on_slow() if the call reached the slow threshold;
+ *      atomic -- and call on_slow() if the call reached the slow threshold
+ *      or ran in a non-empty context (a recording span there gets a span);
  *   4. on an exception or a partial send, record nothing and leave the
  *      timings in last() for the Python slow path, which takes over.
  */
@@ -537,6 +540,8 @@ typedef struct {
     vectorcallfunc vectorcall;
 } Method;
 
+static int handlers_before_continuing(void);
+
 static PyObject *
 method_continue(Method *self, PyObject *sock, PyObject *arg0, PyObject *r)
 {
@@ -559,7 +564,10 @@ method_continue(Method *self, PyObject *sock, PyObject *arg0, PyObject *r)
         r = PyObject_Vectorcall(self->raised, stack, 5, NULL);
         Py_XDECREF(value);
     }
-    if (r == partial) {
+    if (r == partial && handlers_before_continuing() < 0) {
+        Py_DECREF(r);  /* a handler raised: as it would at the continuation's first bytecode */
+        r = NULL;
+    } else if (r == partial) {
         Py_DECREF(r);
         PyObject *stack[] = {sock, self->m, args, kwargs};
         r = PyObject_Vectorcall(self->cont, stack, 4, NULL);
@@ -827,6 +835,7 @@ error:
  * (the tens of nanoseconds counted then are the whole error).  Only in the
  * main thread: handlers run nowhere else. */
 static unsigned long main_ident = 0;
+static long long pending_sig_ns = 0;  /* see handlers_before_continuing */
 
 /* A handler that runs elsewhere during the call -- a signal that arrived
  * while the slow path ran Python code, at the next bytecode -- is timed by a
@@ -912,6 +921,7 @@ static void hook_start_for(Py_buffer *sigacc) {
 static PyObject *
 signal_timing_stop(PyObject *self, PyObject *noargs)
 {
+    if (main_ident != 0 && PyThread_get_thread_ident() == main_ident) pending_sig_ns = 0;
     if (hook_on && PyThread_get_thread_ident() == hook_thread) {
         if (hook_frame != NULL && hook_acc != NULL)  /* a handler raising out of the call */
             hook_acc[0] += now_ns() - hook_start;
@@ -954,9 +964,27 @@ static int timed_signals(Py_buffer *sigacc) {
     return r;
 }
 
+/* A partial send of the C path continues in Python (method_continue): the
+ * handlers of the signals that came during that first syscall -- a long one:
+ * a non-blocking send can copy for milliseconds while a reader drains -- are
+ * run and timed here, just before the continuation's first bytecode would
+ * run them, untimed.  Their time waits in pending_sig_ns for the
+ * continuation's sigacc (run_signals adds it when it makes one);
+ * signal_timing_stop drops what no continuation took. */
+static int handlers_before_continuing(void) {
+    if (main_ident == 0 || PyThread_get_thread_ident() != main_ident) return 0;
+    in_check = 1;
+    long long t0 = now_ns();
+    int r = PyErr_CheckSignals();
+    pending_sig_ns = now_ns() - t0;
+    in_check = 0;
+    return r;
+}
+
 static int sigacc_ok(Py_buffer *b);
 
-/* run_signals(sigacc): the handlers due now, timed into sigacc (see above). */
+/* run_signals(sigacc): the handlers due now, timed into sigacc (see above),
+ * after the time of those run before the continuation (pending_sig_ns). */
 static PyObject *
 run_signals(PyObject *self, PyObject *arg)
 {
@@ -965,6 +993,11 @@ run_signals(PyObject *self, PyObject *arg)
     if (!sigacc_ok(&sigacc)) {
         PyBuffer_Release(&sigacc);
         return NULL;
+    }
+    if (sigacc.buf != NULL && pending_sig_ns && main_ident != 0 && PyThread_get_thread_ident() == main_ident) {
+        ((long long *)sigacc.buf)[0] += pending_sig_ns;
+        if (pending_sig_ns >= 1000) hook_start_for(&sigacc);  /* one ran: time the others too */
+        pending_sig_ns = 0;
     }
     int r = timed_signals(&sigacc);
     PyBuffer_Release(&sigacc);

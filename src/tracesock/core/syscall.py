@@ -251,8 +251,9 @@ if _timing_stop is not None:
 
 
 def signal_timing_done(call):
-    """The call is over: stop timing signal handlers for it (first thing at its end)."""
-    if call.signal_acc is not None:
+    """The call is over: stop timing signal handlers for it (first thing at its end),
+    and drop the time of handlers run before a continuation that never needed it."""
+    if _timing_stop is not None:
         _timing_stop()
 
 
