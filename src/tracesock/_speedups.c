@@ -1510,7 +1510,12 @@ tls_fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         return Py_NewRef(not_fast);
     if (r->active)  /* inside a TLS call being recorded (sendall -> send): part of it */
         return Py_NewRef(nested);
-    PyObject *sslobj = PyObject_GetAttrString(sock, "_sslobj");
+    static PyObject *sslobj_name = NULL;  /* interned once: no new string per call */
+    if (sslobj_name == NULL && (sslobj_name = PyUnicode_InternFromString("_sslobj")) == NULL) {
+        PyErr_Clear();
+        return Py_NewRef(not_fast);
+    }
+    PyObject *sslobj = PyObject_GetAttr(sock, sslobj_name);
     if (sslobj == NULL) {
         PyErr_Clear();
         return Py_NewRef(not_fast);
@@ -1560,13 +1565,13 @@ tls_fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         return Py_BuildValue("(ON)", unusual, result);
     for (int i = 0; i < r->n; i++) {
         TlsEvent *e = &r->ev[i];
-        Slot *s = slot_for(e->write ? M_WIRE_WRITE : M_WIRE_READ, sock);
+        Slot *s = slot_of(e->write ? M_WIRE_WRITE : M_WIRE_READ, sock);
         if (s != NULL)
             record(s, e->end - e->start, e->result, 0);
     }
     if (r->over_used) {
         for (int w = 0; w < 2; w++) {
-            Slot *s = slot_for(w ? M_WIRE_WRITE : M_WIRE_READ, sock);
+            Slot *s = slot_of(w ? M_WIRE_WRITE : M_WIRE_READ, sock);
             if (s != NULL)
                 slot_merge(s, &r->over[w]);
         }
