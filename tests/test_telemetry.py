@@ -516,7 +516,8 @@ def test_peer_attributes_follow_each_socket_and_descriptor(traced):
             sinks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
             with udp, sinks[0], sinks[1]:
                 for sink in sinks + sinks[:1]:
-                    sink.bind(("127.0.0.1", 0)) if sink.getsockname()[1] == 0 else None
+                    if sink.getsockname()[1] == 0:  # the first sink comes round twice
+                        sink.bind(("127.0.0.1", 0))
                     udp.connect(sink.getsockname())
                     udp.send(b"d")
                 udp_ports = [s.getsockname()[1] for s in sinks + sinks[:1]]

@@ -166,15 +166,7 @@ static int context_state(void) {
 
 /* Is the OpenTelemetry context non-empty (a span, baggage, suppression)? */
 static int context_busy(void) {
-    PyObject *ctx = NULL;
-    if (PyContextVar_Get(context_var, NULL, &ctx) < 0) {
-        PyErr_Clear();
-        return 1;
-    }
-    if (ctx == NULL) return 0;
-    int busy = !PyDict_Check(ctx) || PyDict_GET_SIZE(ctx) > 0;
-    Py_DECREF(ctx);
-    return busy;
+    return context_state() != CTX_EMPTY;
 }
 
 /* The socket object's own fields, read directly when their layout is the
@@ -344,6 +336,20 @@ set_profile(PyObject *module, PyObject *args)
  * it.  Anything else (recv of 0 or of a non-int, a buffer other than bytes)
  * returns 0 and goes to CPython's method; 1: done, *out the result or NULL
  * with the exception set. */
+/* One recv(2) or send(2) with MSG_DONTWAIT as sock_call_ex makes it: the GIL
+ * released around it, EINTR retried once the handlers ran without raising.
+ * -2: a handler raised (its exception is set); -1: failed, errno says why. */
+static ssize_t dontwait_io(int writing, int fd, char *p, size_t len) {
+    for (;;) {
+        ssize_t r;
+        Py_BEGIN_ALLOW_THREADS
+        r = writing ? send(fd, p, len, (int)dontwait) : recv(fd, p, len, (int)dontwait);
+        Py_END_ALLOW_THREADS
+        if (r >= 0 || errno != EINTR) return r;
+        if (PyErr_CheckSignals() < 0) return -2;
+    }
+}
+
 static int native_call(int method, PyObject *sock, PyObject *arg0, PyObject **out) {
     if (!layout_ok || method == M_RECV_INTO) return 0;  /* sock_blocking checked the type */
     int fd = ((SockHead *)sock)->sock_fd;
@@ -360,23 +366,12 @@ static int native_call(int method, PyObject *sock, PyObject *arg0, PyObject **ou
             *out = NULL;
             return 1;
         }
-        char *p = PyBytes_AS_STRING(buf);
-        for (;;) {
-            Py_BEGIN_ALLOW_THREADS
-            r = recv(fd, p, (size_t)want, (int)dontwait);
-            Py_END_ALLOW_THREADS
-            if (r >= 0 || errno != EINTR) break;
-            if (PyErr_CheckSignals() < 0) {
-                Py_DECREF(buf);
-                *out = NULL;
-                return 1;
-            }
-        }
+        r = dontwait_io(0, fd, PyBytes_AS_STRING(buf), (size_t)want);
         if (r < 0) {
             int saved = errno;
             Py_DECREF(buf);
             errno = saved;
-            *out = PyErr_SetFromErrno(PyExc_OSError);
+            *out = r == -2 ? NULL : PyErr_SetFromErrno(PyExc_OSError);
             return 1;
         }
         if (r != want) _PyBytes_Resize(&buf, (Py_ssize_t)r);  /* NULL and MemoryError on failure */
@@ -384,19 +379,8 @@ static int native_call(int method, PyObject *sock, PyObject *arg0, PyObject **ou
         return 1;
     }
     if (!PyBytes_CheckExact(arg0)) return 0;
-    const char *p = PyBytes_AS_STRING(arg0);
-    size_t len = (size_t)PyBytes_GET_SIZE(arg0);
-    for (;;) {
-        Py_BEGIN_ALLOW_THREADS
-        r = send(fd, p, len, (int)dontwait);
-        Py_END_ALLOW_THREADS
-        if (r >= 0 || errno != EINTR) break;
-        if (PyErr_CheckSignals() < 0) {
-            *out = NULL;
-            return 1;
-        }
-    }
-    *out = r < 0 ? PyErr_SetFromErrno(PyExc_OSError) : PyLong_FromSsize_t((Py_ssize_t)r);
+    r = dontwait_io(1, fd, PyBytes_AS_STRING(arg0), (size_t)PyBytes_GET_SIZE(arg0));
+    *out = r == -2 ? NULL : r < 0 ? PyErr_SetFromErrno(PyExc_OSError) : PyLong_FromSsize_t((Py_ssize_t)r);
     return 1;
 }
 
@@ -951,14 +935,22 @@ signal_timing_setup(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static int timed_signals(Py_buffer *sigacc) {
-    if (sigacc == NULL || sigacc->buf == NULL) return PyErr_CheckSignals();
-    if (main_ident != 0 && PyThread_get_thread_ident() != main_ident) return 0;
+/* PyErr_CheckSignals between two clock reads, *ns the time it took; the
+ * handler hook does not count what runs in it (in_check). */
+static int timed_check(long long *ns) {
     in_check = 1;
     long long t0 = now_ns();
     int r = PyErr_CheckSignals();
-    long long d = now_ns() - t0;
+    *ns = now_ns() - t0;
     in_check = 0;
+    return r;
+}
+
+static int timed_signals(Py_buffer *sigacc) {
+    if (sigacc == NULL || sigacc->buf == NULL) return PyErr_CheckSignals();
+    if (main_ident != 0 && PyThread_get_thread_ident() != main_ident) return 0;
+    long long d;
+    int r = timed_check(&d);
     ((long long *)sigacc->buf)[0] += d;
     if (d >= 1000 && r == 0) hook_start_for(sigacc);  /* a handler ran: time the others too */
     return r;
@@ -973,12 +965,7 @@ static int timed_signals(Py_buffer *sigacc) {
  * signal_timing_stop drops what no continuation took. */
 static int handlers_before_continuing(void) {
     if (main_ident == 0 || PyThread_get_thread_ident() != main_ident) return 0;
-    in_check = 1;
-    long long t0 = now_ns();
-    int r = PyErr_CheckSignals();
-    pending_sig_ns = now_ns() - t0;
-    in_check = 0;
-    return r;
+    return timed_check(&pending_sig_ns);
 }
 
 static int sigacc_ok(Py_buffer *b);

@@ -250,7 +250,7 @@ if _timing_stop is not None:
     _speedups.signal_timing_setup(_csignal.getsignal, sorted(_signal.valid_signals()))
 
 
-def signal_timing_done(call):
+def signal_timing_done():
     """The call is over: stop timing signal handlers for it (first thing at its end),
     and drop the time of handlers run before a continuation that never needed it."""
     if _timing_stop is not None:

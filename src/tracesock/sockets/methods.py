@@ -351,7 +351,7 @@ def _fast_failed(sock, m, start, end, exc, args, kwargs, ctx):
 
 def _finish(call, sock, ctx):
     try:
-        signal_timing_done(call)
+        signal_timing_done()
         call.end = now()
         st = call.stats
         err = type(call.error).__name__ if call.error is not None else None

@@ -183,7 +183,7 @@ def _span(parent_ctx, rec, call, sock, handshake):
 
 def _finish(call, sock, ctx, handshake=False, end=None):
     try:
-        signal_timing_done(call)
+        signal_timing_done()
         call.end = end or now()
         st = call.stats
         if handshake:

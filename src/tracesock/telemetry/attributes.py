@@ -36,10 +36,14 @@ def socket_attributes(sock, call):
     ntype = _network_type(family)
     if ntype:
         attrs["network.type"] = ntype
-    if call.address is None:
-        attrs.update(_connection(sock))
-        return attrs
-    _address_attributes(attrs, "network.peer", call.address)
+    attrs.update(_connection(sock) if call.address is None else _addresses(sock, call.address))
+    return attrs
+
+
+def _addresses(sock, peer):
+    """``network.peer.*`` from ``peer``, ``network.local.*`` from the socket."""
+    attrs = {}
+    _address_attributes(attrs, "network.peer", peer)
     try:
         _address_attributes(attrs, "network.local", sock.getsockname())
     except (OSError, ValueError):
@@ -71,16 +75,11 @@ def _connection(sock):
     entry = _connections.get(key)
     if entry is not None and entry[0]() is sock and entry[1] == fd:
         return entry[2]
-    attrs = {}
     try:
         peer = sock.getpeername()
     except (OSError, ValueError):
         peer = None
-    _address_attributes(attrs, "network.peer", peer)
-    try:
-        _address_attributes(attrs, "network.local", sock.getsockname())
-    except (OSError, ValueError):
-        pass
+    attrs = _addresses(sock, peer)
     if (peer is not None and C_SOCKET.type.__get__(sock) == _stdsocket.SOCK_STREAM
             and len(_connections) < _CONNECTIONS_MAX):
         try:
