@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import _thread
 import atexit
+import ctypes
 import io
 import os
 import signal
@@ -144,6 +145,7 @@ class Attachment:
                 sys.path.remove(p)
             except ValueError:
                 pass
+        _give_back_memory()
         if self.channel is not None:
             try:
                 write_json(os.path.join(self.channel, DONE), result)
@@ -170,6 +172,16 @@ class Attachment:
                 self.console.close()
             except Exception:
                 pass
+
+
+def _give_back_memory():
+    """Hand the heap the attach grew (its spans, the file's JSON) back to the kernel: glibc
+    keeps freed memory for reuse, so without this the target's resident size stays at the
+    attach's high-water mark long after it detached."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except Exception:  # not glibc, or no such symbol: nothing to give back this way
+        pass
 
 
 def _refusal():
