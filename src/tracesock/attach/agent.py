@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import _thread
 import atexit
-import ctypes
 import io
 import os
 import signal
@@ -31,6 +30,7 @@ import sys
 import threading
 import time
 
+from ..core import libc
 from ..core.config import ConfigError, Settings, from_env, parse_detail, parse_threshold
 from .. import patching
 from ..exporters import Session
@@ -178,10 +178,8 @@ def _give_back_memory():
     """Hand the heap the attach grew (its spans, the file's JSON) back to the kernel: glibc
     keeps freed memory for reuse, so without this the target's resident size stays at the
     attach's high-water mark long after it detached."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except Exception:  # not glibc, or no such symbol: nothing to give back this way
-        pass
+    if libc.malloc_trim is not None:  # glibc only: elsewhere nothing to give back this way
+        libc.malloc_trim(0)
 
 
 def _refusal():

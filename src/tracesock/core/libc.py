@@ -4,15 +4,16 @@ Why libc and not Python's own wrappers: ``select.poll`` and the socket
 methods retry ``EINTR`` invisibly (PEP 475), and an interrupted wait or send
 is exactly what tracesock must see.  ctypes releases the GIL around each
 call, as ``Py_BEGIN_ALLOW_THREADS`` does.  Only ``core.syscall`` and
-``core.signals`` call these.
+``core.signals`` call these, but for ``malloc_trim``, which an attach's agent calls
+at detach.
 """
 
 from __future__ import annotations
 
 import ctypes
 
-__all__ = ["PollFd", "PyBuffer", "check_signals", "get_buffer", "get_errno", "poll",
-           "pthread_sigmask", "recv", "release_buffer", "send"]
+__all__ = ["PollFd", "PyBuffer", "check_signals", "get_buffer", "get_errno", "malloc_trim",
+           "poll", "pthread_sigmask", "recv", "release_buffer", "send"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 get_errno = ctypes.get_errno
@@ -38,6 +39,12 @@ pthread_sigmask = getattr(_libc, "pthread_sigmask", None)
 if pthread_sigmask is not None:
     pthread_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     pthread_sigmask.restype = ctypes.c_int
+
+# glibc keeps freed heap for reuse; this hands it back to the kernel (None outside glibc)
+malloc_trim = getattr(_libc, "malloc_trim", None)
+if malloc_trim is not None:
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
 
 
 class PyBuffer(ctypes.Structure):
