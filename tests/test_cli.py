@@ -200,6 +200,39 @@ def test_run_module_with_options_and_service_name(tmp_path, http_server):
     assert {p["serviceName"] for p in doc["data"][0]["processes"].values()} == {"svc"}
 
 
+def test_run_summary_gives_the_slowest_sendall_its_verdict(tmp_path):
+    """8 MiB to a reader that sleeps between reads: more than loopback's send buffer holds,
+    so the sendall waits on the peer's window; the summary says so, and lists the
+    create_connection under the address it was asked for."""
+    write(tmp_path / "slow.py", """\
+        import socket, threading, time
+        srv = socket.create_server(("127.0.0.1", 0))
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+
+        def read_slowly():
+            c, _ = srv.accept()
+            with c:
+                while c.recv(32768):
+                    time.sleep(0.002)
+
+        reader = threading.Thread(target=read_slowly)
+        reader.start()
+        with socket.create_connection(srv.getsockname()) as s:
+            s.sendall(b"s" * (8 << 20))
+        reader.join()
+        print("sent")
+    """)
+    r = tracesock("run", "slow.py", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout == "sent\n", r.stderr
+    _, summary = split_summary(r.stderr)
+    slowest = summary.split("slowest calls:")[1].splitlines()
+    (sendall,) = [line for line in slowest if "socket.sendall" in line]
+    assert "8.0 MiB" in sendall and "verdict receiver_slow" in sendall, summary
+    (connect,) = [line for line in slowest if "socket.create_connection" in line]
+    assert "127.0.0.1:" in connect, summary
+    assert "no peer" not in summary  # counted by its connect, not as a peer of its own
+
+
 # --- exit status, stdin, exceptions, signals -------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 MODE busy: an echo server thread; the main thread computes in pure Python.
 MODE asyncio: an asyncio echo server in the main thread.
-MODE slowsend PORT: repeated 2 MiB sendall()s to a slow reader at PORT; each connection's
+MODE slowsend PORT: repeated 8 MiB sendall()s (more than loopback's send buffer holds) to a slow reader at PORT; each connection's
 bytes are printed ("sent N").
 Prints "port N" (its listening port, 0 if none) first.  A control thread reads stdin:
 "state" prints one JSON line (what attach must leave as it was), "uninstrument" calls
@@ -109,7 +109,7 @@ def main():
         port = int(sys.argv[2])
         print("port 0", flush=True)
         threading.Thread(target=control, daemon=True).start()
-        block = b"s" * (2 << 20)
+        block = b"s" * (8 << 20)
         while True:
             with socket.create_connection(("127.0.0.1", port)) as s:
                 s.sendall(block)

@@ -16,6 +16,9 @@ __all__ = ["SummaryProcessor", "format_bytes"]
 
 SEND = {"send", "sendall", "sendto", "sendmsg", "sendfile"}
 RECV = {"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg"}
+# A span over other socket spans (socket.create_connection: its lookup and
+# connects): among the slowest calls, but not counted twice in the totals.
+COMPOSITE = {"create_connection"}
 MAX_PEERS = 1000
 SLOWEST = 5
 
@@ -36,6 +39,8 @@ class PeerStats:
 def peer_of(attrs):
     host = attrs.get("network.peer.address")
     port = attrs.get("network.peer.port")
+    if host is None:  # socket.create_connection: the address it was asked for
+        host, port = attrs.get("server.address"), attrs.get("server.port")
     if host is None:
         return f"({attrs.get('network.transport', 'unknown')}, no peer)"
     if port is None:
@@ -72,6 +77,9 @@ class SummaryProcessor(SpanProcessor):
         duration = (span.end_time or 0) - (span.start_time or 0)
         with self._lock:
             self.spans += 1
+            self._slowest(name, peer, duration, attrs)
+            if method in COMPOSITE:
+                return  # its connect attempts are counted as themselves
             stats = self.peers.get(peer)
             if stats is None:
                 if len(self.peers) < MAX_PEERS:
@@ -94,12 +102,14 @@ class SummaryProcessor(SpanProcessor):
                 stats.timeouts += 1
             if error:
                 stats.errors += 1
-            self._seq += 1
-            item = (duration, self._seq, (name, peer, duration, dict(attrs)))
-            if len(self.slowest) < SLOWEST:
-                heapq.heappush(self.slowest, item)
-            elif duration > self.slowest[0][0]:
-                heapq.heapreplace(self.slowest, item)
+
+    def _slowest(self, name, peer, duration, attrs):
+        self._seq += 1
+        item = (duration, self._seq, (name, peer, duration, dict(attrs)))
+        if len(self.slowest) < SLOWEST:
+            heapq.heappush(self.slowest, item)
+        elif duration > self.slowest[0][0]:
+            heapq.heapreplace(self.slowest, item)
 
     def shutdown(self):
         pass
@@ -149,7 +159,9 @@ class SummaryProcessor(SpanProcessor):
                         detail.append(f"{n} {label if n == 1 else plural}")
                 if attrs.get("error.type"):
                     detail.append(attrs["error.type"])
-                lines.append(f"    {duration / 1e6:10.3f} ms  {name:<22} {peer}"
+                if attrs.get("tracesock.diagnosis"):  # why a send that waited took its time
+                    detail.append("verdict " + attrs["tracesock.diagnosis"])
+                lines.append(f"    {duration / 1e6:10.3f} ms  {name:<24} {peer}"
                              + (f"  ({', '.join(detail)})" if detail else ""))
         lines.extend(footer_lines)
         return "\n".join(lines)
