@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -242,9 +243,26 @@ def _fds(pid):
     return sorted(out)
 
 
+def _raw_get(port, path):
+    """One HTTP/1.0 GET: the bytes that came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        got = bytearray()
+        while chunk := c.recv(65536):
+            got += chunk
+    return bytes(got)
+
+
+def _undated(response):
+    """The response with its Date header blanked: the only part of http.server's answer
+    that changes from one request to the next."""
+    return re.sub(rb"\r\nDate: [^\r]*", b"\r\nDate: -", response)
+
+
 def test_attach_http_server(tmp_path):
-    """python -m http.server under a client loop: the same responses as unattached, spans with
-    the peer, the same fds and threads afterwards."""
+    """python -m http.server under a client loop: byte for byte the responses it gave
+    unattached, its own log lines as unattached, spans with the peer, the same fds and
+    threads afterwards."""
     root = tmp_path / "www"
     root.mkdir()
     body = os.urandom(300_000)
@@ -254,30 +272,36 @@ def test_attach_http_server(tmp_path):
     try:
         line = server.stdout.readline()
         port = int(line.split(" port ")[1].split()[0])
-        seen = []
+        unattached = _undated(_raw_get(port, "/blob.bin"))
+        assert unattached.startswith(b"HTTP/1.0 200 ") and unattached.endswith(body)
+        phase = ["before"]
+        seen = []  # (phase, response)
         stop = threading.Event()
+        between_requests = threading.Lock()
 
         def client():
-            import http.client
             while not stop.is_set():
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                c.request("GET", "/blob.bin")
-                resp = c.getresponse()
-                seen.append((resp.status, resp.read() == body))
-                c.close()
+                with between_requests:
+                    response = _raw_get(port, "/blob.bin")
+                seen.append((phase[0], _undated(response), len(response)))
                 time.sleep(0.02)
 
         th = threading.Thread(target=client, daemon=True)
         th.start()
         time.sleep(0.5)
-        fds = _fds(server.pid)
+        with between_requests:
+            time.sleep(0.1)  # the request thread ends after its client has read everything
+            fds = _fds(server.pid)
+        phase[0] = "attaching"
         r = attach(server.pid, "--duration", "2", cwd=tmp_path)
+        phase[0] = "after"
         assert r.returncode == 0, r.stderr
         time.sleep(0.5)
         stop.set()
         th.join(30)
         time.sleep(0.3)
-        assert seen and all(s == (200, True) for s in seen), seen[:5]
+        assert {p for p, _, _ in seen} == {"before", "attaching", "after"}
+        assert all(resp == unattached for _, resp, _ in seen), [p for p, resp, _ in seen if resp != unattached]
         assert _fds(server.pid) == fds
         assert len(os.listdir(f"/proc/{server.pid}/task")) == 1  # threads of requests are gone; none of ours
         spans = spans_of(tmp_path / f"tracesock-{server.pid}.json")
@@ -287,14 +311,18 @@ def test_attach_http_server(tmp_path):
         for t in sends:
             per_peer[t["network.peer.port"]] = per_peer.get(t["network.peer.port"], 0) + t["tracesock.bytes.transferred"]
         # whole responses: the body and a few hundred bytes of headers
-        assert sum(len(body) < n < len(body) + 1000 for n in per_peer.values()) >= 3, per_peer
+        assert sum(n == seen[0][2] for n in per_peer.values()) >= 3, (per_peer, seen[0][2])
     finally:
         server.kill()
         server.wait()
         server.stdout.close()
         log = server.stderr.read()
         server.stderr.close()
-    assert "tracesock" not in log and "Traceback" not in log  # the server's stderr is its own
+    # the server's stderr is its own: one access-log line per request, the same line
+    # attached and unattached (but for its time stamp)
+    lines = {re.sub(r"\[[^]]*\]", "[-]", line) for line in log.splitlines()}
+    assert lines == {'127.0.0.1 - - [-] "GET /blob.bin HTTP/1.0" 200 -'}, lines
+    assert log.count("\n") == len(seen) + 1
 
 
 def test_slow_sendall_spans_have_partial_sends_and_every_byte(targets, tmp_path):
@@ -327,6 +355,7 @@ def test_slow_sendall_spans_have_partial_sends_and_every_byte(targets, tmp_path)
     time.sleep(0.5)
     r = attach(t.pid, "--duration", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    t.state()  # its output up to now, in t.lines (before the reader goes and resets it)
     stop.set()
     th.join(10)
     srv.close()
@@ -340,6 +369,8 @@ def test_slow_sendall_spans_have_partial_sends_and_every_byte(targets, tmp_path)
         assert tags["tracesock.partial_sends"] >= 1
         if tags["network.local.port"] in got:
             assert got[tags["network.local.port"]] == 8 << 20
+    # its own output, before, during and after the attach: one line per connection, as unattached
+    assert len(t.lines) >= len(sends) and all(re.fullmatch(r"sent \d+ 8388608\n", line) for line in t.lines), t.lines
 
 
 def test_lease_target_detaches_itself_when_the_attacher_is_killed(targets, tmp_path):
