@@ -507,6 +507,38 @@ def test_refuses_when_tracesock_is_not_importable_in_the_target(tmp_path):
         proc.stdout.close()
 
 
+def _base_python_without_tracesock():
+    """This Python's own version outside the test environment (the interpreter the venv
+    was made from), if tracesock is not importable there."""
+    base = getattr(sys, "_base_executable", None)
+    if not base or not os.path.exists(base):
+        return None
+    if subprocess.run([base, "-I", "-c", "import tracesock"], capture_output=True).returncode == 0:
+        return None
+    return base
+
+
+def test_uses_the_attachers_install_for_a_target_of_the_same_version(targets, tmp_path):
+    """The target's Python has no tracesock (the venv's base interpreter, isolated), but is
+    the attacher's version: it imports the attacher's tracesock and SDK, traces, and after
+    the detach its sys.path is what it was."""
+    base = _base_python_without_tracesock()
+    if base is None:
+        pytest.skip("no interpreter of this version without tracesock")
+    t = targets("busy", launcher=[base, "-I", "-u"])
+    before = t.state()
+    assert not any("site-packages" in p and p in sys.path for p in before["path"])
+    r, client = attach_under_traffic(t, "--duration", "1.5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not client.errors
+    names = {n for n, _ in spans_of(tmp_path / f"tracesock-{t.pid}.json")}
+    assert {"tracesock.attached", "socket.recv", "socket.sendall"} <= names, names
+    time.sleep(0.3)
+    after = t.state()
+    assert after["path"] == before["path"]
+    assert same_state(after, before), (after, before)
+
+
 # --- the dormant trigger ------------------------------------------------------------------
 
 def _dormant_env(**extra):
