@@ -33,16 +33,19 @@ def child(mode, n):
     modes.processor.shutdown()
 
 
-def instructions(mode, n, env):
+def collected(command, env, cwd=None):
+    """The instructions ``command`` executes under callgrind, start to end."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "cg.out")
-        run = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                              sys.executable, os.path.abspath(__file__), "--child", mode, str(n)],
-                             capture_output=True, text=True, env=env)
+        run = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
+                             capture_output=True, text=True, env=env, cwd=cwd)
         if run.returncode != 0:
-            raise SystemExit(f"callgrind run failed ({mode}, {n}):\n{run.stderr[-2000:]}")
-        found = re.search(r"Collected : (\d+)", run.stderr)
-        return int(found.group(1))
+            raise SystemExit(f"callgrind run failed ({' '.join(command)}):\n{run.stderr[-2000:]}")
+        return int(re.search(r"Collected : (\d+)", run.stderr).group(1))
+
+
+def instructions(mode, n, env):
+    return collected([sys.executable, os.path.abspath(__file__), "--child", mode, str(n)], env)
 
 
 def main(argv=None):

@@ -4,7 +4,13 @@ started plainly vs with the trigger installed (``tracesock run --dormant``, and 
 in one run, the modes alternating, best round each.  Target: 1.00x within noise (nothing is
 patched while dormant: only a signal handler is installed).
 
+Seconds from subprocesses are noisy on a shared machine (a process's layout alone moves
+them by 10-20%); ``--instructions`` counts instead, under callgrind (bench_callgrind.py):
+each mode with N and 2N iterations, the difference over the extra 3N iterations (the
+child runs three rounds) is one iteration's instructions, free of start-up.
+
     python benchmarks/bench_dormant.py [--n 50000] [--rounds 7]
+    python benchmarks/bench_dormant.py --instructions [--n 2000]
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--instructions", action="store_true", help="count instructions under callgrind")
     args = ap.parse_args(argv)
+    if args.instructions and args.n == ap.get_default("n"):
+        args.n = 2000
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACESOCK_") and k != "PYTHONPATH"}
     from tracesock.bootstrap import DIRECTORY
 
@@ -56,6 +65,8 @@ def main(argv=None):
                                               {**env, "PYTHONPATH": DIRECTORY, "TRACESOCK_BOOTSTRAP": "1",
                                                "TRACESOCK_TRIGGER": "SIGUSR2"}),
         }
+        if args.instructions:
+            return count_instructions(modes, args.n, tmp)
         best = {m: float("inf") for m in modes}
         for _ in range(args.rounds):
             for mode, (command, mode_env) in modes.items():
@@ -67,6 +78,23 @@ def main(argv=None):
     base = best["plain"]
     for mode, t in best.items():
         print(f"  {mode:32s} {t * 1e6:8.2f} us/iter  {t / base:5.2f}x")
+
+
+def count_instructions(modes, n, cwd):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_callgrind import collected
+
+    per = {}
+    for mode, (command, mode_env) in modes.items():
+        if mode.startswith("plain again"):
+            continue  # instruction counts repeat: no noise to show
+        mode_env = {**mode_env, "PYTHONHASHSEED": "0"}
+        one = collected(command + [str(n)], mode_env, cwd)
+        two = collected(command + [str(2 * n)], mode_env, cwd)
+        per[mode] = (two - one) / (3 * n)
+    print(f"instructions per 64 B send+recv pingpong iteration in a subprocess (callgrind, N={n} vs 2N)")
+    for mode, ir in per.items():
+        print(f"  {mode:32s} {ir:10.0f}  {ir / per['plain']:5.3f}x")
 
 
 if __name__ == "__main__":
