@@ -255,12 +255,83 @@ def test_console_script_stub_is_package_code_under_opentelemetry_instrument(pack
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert out.startswith("1000\n") or "\n1000\n" in out
+    ((path, line),) = _sendall_sites(_console_spans(out))
+    assert path.endswith(os.path.join("site-packages", "tinyserve", "wire.py")) and line == SEND_LINE
+
+
+def _console_spans(out):
     spans, decoder, i = [], json.JSONDecoder(), 0
     while (i := out.find("{", i)) >= 0:  # the console exporter's span objects, one after another
-        span, i = decoder.raw_decode(out, i)
-        spans.append(span)
-    ((path, line),) = _sendall_sites(spans)
-    assert path.endswith(os.path.join("site-packages", "tinyserve", "wire.py")) and line == SEND_LINE
+        try:
+            span, i = decoder.raw_decode(out, i)
+        except json.JSONDecodeError:
+            i += 1
+            continue
+        if isinstance(span, dict) and "name" in span:
+            spans.append(span)
+    return spans
+
+
+def test_gunicorn_workers_slow_sendall_has_its_verdict_and_gunicorns_site(package_venv, tmp_path):
+    """What the issue saw, for real: ``opentelemetry-instrument gunicorn -w 2 app:app``, a
+    64 MiB response to a client that reads slowly.  The worker's sendall gets its span with
+    the verdict receiver_slow, and its call site is gunicorn's own code, not the
+    ``bin/gunicorn`` console-script stub.  (Run in the package venv, which has the SDK's
+    configurator: pip's stub of this venv, pointed at that venv's interpreter.)"""
+    bindir = os.path.dirname(PY)
+    instrument, ours = os.path.join(bindir, "opentelemetry-instrument"), os.path.join(bindir, "gunicorn")
+    if not (os.path.exists(instrument) and os.path.exists(ours)):
+        pytest.skip("opentelemetry-instrument and gunicorn (tracesock[test]) are not installed")
+    gunicorn = package_venv / "bin" / "gunicorn"
+    with open(ours) as f:
+        stub = f.read().split("\n", 1)[1]
+    gunicorn.write_text(f"#!{package_venv / 'bin' / 'python'}\n" + stub)
+    gunicorn.chmod(0o755)
+    gunicorn = str(gunicorn)
+    write(tmp_path / "app.py", """\
+        BODY = b"g" * (64 << 20)
+
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Length", str(len(BODY)))])
+            return [BODY]
+    """)
+    import socket
+    import time
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [instrument, gunicorn, "-w", "2", "-b", f"127.0.0.1:{port}", "--timeout", "60", "app:app"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=cli_env(OTEL_TRACES_EXPORTER="console", OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none",
+                    TRACESOCK_SLOW_THRESHOLD="0.2"))
+    try:
+        deadline = time.monotonic() + LIMIT
+        while True:
+            try:
+                client = socket.create_connection(("127.0.0.1", port), timeout=30)
+                break
+            except ConnectionRefusedError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.2)
+        with client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            client.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            got = 0
+            while chunk := client.recv(65536):
+                got += len(chunk)
+                time.sleep(0.001)  # the slow reader
+        assert got > 64 << 20
+    finally:
+        server.terminate()  # the workers exit through their exit handlers: the spans are flushed
+        out, err = server.communicate(timeout=LIMIT)
+    sends = [s for s in _console_spans(out) if s["name"] == "socket.sendall"
+             and s["attributes"].get("tracesock.bytes.transferred", 0) >= 64 << 20]
+    assert len(sends) == 1, (out[-3000:], err[-3000:])
+    attrs = sends[0]["attributes"]
+    assert attrs["tracesock.diagnosis"] == "receiver_slow", attrs
+    site = attrs["code.file.path"]
+    assert os.path.join("site-packages", "gunicorn", "") in site and site != gunicorn, attrs
 
 
 # --- tracesock demo: a scenario by its verdict's name -------------------------------------------
