@@ -144,7 +144,7 @@ def test_run_script_http_client(tmp_path, http_server):
     expected = plain(str(script), str(http_server), "x", "--y", cwd=tmp_path)
     r = tracesock("run", "client.py", str(http_server), "x", "--y", cwd=tmp_path)
     assert r.returncode == expected.returncode == 0, r.stderr
-    assert r.stdout == expected.stdout == f"200 2700 ['x', '--y'] __main__\n"
+    assert r.stdout == expected.stdout == "200 2700 ['x', '--y'] __main__\n"
     program_err, summary = split_summary(r.stderr)
     assert program_err == expected.stderr
 
@@ -192,7 +192,7 @@ def test_run_module_with_options_and_service_name(tmp_path, http_server):
     r = tracesock("run", "--detail", "syscalls", "--output", "out-{pid}.json", "--service-name", "svc",
                   "-m", "pkg.client", str(http_server), "--detail", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"200 2700 ['--detail'] __main__\n"  # options after -m belong to the program
+    assert r.stdout == "200 2700 ['--detail'] __main__\n"  # options after -m belong to the program
     (path,) = glob.glob(str(tmp_path / "out-*.json"))
     doc = load_trace(path)
     names = {s["operationName"] for s in spans_of(doc)}
