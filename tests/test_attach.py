@@ -154,12 +154,13 @@ class EchoClient(threading.Thread):
             time.sleep(0.02)
 
 
-def attach_under_traffic(t, *args, **kwargs):
-    """``tracesock attach`` to target ``t`` while an EchoClient keeps it busy: (result, client)."""
+def attach_under_traffic(t, *args, pid=None, **kwargs):
+    """``tracesock attach`` to target ``t`` (or to ``pid``, a process of it) while an
+    EchoClient keeps it busy: (result, client)."""
     client = EchoClient(t.port)
     client.start()
     try:
-        return attach(t.pid, *args, **kwargs), client
+        return attach(pid or t.pid, *args, **kwargs), client
     finally:
         client.stop.set()
         client.join(30)
@@ -610,6 +611,50 @@ def test_run_dormant_patches_nothing_and_attach_uses_its_trigger(targets, tmp_pa
     assert any(n == "socket.recv" for n, _ in spans_of(tmp_path / f"tracesock-{t.pid}.json"))
     time.sleep(0.3)
     assert same_state(t.state(), before)
+
+
+def test_run_dormant_children_start_dormant_and_attach_uses_the_childs_trigger(targets, tmp_path):
+    """``tracesock run --dormant --children``: a Python subprocess of the program starts
+    dormant too (nothing patched) and answers the trigger, so attach reaches it without gdb."""
+    parent = tmp_path / "parent.py"
+    parent.write_text("import subprocess, sys\nsys.exit(subprocess.call([sys.executable, '-u'] + sys.argv[1:]))\n")
+    t = targets("busy", env=cli_env(PYTHONUNBUFFERED="1"), cwd=tmp_path,
+                launcher=[sys.executable, "-m", "tracesock", "run", "--dormant", "--children", str(parent)])
+    with open(f"/proc/{t.pid}/task/{t.pid}/children") as f:
+        (child,) = map(int, f.read().split())
+    try:
+        before = t.state()  # the child's: it holds the pipes
+        assert before["ours"] == [] and "tracesock" not in str(before["meta_path"])
+        (tmp_path / "bin").mkdir()
+        r, client = attach_under_traffic(t, "--duration", "1.5", cwd=tmp_path,
+                                         env=cli_env(PATH=str(tmp_path / "bin")), pid=child)
+        assert r.returncode == 0, r.stderr
+        assert not client.errors and "through its SIGUSR2 trigger" in r.stderr
+        assert any(n == "socket.recv" for n, _ in spans_of(tmp_path / f"tracesock-{child}.json"))
+        time.sleep(0.3)
+        assert same_state(t.state(), before)
+    finally:  # the child holds the target's pipes: killing the parent alone would not close them
+        os.kill(child, signal.SIGKILL)
+        trigger = f"/tmp/tracesock-{os.geteuid()}/{child}.trigger"
+        if os.path.exists(trigger):
+            os.unlink(trigger)
+
+
+def test_refuses_a_python_older_than_3_10(tmp_path):
+    old = os.path.expanduser("~/.pyenv/versions/3.9.18/bin/python3.9")
+    if not os.path.exists(old):
+        pytest.skip("no Python 3.9 here")
+    proc = subprocess.Popen([old, "-c", "import time\nprint('up', flush=True)\ntime.sleep(120)"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        r = attach(proc.pid, cwd=tmp_path)
+        _refused(r, f"pid {proc.pid} runs Python 3.9", "needs 3.10 or later")
+        assert proc.poll() is None  # untouched
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def test_opentelemetry_instrument_dormant_switches_on_and_off(targets, tmp_path):
