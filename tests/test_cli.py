@@ -295,8 +295,10 @@ def test_uncaught_exception_traceback_is_the_programs(tmp_path):
 def _serve_and_interrupt(cmd, cwd):
     """Start ``cmd`` (an http.server), fetch a page from it, SIGINT it; (rc, stdout, stderr, port)."""
     env = cli_env(PYTHONUNBUFFERED="1")
+    # SIGINT as a terminal would deliver it, even where the test runs in a background job
+    # (which inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.readline()
         port = int(re.search(r"port (\d+)", first).group(1))
