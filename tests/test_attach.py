@@ -9,6 +9,7 @@ resolver functions, fds, threads, sys.meta_path) before and after.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -840,15 +841,20 @@ def test_exporter_otlp_sends_from_the_target(targets, tmp_path):
     with OTLPReceiver() as rx:
         t = targets("busy", env=cli_env(OTEL_EXPORTER_OTLP_ENDPOINT=rx.endpoint, OTEL_SERVICE_NAME="echo-target"))
         before = t.state()
-        r, _ = attach_under_traffic(t, "--duration", "1.5", "--exporter", "otlp", cwd=tmp_path)
+        r, client = attach_under_traffic(t, "--duration", "1.5", "--exporter", "otlp", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         assert f"trace: sent over OTLP to {rx.endpoint}/v1/traces" in r.stderr, r.stderr
         assert f"metrics: sent over OTLP (http/protobuf) to {rx.endpoint}/v1/metrics (1 exports)" in r.stderr, r.stderr
         spans = rx.wait_for(lambda got: any(s.name == "tracesock.attached" for s in got))
-        points = rx.wait_for_points(lambda got: any(p.metric == "tracesock.io" for p in got))
+        why = (f"client: {len(client.received)} connections, errors {client.errors}; spans "
+               f"{collections.Counter(s.name for s in spans)}; attach said:\n{r.stderr}")
+        try:
+            points = rx.wait_for_points(lambda got: any(p.metric == "tracesock.io" for p in got), timeout=20)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; {why}") from None
     (run,) = [s for s in spans if s.name == "tracesock.attached"]
     calls = [s for s in spans if s.name.startswith("socket.")]
-    assert {"socket.recv", "socket.sendall"} <= {s.name for s in calls}
+    assert {"socket.recv", "socket.sendall"} <= {s.name for s in calls}, why
     for s in [run] + calls:
         assert s.resource["service.name"] == "echo-target" and s.resource["process.pid"] == t.pid, s.resource
         assert s.trace_id == run.trace_id

@@ -7,6 +7,17 @@ in a fresh namespace (nothing is defined in the program's ``__main__``) and
 never lets an exception out; a failure is reported in the channel's
 ``status.json``.
 
+**The injected code only starts a thread.**  Whatever runs in the thread we
+borrow holds that thread up, and under gdb it holds up the whole process:
+every shared library the imports load stops the target while gdb reads its
+symbols (importing tracesock and the SDK under gdb took 8 s of an echo
+server's service, against 0.2 s without it).  So the borrowed thread imports
+``threading`` (in its own thread, as the program would have: threading takes
+the importing thread for the main one) and starts a bare ``_thread`` --
+no lock of ``threading`` taken in a thread that may have been stopped
+anywhere -- which starts ``tracesock-attach-begin``; gdb has detached by the
+time the imports run, and the attacher waits for ``status.json``.
+
 **gdb: where it is safe.**  The thread gdb happens to stop may be anywhere --
 inside ``malloc``, halfway through a dict resize with the GIL held.  Running
 Python there is what makes ``PyGILState_Ensure`` + ``PyRun_SimpleString``
@@ -84,7 +95,13 @@ def _tracesock_bootstrap(channel, paths, version, pid):
             say(f"the injected code failed: {type(e).__name__}: {e}")
         except BaseException:
             pass
-_tracesock_bootstrap(%(channel)r, %(paths)r, %(version)r, %(pid)r)
+def _tracesock_start(args):
+    try:
+        threading.Thread(target=_tracesock_bootstrap, args=args, name="tracesock-attach-begin", daemon=True).start()
+    except BaseException:
+        pass
+import _thread, threading
+_thread.start_new_thread(_tracesock_start, ((%(channel)r, %(paths)r, %(version)r, %(pid)r),))
 '''
 
 
