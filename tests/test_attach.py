@@ -135,6 +135,7 @@ class EchoClient(threading.Thread):
         self.stop = threading.Event()
         self.received = {}  # local port -> bytes the client got back
         self.errors = []
+        self.done_at = []  # time.monotonic() as each connection's echo was complete
 
     def run(self):
         payload = os.urandom(self.size)
@@ -149,6 +150,7 @@ class EchoClient(threading.Thread):
                         got += chunk
                     assert bytes(got) == payload
                     self.received[local] = len(got)
+                    self.done_at.append(time.monotonic())
             except Exception as e:  # noqa: BLE001 - reported by the test
                 self.errors.append(repr(e))
                 return
@@ -167,6 +169,12 @@ def attach_under_traffic(t, *args, pid=None, **kwargs):
         client.join(30)
 
 
+def longest_gap(times, start, end):
+    """The longest time between two echoes complete (or a window's edge) in [start, end]."""
+    inside = [start] + [x for x in times if start < x < end] + [end]
+    return max(b - a for a, b in zip(inside, inside[1:]))
+
+
 def _wait_attached(proc, timeout=60):
     """Read the attacher's stderr up to its 'attached' line (it keeps running)."""
     deadline = time.monotonic() + timeout
@@ -179,6 +187,37 @@ def _wait_attached(proc, timeout=60):
         if "attached to" in line:
             return lines
     raise AssertionError("".join(lines) + (proc.stdout.read() if proc.poll() is not None else ""))
+
+
+@gdb_only
+def test_attach_holds_the_target_up_not_much_longer_than_gdb_alone(targets, tmp_path):
+    """gdb stops the whole target while it attaches; what tracesock then runs in the thread
+    it borrows must not hold the target up much longer.  Importing tracesock and the SDK
+    there held an echo service 5-8 s (each shared library the imports load stops the
+    process while gdb reads its symbols) against ~0.3 s for gdb attaching and detaching.
+    Measured as the longest gap between a client's echoes: during attach, and during gdb
+    alone attaching and detaching (the worse of two)."""
+    t = targets("busy")
+    client = EchoClient(t.port)
+    client.start()
+    try:
+        time.sleep(0.5)
+        gdb_alone = []
+        for _ in range(2):
+            start = time.monotonic()
+            subprocess.run(["gdb", "-q", "-nx", "-batch", "-p", str(t.pid)], capture_output=True, timeout=60)
+            time.sleep(0.3)
+            gdb_alone.append(longest_gap(client.done_at, start, time.monotonic()))
+        start = time.monotonic()
+        r = attach(t.pid, "--duration", "1", cwd=tmp_path)
+        time.sleep(0.3)
+        attached = longest_gap(client.done_at, start, time.monotonic())
+    finally:
+        client.stop.set()
+        client.join(30)
+    assert r.returncode == 0, r.stderr
+    assert not client.errors, client.errors
+    assert attached < 8 * max(gdb_alone), (attached, gdb_alone)
 
 
 @pytest.mark.parametrize("mode", ["busy", "asyncio"])
