@@ -12,10 +12,10 @@ import threading
 
 from opentelemetry.sdk.trace import SpanProcessor
 
+from ..core.events import SOCKET_RECEIVES, SOCKET_SENDS
+
 __all__ = ["SummaryProcessor", "format_bytes"]
 
-SEND = {"send", "sendall", "sendto", "sendmsg", "sendfile"}
-RECV = {"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg"}
 # A span over other socket spans (socket.create_connection: its lookup and
 # connects): among the slowest calls, but not counted twice in the totals.
 COMPOSITE = {"create_connection"}
@@ -88,9 +88,9 @@ class SummaryProcessor(SpanProcessor):
                     self.other_peers += 1
                     stats = self.other
             moved = attrs.get("tracesock.bytes.transferred", 0) or 0
-            if method in SEND:
+            if method in SOCKET_SENDS:
                 stats.sent += moved
-            elif method in RECV:
+            elif method in SOCKET_RECEIVES:
                 stats.received += moved
             stats.calls += 1
             stats.syscalls += attrs.get("tracesock.syscalls", 0) or 0
@@ -148,7 +148,7 @@ class SummaryProcessor(SpanProcessor):
             for duration, _, (name, peer, _, attrs) in slowest:
                 detail = []
                 moved = attrs.get("tracesock.bytes.transferred")
-                if moved is not None and name[len("socket."):] in SEND | RECV:
+                if moved is not None and name[len("socket."):] in SOCKET_SENDS | SOCKET_RECEIVES:
                     detail.append(f"{format_bytes(moved)}")
                 for key, label in (("tracesock.syscalls", "syscall"), ("tracesock.waits", "wait"),
                                    ("tracesock.partial_sends", "partial send"),

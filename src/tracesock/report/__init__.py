@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 
 from ..exporters.formats import detect, otlp_to_jaeger
 from ..exporters.profile import span_sites
+from ..core.events import SOCKET_RECEIVES, SOCKET_SENDS
 from ..exporters.summary import format_bytes
 
 __all__ = ["Span", "Report", "Connection", "RecvSite", "load", "load_doc", "analyze",
-           "VERDICT_WORDS", "SEND", "RECV"]
+           "VERDICT_WORDS"]
 
-SEND = {"send", "sendall", "sendto", "sendmsg", "sendfile"}
-RECV = {"recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg"}
 # A recv is "much larger than what arrived" when at most half its buffer was filled.
 UNDER_FILLED = 0.5
 
@@ -93,7 +92,7 @@ class Span:
     def blocked_us(self):
         """Time a send on a blocking socket spent held in the kernel's send (its
         blocking ``syscall.send`` children after the first, non-blocking try)."""
-        if self.method not in SEND or "tracesock.timeout" in self.tags:
+        if self.method not in SOCKET_SENDS or "tracesock.timeout" in self.tags:
             return 0
         sends = [c for c in self.children if c.name.startswith("syscall.send")]
         return sum(c.duration_us for c in sends[1:])
@@ -225,9 +224,9 @@ def analyze(spans, *, top=10, sources=(), warnings=()):
         if c is None:
             c = conns[(local, peer, transport)] = Connection(local, peer, transport)
         moved = int(t.get("tracesock.bytes.transferred") or 0)
-        if s.method in SEND:
+        if s.method in SOCKET_SENDS:
             c.sent += moved
-        elif s.method in RECV:
+        elif s.method in SOCKET_RECEIVES:
             c.received += moved
         c.calls += 1
         c.syscalls += int(t.get("tracesock.syscalls") or 0)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from html import escape
 
+from ..core.events import SOCKET_RECEIVES, SOCKET_SENDS
 from ..core.sites import kind
 from ..exporters.profile import LEAVES, OVER_CAP, frame_text, sites
 from ..exporters.summary import format_bytes
-from . import RECV, SEND, VERDICT_WORDS, tcp_fields
+from . import VERDICT_WORDS, tcp_fields
 
 __all__ = ["render"]
 
@@ -81,9 +82,9 @@ def _kind(child):
     if errno in ("EAGAIN", "EWOULDBLOCK"):
         return "syscalls", "b-eagain"
     method = child.name.split(".", 1)[1] if "." in child.name else child.name
-    if method in SEND or method.startswith("send"):
+    if method in SOCKET_SENDS or method.startswith("send"):
         return "syscalls", "b-send"
-    if method in RECV or method.startswith("recv"):
+    if method in SOCKET_RECEIVES or method.startswith("recv"):
         return "syscalls", "b-recv"
     return "syscalls", "b-other"
 
