@@ -1032,8 +1032,6 @@ def test_server_gets_garbage(telemetry, engine, server_ctx, hello):
         data = b"\x16\x03"
 
     def scenario():
-        errors = []
-
         def handler(conn):
             pass
 
