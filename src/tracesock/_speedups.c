@@ -667,6 +667,24 @@ static PyTypeObject MethodType = {
     .tp_weaklistoffset = offsetof(Method, weakrefs),  /* as functions: weakref.ref(socket.socket.recv) */
 };
 
+static PyObject *
+new_method(int index, PyObject *fallback, PyObject *m, PyObject *raised, PyObject *cont,
+           vectorcallfunc vectorcall)
+{
+    Method *self = PyObject_GC_New(Method, &MethodType);
+    if (self == NULL) return NULL;
+    self->index = index;
+    self->fallback = Py_NewRef(fallback);
+    self->m = Py_NewRef(m);
+    self->raised = Py_NewRef(raised);
+    self->cont = Py_NewRef(cont);
+    self->dict = NULL;
+    self->weakrefs = NULL;
+    self->vectorcall = vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
 /* method(index, fallback, m, raised, cont) -> the Method of C path `index`. */
 static PyObject *
 make_method(PyObject *module, PyObject *args)
@@ -679,18 +697,7 @@ make_method(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "method(): not configured, or a bad index");
         return NULL;
     }
-    Method *self = PyObject_GC_New(Method, &MethodType);
-    if (self == NULL) return NULL;
-    self->index = index;
-    self->fallback = Py_NewRef(fallback);
-    self->m = Py_NewRef(m);
-    self->raised = Py_NewRef(raised);
-    self->cont = Py_NewRef(cont);
-    self->dict = NULL;
-    self->weakrefs = NULL;
-    self->vectorcall = method_vectorcall;
-    PyObject_GC_Track(self);
-    return (PyObject *)self;
+    return new_method(index, fallback, m, raised, cont, method_vectorcall);
 }
 
 /* Is the probe socket's layout the one SockHead declares?  probe: a socket
@@ -1672,18 +1679,7 @@ make_tls_method(PyObject *module, PyObject *args)
     PyObject *fallback, *original, *after;
     if (!PyArg_ParseTuple(args, "iOOO:tls_method", &kind, &fallback, &original, &after))
         return NULL;
-    Method *self = PyObject_GC_New(Method, &MethodType);
-    if (self == NULL) return NULL;
-    self->index = kind;
-    self->fallback = Py_NewRef(fallback);
-    self->m = Py_NewRef(original);
-    self->raised = Py_NewRef(after);
-    self->cont = Py_NewRef(Py_None);
-    self->dict = NULL;
-    self->weakrefs = NULL;
-    self->vectorcall = tls_method_vectorcall;
-    PyObject_GC_Track(self);
-    return (PyObject *)self;
+    return new_method(kind, fallback, original, after, Py_None, tls_method_vectorcall);
 }
 
 static PyObject *
