@@ -262,6 +262,37 @@ def test_c_fast_path_counts_what_the_recorded_path_counts(telemetry, rsa_echo_se
     assert sum(c.attributes["tracesock.syscall.result"] for c in reads) == recorded[2]
 
 
+def test_c_fast_path_runs_no_python_of_tracesock(telemetry, rsa_echo_server):
+    """Outside a trace, ``sslsock.sendall(data)`` and ``sslsock.recv(n)`` are C methods
+    (``_speedups`` Methods): ssl.py's own code runs, and no Python function of
+    tracesock's -- no wrapper frame, no argument packing -- unless C hands the call over."""
+    need_wire_level("native")
+    echo_server, client_ctx = rsa_echo_server
+    telemetry.instrument(detail="calls", slow_threshold=None)
+    package = os.path.dirname(tracesock.__file__)
+    seen = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            seen.append(frame.f_code.co_filename)
+
+    with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
+        with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"w" * 100)  # warm: the first call of a connection
+            s.recv(100)
+            sys.setprofile(profile)
+            try:
+                for _ in range(20):
+                    s.sendall(b"m" * 100)
+                    got = s.recv(100)
+                    while len(got) < 100:
+                        got += s.recv(100)
+            finally:
+                sys.setprofile(None)
+    assert any(f.endswith("ssl.py") for f in seen), seen
+    assert [f for f in seen if f.startswith(package)] == []
+
+
 def test_handshake_metric(traced, echo_server, client_ctx, ca):
     with socket.create_connection(("127.0.0.1", echo_server.port)) as raw:
         with client_ctx.wrap_socket(raw, server_hostname="localhost") as s:
@@ -1001,8 +1032,6 @@ def test_server_gets_garbage(telemetry, engine, server_ctx, hello):
         data = b"\x16\x03"
 
     def scenario():
-        errors = []
-
         def handler(conn):
             pass
 

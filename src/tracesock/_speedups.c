@@ -667,6 +667,24 @@ static PyTypeObject MethodType = {
     .tp_weaklistoffset = offsetof(Method, weakrefs),  /* as functions: weakref.ref(socket.socket.recv) */
 };
 
+static PyObject *
+new_method(int index, PyObject *fallback, PyObject *m, PyObject *raised, PyObject *cont,
+           vectorcallfunc vectorcall)
+{
+    Method *self = PyObject_GC_New(Method, &MethodType);
+    if (self == NULL) return NULL;
+    self->index = index;
+    self->fallback = Py_NewRef(fallback);
+    self->m = Py_NewRef(m);
+    self->raised = Py_NewRef(raised);
+    self->cont = Py_NewRef(cont);
+    self->dict = NULL;
+    self->weakrefs = NULL;
+    self->vectorcall = vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
 /* method(index, fallback, m, raised, cont) -> the Method of C path `index`. */
 static PyObject *
 make_method(PyObject *module, PyObject *args)
@@ -679,18 +697,7 @@ make_method(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "method(): not configured, or a bad index");
         return NULL;
     }
-    Method *self = PyObject_GC_New(Method, &MethodType);
-    if (self == NULL) return NULL;
-    self->index = index;
-    self->fallback = Py_NewRef(fallback);
-    self->m = Py_NewRef(m);
-    self->raised = Py_NewRef(raised);
-    self->cont = Py_NewRef(cont);
-    self->dict = NULL;
-    self->weakrefs = NULL;
-    self->vectorcall = method_vectorcall;
-    PyObject_GC_Track(self);
-    return (PyObject *)self;
+    return new_method(index, fallback, m, raised, cont, method_vectorcall);
 }
 
 /* Is the probe socket's layout the one SockHead declares?  probe: a socket
@@ -1336,9 +1343,16 @@ static int watch_bio(void *bio) {
 }
 
 /* Our callback on the connection's socket BIO(s): 1, or 0 when not possible. */
+static PyTypeObject *sslsocket_type = NULL;  /* _ssl._SSLSocket, once seen */
+
 static int watch(PyObject *sslobj) {
-    if (!tls_ready || strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0)
+    if (!tls_ready)
         return 0;
+    if (Py_TYPE(sslobj) != sslsocket_type) {
+        if (sslsocket_type != NULL || strcmp(Py_TYPE(sslobj)->tp_name, "_ssl._SSLSocket") != 0)
+            return 0;
+        sslsocket_type = (PyTypeObject *)Py_NewRef(Py_TYPE(sslobj));  /* kept: a static or heap type of _ssl */
+    }
     void *ssl = ((SSLSocketHead *)sslobj)->ssl;
     if (ssl == NULL || p_SSL_get_ex_data(ssl, 0) != (void *)sslobj)
         return 0;
@@ -1465,25 +1479,20 @@ tls_end(PyObject *self, PyObject *noargs)
 static PyObject *unusual = NULL, *nested = NULL;
 #define TLS_FAST_SEND_MAX (64 * 1024)
 
+/* The call of tls_fast and of a TLS Method: sock's args (n of them, at most
+ * 7) and kwargs (NULL or a dict). */
 static PyObject *
-tls_fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+tls_fast_call(PyObject *original, PyObject *sock, PyObject *const *args, Py_ssize_t n,
+              PyObject *kwargs, long kind)
 {
-    if (argc != 5 || !configured || unusual == NULL) {
-        PyErr_SetString(PyExc_TypeError, "tls_fast(original, sock, args, kwargs, kind)");
-        return NULL;
-    }
-    PyObject *original = argv[0], *sock = argv[1], *args = argv[2], *kwargs = argv[3];
-    long kind = PyLong_AsLong(argv[4]);
-    if (kind == -1 && PyErr_Occurred())
-        return NULL;
-    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) > 7 || context_busy())
+    if (!configured || unusual == NULL || n > 7 || context_busy())
         return Py_NewRef(not_fast);
-    int has_kwargs = kwargs != Py_None && (!PyDict_Check(kwargs) || PyDict_GET_SIZE(kwargs) > 0);
+    int has_kwargs = kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0;
     if (kind == 1) {
-        if (has_kwargs || PyTuple_GET_SIZE(args) < 1)
+        if (has_kwargs || n < 1)
             return Py_NewRef(not_fast);
         Py_buffer view;
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(args, 0), &view, PyBUF_SIMPLE) < 0) {
+        if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
             PyErr_Clear();
             return Py_NewRef(not_fast);
         }
@@ -1513,10 +1522,9 @@ tls_fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         return Py_NewRef(not_fast);
 
     PyObject *stack[8];
-    Py_ssize_t n = PyTuple_GET_SIZE(args);
     stack[0] = sock;
     for (Py_ssize_t i = 0; i < n; i++)
-        stack[i + 1] = PyTuple_GET_ITEM(args, i);
+        stack[i + 1] = args[i];
     start_record(r);
     long long start = now_ns();
     PyObject *result;
@@ -1569,6 +1577,112 @@ tls_fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 }
 
 static PyObject *
+tls_fast(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 5 || !PyTuple_Check(argv[2])) {
+        PyErr_SetString(PyExc_TypeError, "tls_fast(original, sock, args, kwargs, kind)");
+        return NULL;
+    }
+    long kind = PyLong_AsLong(argv[4]);
+    if (kind == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *kwargs = argv[3];
+    if (kwargs != Py_None && !PyDict_Check(kwargs))
+        return Py_NewRef(not_fast);
+    return tls_fast_call(argv[0], argv[1], ((PyTupleObject *)argv[2])->ob_item, PyTuple_GET_SIZE(argv[2]),
+                         kwargs == Py_None ? NULL : kwargs, kind);
+}
+
+/* A TLS data method as a Method (the same type, its own vectorcall):
+ * sock.recv(n), sock.sendall(data) & co. with positional arguments go to
+ * tls_fast_call() with no Python frame and no argument packing; what it
+ * declines, and every other form, is the fallback's (the Python recording
+ * method, without a second fast attempt).  Fields: index the kind (0 recv,
+ * 1 send), m the original method, raised after(sock, args, result, exc),
+ * which records a call the C path made but Python must look at (it raised,
+ * or came back UNUSUAL), as the Python wrapper did. */
+static PyObject *
+tls_after(Method *self, PyObject *const *args, Py_ssize_t nargs, PyObject *result)
+{
+    /* result NULL: the call raised (the exception is set).  Returns result,
+     * or NULL with the call's exception -- or with one after() raised
+     * (KeyboardInterrupt from a handler), the call's as its context. */
+    PyObject *exc_type = NULL, *exc = NULL, *exc_tb = NULL;
+    if (result == NULL) {
+        PyErr_Fetch(&exc_type, &exc, &exc_tb);
+        PyErr_NormalizeException(&exc_type, &exc, &exc_tb);
+        if (exc_tb != NULL) PyException_SetTraceback(exc, exc_tb);
+    }
+    PyObject *rest = PyTuple_New(nargs - 1);
+    PyObject *r = NULL;
+    if (rest != NULL) {
+        for (Py_ssize_t i = 1; i < nargs; i++)
+            PyTuple_SET_ITEM(rest, i - 1, Py_NewRef(args[i]));
+        PyObject *stack[] = {args[0], rest, result ? result : Py_None, exc ? exc : Py_None};
+        r = PyObject_Vectorcall(self->raised, stack, 4, NULL);
+        Py_DECREF(rest);
+    }
+    if (r == NULL) {  /* after() raised: that propagates, as from the Python wrapper */
+        if (exc != NULL) {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (tb != NULL) PyException_SetTraceback(value, tb);
+            PyException_SetContext(value, exc);  /* steals exc */
+            PyErr_Restore(type, value, tb);
+            Py_XDECREF(exc_type);
+            Py_XDECREF(exc_tb);
+        }
+        Py_XDECREF(result);
+        return NULL;
+    }
+    Py_DECREF(r);
+    if (exc != NULL) {  /* re-raised as it was, as a bare raise does */
+        PyErr_Restore(exc_type, exc, exc_tb);
+        return NULL;
+    }
+    return result;
+}
+
+static PyObject *
+tls_method_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Method *self = (Method *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) || sock_type == NULL
+            || !PyObject_TypeCheck(args[0], sock_type))
+        return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+    PyObject *r = tls_fast_call(self->m, args[0], args + 1, nargs - 1, NULL, self->index);
+    if (r == not_fast) {
+        Py_DECREF(r);
+        return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+    }
+    if (r == nested) {  /* part of the call being recorded (sendall -> send) */
+        Py_DECREF(r);
+        return PyObject_Vectorcall(self->m, args, nargsf, kwnames);
+    }
+    if (r == NULL)
+        return tls_after(self, args, nargs, NULL);
+    if (PyTuple_CheckExact(r) && PyTuple_GET_SIZE(r) == 2 && PyTuple_GET_ITEM(r, 0) == unusual) {
+        PyObject *result = Py_NewRef(PyTuple_GET_ITEM(r, 1));
+        Py_DECREF(r);
+        return tls_after(self, args, nargs, result);
+    }
+    return r;
+}
+
+/* tls_method(kind, fallback, original, after) -> the Method of a TLS data call. */
+static PyObject *
+make_tls_method(PyObject *module, PyObject *args)
+{
+    int kind;
+    PyObject *fallback, *original, *after;
+    if (!PyArg_ParseTuple(args, "iOOO:tls_method", &kind, &fallback, &original, &after))
+        return NULL;
+    return new_method(kind, fallback, original, after, Py_None, tls_method_vectorcall);
+}
+
+static PyObject *
 tls_fast_setup(PyObject *self, PyObject *args)
 {
     PyObject *u, *n;
@@ -1604,6 +1718,8 @@ static PyMethodDef methods[] = {
      "tls_end() -> (events, dropped, wire rx, wire tx, start_ns, end_ns, overflow)"},
     {"tls_fast", (PyCFunction)(void (*)(void))tls_fast, METH_FASTCALL,
      "tls_fast(original, sock, args, kwargs, kind) -> result, NOT_FAST or (UNUSUAL, result)"},
+    {"tls_method", make_tls_method, METH_VARARGS,
+     "tls_method(kind, fallback, original, after) -> the patched TLS data method"},
     {"tls_fast_setup", tls_fast_setup, METH_VARARGS, "tls_fast_setup(UNUSUAL, NESTED): tls_fast's marks"},
     {"fast", (PyCFunction)(void (*)(void))fast, METH_FASTCALL,
      "fast(method, sock, args, kwargs) -> result, NOT_FAST or PARTIAL"},

@@ -94,9 +94,9 @@ def _patch_ssl(module):
     if UNDO.patched(cls):  # gevent.ssl re-exports gevent._ssl3's class
         return
     UNDO.set(cls, "_wait", dress(_green_wait(inherited), inherited))
+    tls.setup_wire()
     for name, fn in tls.replacements(cls).items():
         UNDO.set(cls, name, fn)
-    tls.setup_wire()
 
 
 # --- the resolver -------------------------------------------------------------------

@@ -34,9 +34,9 @@ def _engine():
 def _patch(ssl):
     if _state["ssl"] is not None:
         return
+    tls.setup_wire()  # before the replacements: with the wire level they are C methods
     for name, fn in tls.replacements(ssl.SSLSocket).items():
         UNDO.set(ssl.SSLSocket, name, fn)
-    tls.setup_wire()
     context = ssl.SSLContext
     original = context.__dict__.get("wrap_socket")
     if callable(original):

@@ -463,24 +463,13 @@ def _recorded(call, sock, original, args, kwargs):
 
 
 def _io_method(original, span_name, requested_of):
+    """The recording method for ``original``.  With the C extension's wire level,
+    a ``_speedups`` Method: calls with positional arguments run in C
+    (``tls_fast``) and go to ``recorded`` only for what C declines; otherwise
+    a Python function that tries ``tls_fast`` first, then ``recorded``."""
     kind = _SEND_KIND.get(span_name)
 
-    def method(self, *args, **kwargs):
-        fast = _TLS_FAST
-        if (fast is not None and kind is not None and getattr(_tl, "call", None) is None
-                and isinstance(self, C_SOCKET)):
-            try:
-                result = fast(original, self, args, kwargs, kind)
-            except BaseException as exc:
-                _after_fast(self, span_name, requested_of, args, kwargs, None, exc)
-                raise
-            if result is _NESTED:
-                return original(self, *args, **kwargs)
-            if result is not NOT_FAST:
-                if type(result) is tuple and result and result[0] is _UNUSUAL:
-                    result = result[1]
-                    _after_fast(self, span_name, requested_of, args, kwargs, result, None)
-                return result
+    def recorded(self, *args, **kwargs):
         ctx = current_context()
         if ((ctx and ctx.get(SUPPRESS)) or getattr(_tl, "call", None) is not None
                 or getattr(self, "_sslobj", None) is None):
@@ -503,6 +492,33 @@ def _io_method(original, span_name, requested_of):
             swallow(exc)
         _finish(call, self, ctx)
         return result
+
+    if kind is None:
+        return recorded
+
+    def after(self, args, result, exc):
+        _after_fast(self, span_name, requested_of, args, {}, result, exc)
+
+    speedups = methods.SPEEDUPS
+    if _TLS_FAST is not None and hasattr(speedups, "tls_method"):
+        return speedups.tls_method(kind, recorded, original, after)
+
+    def method(self, *args, **kwargs):
+        fast = _TLS_FAST
+        if fast is not None and getattr(_tl, "call", None) is None and isinstance(self, C_SOCKET):
+            try:
+                result = fast(original, self, args, kwargs, kind)
+            except BaseException as exc:
+                _after_fast(self, span_name, requested_of, args, kwargs, None, exc)
+                raise
+            if result is _NESTED:
+                return original(self, *args, **kwargs)
+            if result is not NOT_FAST:
+                if type(result) is tuple and result and result[0] is _UNUSUAL:
+                    result = result[1]
+                    _after_fast(self, span_name, requested_of, args, kwargs, result, None)
+                return result
+        return recorded(self, *args, **kwargs)
 
     return method
 
