@@ -14,9 +14,11 @@ import glob
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -295,8 +297,6 @@ def test_gunicorn_workers_slow_sendall_has_its_verdict_and_gunicorns_site(packag
             start_response("200 OK", [("Content-Length", str(len(BODY)))])
             return [BODY]
     """)
-    import socket
-    import time
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
