@@ -709,7 +709,7 @@ def test_opentelemetry_instrument_dormant_switches_on_and_off(targets, tmp_path)
     before = t.state()
     assert before["ours"] == []
     os.kill(t.pid, signal.SIGUSR2)
-    assert _wait_for(lambda: "socket.sendall" in str(t.state()["ours"]))
+    assert _wait_for(lambda: "socket.sendall" in t.state()["ours"])
     os.kill(t.pid, signal.SIGUSR2)
     assert _wait_for(lambda: t.state()["ours"] == [])
     assert same_state(t.state(), before)
@@ -743,7 +743,7 @@ def test_instrumentor_uninstrument_ends_a_trigger_session(targets, tmp_path, how
         else:
             proc = attach(t.pid, cwd=tmp_path, wait=False)  # until detached
             _wait_attached(proc)
-        assert _wait_for(lambda: "socket.sendall" in str(t.state()["ours"]))
+        assert _wait_for(lambda: "socket.sendall" in t.state()["ours"])
         time.sleep(0.5)
         t.proc.stdin.write("uninstrument\n")
         t.proc.stdin.flush()
@@ -968,7 +968,7 @@ def test_run_dormant_profile_covers_each_switched_on_period(targets, tmp_path):
                 launcher=[sys.executable, "-m", "tracesock", "run", "--dormant", "--profile", "p-{pid}.folded"])
     for n, name in ((1, f"p-{t.pid}.folded"), (2, f"p-{t.pid}-2.folded")):
         os.kill(t.pid, signal.SIGUSR2)
-        assert _wait_for(lambda: "socket.sendall" in str(t.state()["ours"]))
+        assert _wait_for(lambda: "socket.sendall" in t.state()["ours"])
         client = EchoClient(t.port)
         client.start()
         time.sleep(1)

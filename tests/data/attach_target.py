@@ -29,14 +29,20 @@ def _fds():
     return out
 
 
+def _ours(value):
+    """Whether ``value`` is tracesock's: a Python function of its files, or a C
+    Method of its extension (the data methods with the C hot path)."""
+    code = getattr(value, "__code__", None)
+    return "tracesock" in getattr(code, "co_filename", "") or type(value).__module__.startswith("tracesock")
+
+
 def state():
     classes = {"socket": socket.socket, "sslsocket": ssl.SSLSocket, "sslcontext": ssl.SSLContext}
     import asyncio.selector_events as se
     classes["selector_loop"] = se.BaseSelectorEventLoop
     classes["selector_transport"] = se._SelectorSocketTransport
     return {"classes": {n: {k: id(v) for k, v in vars(c).items()} for n, c in classes.items()},
-            "ours": sorted(f"{n}.{k}" for n, c in classes.items() for k, v in vars(c).items()
-                           if "tracesock" in getattr(getattr(v, "__code__", None), "co_filename", "")),
+            "ours": sorted(f"{n}.{k}" for n, c in classes.items() for k, v in vars(c).items() if _ours(v)),
             "resolver": [id(socket.getaddrinfo), id(socket.create_connection)],
             "fds": _fds(),
             "threads": sorted(t.name for t in threading.enumerate()),
