@@ -630,6 +630,29 @@ def test_c_hot_path_is_used_when_built():
         pytest.skip("the C extension is not built here")
 
 
+def test_spans_inside_a_trace_are_built_in_c_when_built(telemetry):
+    """With the extension, the direct spans of calls in a trace are made by its
+    direct_span (the probe found it makes what Python makes); without, by Python."""
+    from tracesock.core import speedups
+    from tracesock.telemetry import recorder
+
+    telemetry.instrument(detail="syscalls", slow_threshold=None)
+    direct = recorder._direct_spans(recorder.RECORDER.tracer)
+    if speedups.available():
+        assert getattr(direct.make, "func", None) is speedups.module.direct_span
+    else:
+        assert direct.make == direct.span
+    a, b = socket.socketpair()
+    with a, b, telemetry.tracer.start_as_current_span("parent"):
+        a.send(b"x")
+        b.recv(1)
+    spans = telemetry.spans()
+    assert sorted(s.name for s in spans) == ["parent", "socket.recv", "socket.send", "syscall.recv", "syscall.send"]
+    ids = {s.context.span_id for s in spans}
+    assert len(ids) == 5 and all(s.context.is_valid and s.context.trace_flags.sampled for s in spans)
+    assert all(s.parent is None or s.parent.span_id in ids for s in spans)
+
+
 def _my_call_site(sock):
     return sock.recv(10), sys._getframe().f_lineno - 0  # the recv is on this line
 

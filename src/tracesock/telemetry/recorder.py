@@ -19,6 +19,7 @@ The traced code never knows who listens: it hands its records to
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -28,6 +29,7 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ..core.guard import swallow
+from ..core.speedups import module as _speedups
 from ..core.signals import with_signals_held
 from ..version import __version__
 from .attributes import call_attributes, step_attributes
@@ -171,11 +173,11 @@ class Recorder:
         # inside a trace, and its steps' spans for each syscall.
         self._offset = offset = time.time_ns() - time.perf_counter_ns()
         status = error_status(call.error) if failed(call.error) else _UNSET
-        sc = direct.span("socket." + call.method, parent_sc, call_attributes(sock, call, self.stacktrace),
+        sc = direct.make("socket." + call.method, parent_sc, call_attributes(sock, call, self.stacktrace),
                          call.start + offset, call.end + offset, status)
         steps = call.steps
         if steps and (self.detail >= 2 or call.syscalls > 1 or call.waits):
-            span = direct.span
+            span = direct.make
             for step in steps:
                 span("syscall." + step.name, sc, step_attributes(step), step.start + offset, step.end + offset,
                      _UNSET)
@@ -196,7 +198,7 @@ class _DirectSpans:
     Anything else takes the ordinary API path.
     """
 
-    __slots__ = ("on_end", "new_span_id", "new_context", "new_span")
+    __slots__ = ("on_end", "new_span_id", "new_context", "new_span", "make")
 
     def __init__(self, tracer, sdk):
         self.on_end = _on_end(tracer.span_processor)
@@ -204,12 +206,40 @@ class _DirectSpans:
         self.new_context = _context_maker(otel_trace.SpanContext)
         self.new_span = _span_maker(sdk.ReadableSpan, tracer.resource, tracer.instrumentation_info,
                                     tracer._instrumentation_scope)
+        # make(name, parent_sc, attributes, start, end, status) -> the new span's SpanContext
+        self.make = _c_maker(self, sdk.ReadableSpan) or self.span
 
     def span(self, name, parent_sc, attributes, start, end, status):
         sc = self.new_context(parent_sc.trace_id, self.new_span_id(), parent_sc.trace_flags,
                               parent_sc.trace_state)
         self.on_end(self.new_span(name, sc, parent_sc, attributes, start, end, status))
         return sc
+
+
+def _c_maker(spans, ReadableSpan):
+    """``spans.span`` done by the C extension (``direct_span``: no Python frame per
+    span), where both objects are built directly and a probe shows that C builds
+    the same span and context as Python does; else ``None``."""
+    fields = getattr(spans.new_span, "fields", None)
+    if _speedups is None or fields is None or not getattr(spans.new_context, "direct", False):
+        return None
+    try:
+        made = []
+        probe = (_speedups.direct_span, (ReadableSpan, fields, otel_trace.SpanContext, lambda: 7, made.append))
+        parent = otel_trace.SpanContext(1 << 100, 5, False, otel_trace.TraceFlags(1), otel_trace.TraceState())
+        values = ("syscall.send", parent, {"a": 1}, 10, 20, Status(StatusCode.ERROR, "x"))
+        sc = probe[0](probe[1], *values)
+        want_sc = spans.new_context(parent.trace_id, 7, parent.trace_flags, parent.trace_state)
+        want = spans.new_span(values[0], want_sc, parent, *values[2:])
+        (got,) = made
+        same = (type(sc) is type(want_sc) and tuple(sc) == tuple(want_sc) and sc.is_valid is want_sc.is_valid
+                and type(got) is type(want) and vars(got) == vars(want) and got.to_json() == want.to_json())
+        if not same:
+            return None
+        maker = (ReadableSpan, fields, otel_trace.SpanContext, spans.new_span_id, spans.on_end)
+        return functools.partial(_speedups.direct_span, maker)
+    except Exception:
+        return None
 
 
 # What a BatchSpanProcessor's on_end does, as the names it uses: it checks that
@@ -259,6 +289,8 @@ def _context_maker(SpanContext):
         valid = 0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID
         return tuple.__new__(SpanContext, (trace_id, span_id, False, flags, state, valid))
 
+    direct.direct = True
+
     def checked(trace_id, span_id, flags, state):
         return SpanContext(trace_id, span_id, False, flags, state)
 
@@ -306,7 +338,10 @@ def _span_maker(ReadableSpan, resource, info, scope):
             getattr(a, p) == getattr(b, p) for p in ("name", "context", "parent", "attributes", "start_time",
                                                      "end_time", "status", "kind", "resource",
                                                      "instrumentation_scope", "events", "links"))
-        return direct if same and a.to_json() == b.to_json() else checked
+        if not (same and a.to_json() == b.to_json()):
+            return checked
+        direct.fields = fields
+        return direct
     except Exception:
         return checked
 
