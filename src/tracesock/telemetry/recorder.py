@@ -351,9 +351,13 @@ _direct_cache = {}  # id(tracer) -> (tracer, processors tuple, _DirectSpans or N
 
 def _direct_spans(tracer):
     entry = _direct_cache.get(id(tracer))
+    if entry is not None and entry[0] is tracer:  # once per call in a trace: the cheap check first
+        try:
+            if entry[1] is tracer.span_processor._span_processors:
+                return entry[2]
+        except AttributeError:
+            pass
     processors = getattr(getattr(tracer, "span_processor", None), "_span_processors", None)
-    if entry is not None and entry[0] is tracer and entry[1] is processors:
-        return entry[2]
     direct = None
     try:
         from opentelemetry.sdk import trace as sdk
