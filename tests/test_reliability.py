@@ -361,9 +361,10 @@ def test_accept_under_signal_storm_accepts_the_same_connections(telemetry, mode,
     plain, traced = both(telemetry, scenario)
     expected = ([(b"client %02d" % i, "127.0.0.1") for i in range(20)], [])
     for name, seen in (("plain", plain), ("traced", traced)):
-        # which run, and only what differs (a whole-suite run on 3.14/3.15 lost a connection)
-        odd = [(i, m) for i, m in enumerate(seen[0]) if i >= 20 or m != expected[0][i]]
-        assert seen == expected, (name, "differs at", odd, "errors", seen[1], "storms", storms)
+        # which run, and in what order the connections came (whole-suite runs on 3.14 and
+        # 3.15 got one of them out of place or lost: the whole order says which)
+        order = " ".join(m.decode().split()[-1] for m, _ in seen[0])
+        assert seen == expected, (name, "accepted in the order", order, "errors", seen[1], "storms", storms)
     assert min(storms) > 5, storms
     assert telemetry.spans("socket.accept")
     figure(f"signals survived: accept {mode} at {rate} Hz", storms)
