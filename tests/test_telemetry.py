@@ -311,6 +311,72 @@ def test_span_processor_doing_socket_io_is_not_traced(telemetry):
     assert len(seen) == 4
 
 
+def _spans_through(*processors):
+    """The spans of a send and a recv inside a trace, through a provider with ``processors``
+    (each given an in-memory exporter): {processor index: [(name, parent name, attributes)]}."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider, exporters = TracerProvider(), []
+    for make in processors:
+        exporters.append(InMemorySpanExporter())
+        provider.add_span_processor(make(exporters[-1]))
+    tracesock.instrument(provider, detail="syscalls", slow_threshold=None)
+    try:
+        a, b = socket.socketpair()
+        with a, b, provider.get_tracer("tests").start_as_current_span("parent"):
+            a.send(b"hello")
+            assert b.recv(5) == b"hello"
+    finally:
+        tracesock.uninstrument()
+        provider.shutdown()  # a batch processor exports what it queued
+    out = {}
+    for i, exporter in enumerate(exporters):
+        spans = exporter.get_finished_spans()
+        names = {s.context.span_id: s.name for s in spans}
+        out[i] = sorted((s.name, names.get(s.parent.span_id) if s.parent else None,
+                         tuple(sorted((k, v) for k, v in s.attributes.items() if k != "code.line.number")))
+                        for s in spans)
+    return out
+
+
+def test_batch_processors_get_the_spans_a_simple_processor_gets():
+    """Inside a trace, spans go to the SDK's BatchSpanProcessor by its queue directly (its
+    on_end only queues): it exports exactly what a SimpleSpanProcessor does -- and where a
+    batch processor's on_end is not the SDK's (a subclass, or replaced on the instance, as
+    another tool may do), that on_end is called for each span."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    (simple,) = _spans_through(SimpleSpanProcessor).values()
+    assert [n for n, _, _ in simple] == ["parent", "socket.recv", "socket.send", "syscall.recv", "syscall.send"]
+    assert _spans_through(BatchSpanProcessor) == {0: simple}
+    assert _spans_through(BatchSpanProcessor, BatchSpanProcessor, SimpleSpanProcessor) == {0: simple, 1: simple,
+                                                                                           2: simple}
+    seen = []
+
+    class Counting(BatchSpanProcessor):
+        def on_end(self, span):
+            seen.append(span.name)
+            super().on_end(span)
+
+    assert _spans_through(Counting) == {0: simple}
+    assert sorted(seen) == [n for n, _, _ in simple]  # the parent too: the tracer ends it
+    seen.clear()
+
+    def replaced(exporter):
+        p = BatchSpanProcessor(exporter)
+        original = p.on_end
+
+        def on_end(span):
+            seen.append(span.name)
+            original(span)
+        p.on_end = on_end
+        return p
+
+    assert _spans_through(replaced) == {0: simple}
+    assert sorted(seen) == [n for n, _, _ in simple]  # the parent too: the tracer ends it
+
+
 def test_metrics_names_units_and_second_buckets(telemetry):
     telemetry.instrument(detail="metrics")
     a, b = socket.socketpair()
@@ -562,6 +628,29 @@ def test_c_hot_path_is_used_when_built():
         assert methods.METHODS["recv"].__wrapped__ is socket.socket.recv
     else:
         pytest.skip("the C extension is not built here")
+
+
+def test_spans_inside_a_trace_are_built_in_c_when_built(telemetry):
+    """With the extension, the direct spans of calls in a trace are made by its
+    direct_span (the probe found it makes what Python makes); without, by Python."""
+    from tracesock.core import speedups
+    from tracesock.telemetry import recorder
+
+    telemetry.instrument(detail="syscalls", slow_threshold=None)
+    direct = recorder._direct_spans(recorder.RECORDER.tracer)
+    if speedups.available():
+        assert getattr(direct.make, "func", None) is speedups.module.direct_span
+    else:
+        assert direct.make == direct.span
+    a, b = socket.socketpair()
+    with a, b, telemetry.tracer.start_as_current_span("parent"):
+        a.send(b"x")
+        b.recv(1)
+    spans = telemetry.spans()
+    assert sorted(s.name for s in spans) == ["parent", "socket.recv", "socket.send", "syscall.recv", "syscall.send"]
+    ids = {s.context.span_id for s in spans}
+    assert len(ids) == 5 and all(s.context.is_valid and s.context.trace_flags.sampled for s in spans)
+    assert all(s.parent is None or s.parent.span_id in ids for s in spans)
 
 
 def _my_call_site(sock):

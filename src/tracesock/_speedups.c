@@ -1693,6 +1693,108 @@ tls_fast_setup(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* --- finished spans inside a trace ------------------------------------------
+ *
+ * direct_span(maker, name, parent, attributes, start, end, status) -> the new
+ * SpanContext: what telemetry.recorder's _DirectSpans.span does in Python,
+ * for the spans of every call and syscall inside a sampled trace.  maker is
+ * (ReadableSpan, fields, SpanContext, new_span_id, on_end): a SpanContext
+ * tuple (parent's trace id, a new span id, not remote, parent's flags and
+ * state, valid) and a ReadableSpan made as object.__new__ + its __dict__
+ * filled from fields and the span's own values, handed to on_end.  Used only
+ * after recorder.py's probe shows that it makes exactly what the SDK's
+ * constructors make. */
+static PyObject *max_trace_id = NULL, *max_span_id = NULL, *zero = NULL;
+static PyObject *k_name, *k_context, *k_parent, *k_attributes, *k_start, *k_end, *k_status;
+
+static int direct_ready(void) {
+    if (k_status != NULL) return 0;
+    max_trace_id = PyLong_FromString("ffffffffffffffffffffffffffffffff", NULL, 16);
+    max_span_id = PyLong_FromUnsignedLongLong(0xffffffffffffffffULL);
+    zero = PyLong_FromLong(0);
+    k_name = PyUnicode_InternFromString("_name");
+    k_context = PyUnicode_InternFromString("_context");
+    k_parent = PyUnicode_InternFromString("_parent");
+    k_attributes = PyUnicode_InternFromString("_attributes");
+    k_start = PyUnicode_InternFromString("_start_time");
+    k_end = PyUnicode_InternFromString("_end_time");
+    PyObject *status = PyUnicode_InternFromString("_status");
+    if (!max_trace_id || !max_span_id || !zero || !k_name || !k_context || !k_parent || !k_attributes
+            || !k_start || !k_end || !status) {
+        Py_XDECREF(status);
+        return -1;
+    }
+    k_status = status;
+    return 0;
+}
+
+/* 0 < id <= max, or -1 with an exception */
+static int id_valid(PyObject *id, PyObject *max) {
+    int pos = PyObject_RichCompareBool(id, zero, Py_GT);
+    if (pos <= 0) return pos;
+    return PyObject_RichCompareBool(id, max, Py_LE);
+}
+
+static PyObject *
+direct_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7 || !PyTuple_CheckExact(args[0]) || PyTuple_GET_SIZE(args[0]) != 5
+            || !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 6) {
+        PyErr_SetString(PyExc_TypeError, "direct_span(maker, name, parent, attributes, start, end, status)");
+        return NULL;
+    }
+    if (direct_ready() < 0) return NULL;
+    PyObject *maker = args[0], *parent = args[2];
+    PyObject *span_cls = PyTuple_GET_ITEM(maker, 0), *fields = PyTuple_GET_ITEM(maker, 1);
+    PyObject *sc_cls = PyTuple_GET_ITEM(maker, 2), *new_id = PyTuple_GET_ITEM(maker, 3);
+    PyObject *on_end = PyTuple_GET_ITEM(maker, 4);
+    if (!PyType_Check(span_cls) || !PyType_Check(sc_cls) || !PyDict_Check(fields)) {
+        PyErr_SetString(PyExc_TypeError, "direct_span: a bad maker");
+        return NULL;
+    }
+    PyObject *trace_id = PyTuple_GET_ITEM(parent, 0);
+    PyObject *span_id = PyObject_CallNoArgs(new_id);
+    if (span_id == NULL) return NULL;
+    int valid = id_valid(trace_id, max_trace_id);
+    if (valid > 0) valid = id_valid(span_id, max_span_id);
+    if (valid < 0) {
+        Py_DECREF(span_id);
+        return NULL;
+    }
+    PyObject *items = PyTuple_Pack(6, trace_id, span_id, Py_False, PyTuple_GET_ITEM(parent, 3),
+                                   PyTuple_GET_ITEM(parent, 4), valid ? Py_True : Py_False);
+    Py_DECREF(span_id);
+    if (items == NULL) return NULL;
+    PyObject *targs = PyTuple_Pack(1, items);
+    Py_DECREF(items);
+    if (targs == NULL) return NULL;
+    PyObject *sc = PyTuple_Type.tp_new((PyTypeObject *)sc_cls, targs, NULL);  /* tuple.__new__(SpanContext, items) */
+    Py_DECREF(targs);
+    if (sc == NULL) return NULL;
+    PyObject *empty = PyTuple_New(0);
+    PyObject *span = empty ? PyBaseObject_Type.tp_new((PyTypeObject *)span_cls, empty, NULL) : NULL;
+    Py_XDECREF(empty);
+    if (span == NULL) {
+        Py_DECREF(sc);
+        return NULL;
+    }
+    PyObject *d = PyObject_GenericGetDict(span, NULL);
+    int bad = d == NULL || PyDict_Update(d, fields) < 0
+        || PyDict_SetItem(d, k_name, args[1]) < 0 || PyDict_SetItem(d, k_context, sc) < 0
+        || PyDict_SetItem(d, k_parent, parent) < 0 || PyDict_SetItem(d, k_attributes, args[3]) < 0
+        || PyDict_SetItem(d, k_start, args[4]) < 0 || PyDict_SetItem(d, k_end, args[5]) < 0
+        || PyDict_SetItem(d, k_status, args[6]) < 0;
+    Py_XDECREF(d);
+    PyObject *r = bad ? NULL : PyObject_CallOneArg(on_end, span);
+    Py_DECREF(span);
+    if (r == NULL) {
+        Py_DECREF(sc);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return sc;
+}
+
 static PyObject *
 layout_ok_fn(PyObject *module, PyObject *unused)
 {
@@ -1700,6 +1802,8 @@ layout_ok_fn(PyObject *module, PyObject *unused)
 }
 
 static PyMethodDef methods[] = {
+    {"direct_span", (PyCFunction)(void (*)(void))direct_span, METH_FASTCALL,
+     "direct_span(maker, name, parent, attributes, start, end, status) -> the new span's SpanContext"},
     {"signals_setup", signals_setup, METH_VARARGS,
      "signals_setup(signals, main_thread_ident): what hold_signals blocks, and where"},
     {"hold_signals", hold_signals, METH_NOARGS, "block the asynchronous signals (main thread)"},

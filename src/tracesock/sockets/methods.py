@@ -310,7 +310,7 @@ def _fast_call(st, m, start, end, n, args, kwargs, result, exc=None):
     call.transferred = n
     call.requested = m.requested(args, kwargs)
     if exc is None:
-        call.steps.append(Step.syscall(m.syscall, start, end, n, None))
+        call.steps.append(Step("syscall", m.syscall, start, end, n))
         if m.resizes:
             call.recv_buffer = call.requested
             call.resized = n != call.requested

@@ -31,12 +31,18 @@ def _split_address(addr):
 
 def socket_attributes(sock, call):
     """Connection attributes of a call span (syscalls only happen here, off the hot path)."""
-    attrs = {"network.transport": call.stats.transport}
-    family = C_SOCKET.family.__get__(sock)
-    ntype = _network_type(family)
+    if call.address is None:
+        return dict(_connection(sock, call.stats.transport))
+    attrs = _network(sock, call.stats.transport)
+    attrs.update(_addresses(sock, call.address))
+    return attrs
+
+
+def _network(sock, transport):
+    attrs = {"network.transport": transport}
+    ntype = _network_type(C_SOCKET.family.__get__(sock))
     if ntype:
         attrs["network.type"] = ntype
-    attrs.update(_connection(sock) if call.address is None else _addresses(sock, call.address))
     return attrs
 
 
@@ -63,23 +69,28 @@ def _address_attributes(attrs, prefix, addr):
 # long as it is connected (connecting it again fails with EISCONN), and asking
 # the kernel for them is two syscalls -- most of what a span inside a trace
 # costs besides the SDK.  So they are asked for once per socket and file
-# descriptor: id(sock) -> (weak reference to sock, fd, attributes).  The entry
-# goes when the socket does; a socket whose fd changed (detach, close) asks
-# again.  Datagram sockets can connect elsewhere at any time: never kept.
+# descriptor, with the rest of what a socket's spans say about the network
+# (its transport and family are the descriptor's too): id(sock) -> (weak
+# reference to sock, fd, attributes).  The entry goes when the socket does; a
+# socket whose fd changed (detach, close) asks again.  Datagram sockets can
+# connect elsewhere at any time: never kept.
 _connections = {}
 _CONNECTIONS_MAX = 4096
 
 
-def _connection(sock):
+def _connection(sock, transport):
+    """The network attributes of a call with no address of its own: the socket's
+    connection (kept; do not change the dict returned)."""
     key, fd = id(sock), C_SOCKET.fileno(sock)
     entry = _connections.get(key)
-    if entry is not None and entry[0]() is sock and entry[1] == fd:
+    if entry is not None and entry[0]() is sock and entry[1] == fd and entry[2]["network.transport"] == transport:
         return entry[2]
     try:
         peer = sock.getpeername()
     except (OSError, ValueError):
         peer = None
-    attrs = _addresses(sock, peer)
+    attrs = _network(sock, transport)
+    attrs.update(_addresses(sock, peer))
     if (peer is not None and C_SOCKET.type.__get__(sock) == _stdsocket.SOCK_STREAM
             and len(_connections) < _CONNECTIONS_MAX):
         try:

@@ -19,6 +19,7 @@ The traced code never knows who listens: it hands its records to
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -28,6 +29,7 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ..core.guard import swallow
+from ..core.speedups import module as _speedups
 from ..core.signals import with_signals_held
 from ..version import __version__
 from .attributes import call_attributes, step_attributes
@@ -156,7 +158,6 @@ class Recorder:
                 parent_sc = parent.get_span_context()
                 if direct is not None and parent_sc.trace_flags.sampled:
                     # The SDK's own processors export under suppression themselves.
-                    self._offset = time.time_ns() - time.perf_counter_ns()
                     self._direct(direct, call, sock, parent_sc)
                     return
             self._deliver(ctx, self._socket_span, (call, sock))
@@ -168,14 +169,18 @@ class Recorder:
         self.call_span(call, parent_ctx, call_attributes(sock, call, self.stacktrace))
 
     def _direct(self, direct, call, sock, parent_sc):
+        # epoch() written out (self._offset, refreshed once per call): this runs for every call
+        # inside a trace, and its steps' spans for each syscall.
+        self._offset = offset = time.time_ns() - time.perf_counter_ns()
         status = error_status(call.error) if failed(call.error) else _UNSET
-        sc = direct.span("socket." + call.method, parent_sc, call_attributes(sock, call, self.stacktrace),
-                         self.epoch(call.start), self.epoch(call.end), status)
+        sc = direct.make("socket." + call.method, parent_sc, call_attributes(sock, call, self.stacktrace),
+                         call.start + offset, call.end + offset, status)
         steps = call.steps
         if steps and (self.detail >= 2 or call.syscalls > 1 or call.waits):
+            span = direct.make
             for step in steps:
-                direct.span("syscall." + step.name, sc, step_attributes(step),
-                            self.epoch(step.start), self.epoch(step.end), _UNSET)
+                span("syscall." + step.name, sc, step_attributes(step), step.start + offset, step.end + offset,
+                     _UNSET)
         offer_exemplars(call, sc)
 
 
@@ -193,21 +198,81 @@ class _DirectSpans:
     Anything else takes the ordinary API path.
     """
 
-    __slots__ = ("processor", "processors", "new_span_id", "new_context", "new_span")
+    __slots__ = ("on_end", "new_span_id", "new_context", "new_span", "make")
 
     def __init__(self, tracer, sdk):
-        self.processor = tracer.span_processor
-        self.processors = tracer.span_processor._span_processors
+        self.on_end = _on_end(tracer.span_processor)
         self.new_span_id = tracer.id_generator.generate_span_id
         self.new_context = _context_maker(otel_trace.SpanContext)
         self.new_span = _span_maker(sdk.ReadableSpan, tracer.resource, tracer.instrumentation_info,
                                     tracer._instrumentation_scope)
+        # make(name, parent_sc, attributes, start, end, status) -> the new span's SpanContext
+        self.make = _c_maker(self, sdk.ReadableSpan) or self.span
 
     def span(self, name, parent_sc, attributes, start, end, status):
         sc = self.new_context(parent_sc.trace_id, self.new_span_id(), parent_sc.trace_flags,
                               parent_sc.trace_state)
-        self.processor.on_end(self.new_span(name, sc, parent_sc, attributes, start, end, status))
+        self.on_end(self.new_span(name, sc, parent_sc, attributes, start, end, status))
         return sc
+
+
+def _c_maker(spans, ReadableSpan):
+    """``spans.span`` done by the C extension (``direct_span``: no Python frame per
+    span), where both objects are built directly and a probe shows that C builds
+    the same span and context as Python does; else ``None``."""
+    fields = getattr(spans.new_span, "fields", None)
+    if _speedups is None or fields is None or not getattr(spans.new_context, "direct", False):
+        return None
+    try:
+        made = []
+        probe = (_speedups.direct_span, (ReadableSpan, fields, otel_trace.SpanContext, lambda: 7, made.append))
+        parent = otel_trace.SpanContext(1 << 100, 5, False, otel_trace.TraceFlags(1), otel_trace.TraceState())
+        values = ("syscall.send", parent, {"a": 1}, 10, 20, Status(StatusCode.ERROR, "x"))
+        sc = probe[0](probe[1], *values)
+        want_sc = spans.new_context(parent.trace_id, 7, parent.trace_flags, parent.trace_state)
+        want = spans.new_span(values[0], want_sc, parent, *values[2:])
+        (got,) = made
+        same = (type(sc) is type(want_sc) and tuple(sc) == tuple(want_sc) and sc.is_valid is want_sc.is_valid
+                and type(got) is type(want) and vars(got) == vars(want) and got.to_json() == want.to_json())
+        if not same:
+            return None
+        maker = (ReadableSpan, fields, otel_trace.SpanContext, spans.new_span_id, spans.on_end)
+        return functools.partial(_speedups.direct_span, maker)
+    except Exception:
+        return None
+
+
+# What a BatchSpanProcessor's on_end does, as the names it uses: it checks that
+# the span is sampled and queues it.  Ours are sampled (they are made only in a
+# sampled trace), so where on_end is exactly that, the queue's own emit takes
+# them: two Python calls less per span (the provider's loop over its
+# processors, and on_end), of about six.  Any other on_end -- another SDK
+# version's, a SimpleSpanProcessor's -- is called as the provider would.
+_QUEUEING_ON_END = ("context", "trace_flags", "sampled", "_batch_processor", "emit")
+
+
+def _on_end(multi):
+    """``multi.on_end``, or where all its processors' on_end only queue, the
+    same calls made directly."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    processors = multi._span_processors
+    if type(BatchSpanProcessor.__dict__.get("on_end")).__name__ != "function" or \
+            BatchSpanProcessor.on_end.__code__.co_names != _QUEUEING_ON_END:
+        return multi.on_end
+    emits = []
+    for p in processors:
+        emit = getattr(getattr(p, "_batch_processor", None), "emit", None)
+        if type(p) is not BatchSpanProcessor or "on_end" in vars(p) or not callable(emit):
+            return multi.on_end
+        emits.append(emit)
+    if len(emits) == 1:
+        return emits[0]
+
+    def each(span):
+        for emit in emits:
+            emit(span)
+    return each
 
 
 # Inside a trace every call is several spans, and their constructors' keyword
@@ -223,6 +288,8 @@ def _context_maker(SpanContext):
     def direct(trace_id, span_id, flags, state):
         valid = 0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID
         return tuple.__new__(SpanContext, (trace_id, span_id, False, flags, state, valid))
+
+    direct.direct = True
 
     def checked(trace_id, span_id, flags, state):
         return SpanContext(trace_id, span_id, False, flags, state)
@@ -271,7 +338,10 @@ def _span_maker(ReadableSpan, resource, info, scope):
             getattr(a, p) == getattr(b, p) for p in ("name", "context", "parent", "attributes", "start_time",
                                                      "end_time", "status", "kind", "resource",
                                                      "instrumentation_scope", "events", "links"))
-        return direct if same and a.to_json() == b.to_json() else checked
+        if not (same and a.to_json() == b.to_json()):
+            return checked
+        direct.fields = fields
+        return direct
     except Exception:
         return checked
 
@@ -281,9 +351,13 @@ _direct_cache = {}  # id(tracer) -> (tracer, processors tuple, _DirectSpans or N
 
 def _direct_spans(tracer):
     entry = _direct_cache.get(id(tracer))
+    if entry is not None and entry[0] is tracer:  # once per call in a trace: the cheap check first
+        try:
+            if entry[1] is tracer.span_processor._span_processors:
+                return entry[2]
+        except AttributeError:
+            pass
     processors = getattr(getattr(tracer, "span_processor", None), "_span_processors", None)
-    if entry is not None and entry[0] is tracer and entry[1] is processors:
-        return entry[2]
     direct = None
     try:
         from opentelemetry.sdk import trace as sdk
@@ -302,11 +376,6 @@ def _direct_spans(tracer):
         direct = None
     _direct_cache[id(tracer)] = (tracer, processors, direct)
     return direct
-
-
-# --- metrics ---------------------------------------------------------------
-
-
 
 
 # --- the active recorder -----------------------------------------------------
