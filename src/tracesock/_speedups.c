@@ -1094,7 +1094,9 @@ poll_wait(PyObject *self, PyObject *args)
  * with the asynchronous signals blocked (see _syscall.signal_mask for why).
  * The saved mask lives here, not in a Python variable, so a signal handler
  * raising between any two bytecodes can never leave the signals blocked:
- * release_signals() in a finally block always finds it.  hold_signals() runs
+ * release_signals() in a finally block always finds it.  Each takes one
+ * argument and ignores it: core.signals' mask token, so that they can stand
+ * for its block_signals(mask)/restore_signals(mask).  hold_signals() runs
  * the handlers that were already due once the block is set (their exception
  * is raised from it).  Nested holds are counted. */
 static sigset_t blockable, saved_mask;
@@ -1131,7 +1133,7 @@ signals_setup(PyObject *self, PyObject *args)
 }
 
 static PyObject *
-hold_signals(PyObject *self, PyObject *noargs)
+hold_signals(PyObject *self, PyObject *token)
 {
     if (!blockable_ready || PyThread_get_thread_ident() != main_ident)
         Py_RETURN_NONE;
@@ -1145,7 +1147,7 @@ hold_signals(PyObject *self, PyObject *noargs)
 }
 
 static PyObject *
-release_signals(PyObject *self, PyObject *noargs)
+release_signals(PyObject *self, PyObject *token)
 {
     if (hold_depth > 0 && PyThread_get_thread_ident() == main_ident && --hold_depth == 0)
         pthread_sigmask(SIG_SETMASK, &saved_mask, NULL);
@@ -1806,8 +1808,8 @@ static PyMethodDef methods[] = {
      "direct_span(maker, name, parent, attributes, start, end, status) -> the new span's SpanContext"},
     {"signals_setup", signals_setup, METH_VARARGS,
      "signals_setup(signals, main_thread_ident): what hold_signals blocks, and where"},
-    {"hold_signals", hold_signals, METH_NOARGS, "block the asynchronous signals (main thread)"},
-    {"release_signals", release_signals, METH_NOARGS, "undo hold_signals"},
+    {"hold_signals", hold_signals, METH_O, "hold_signals(token): block the asynchronous signals (main thread)"},
+    {"release_signals", release_signals, METH_O, "release_signals(token): undo hold_signals"},
     {"send_counted", send_counted, METH_VARARGS,
      "send_counted(fd, buffer, flags, acc[, sigacc]) -> result; acc: [bytes total, start, end, result, errno]"},
     {"signal_timing_setup", signal_timing_setup, METH_VARARGS,

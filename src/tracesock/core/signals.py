@@ -100,11 +100,9 @@ if hold_signals is not None:
     def signal_mask():  # noqa: F811
         return _HELD
 
-    def block_signals(old):  # noqa: F811
-        hold_signals()
-
-    def restore_signals(old):  # noqa: F811
-        release_signals()
+    # They take the token and ignore it: called for every span made inside a
+    # trace, so with no Python wrapper around them.
+    block_signals, restore_signals = hold_signals, release_signals  # noqa: F811
 
 
 def with_signals_held(fn, *args):
@@ -127,22 +125,3 @@ def with_signals_held(fn, *args):
         finally:
             handler_exc = None  # no frame -> exception -> traceback -> frame cycle
 
-
-if hold_signals is not None:
-    # The same, with the C extension's calls in place of the three wrappers
-    # above: it runs for every span made inside a trace.
-    def with_signals_held(fn, *args):  # noqa: F811
-        handler_exc = None
-        try:
-            try:
-                hold_signals()
-            except BaseException as exc:  # a signal handler, due before the block
-                handler_exc = exc
-            fn(*args)
-        finally:
-            release_signals()
-        if handler_exc is not None:
-            try:
-                raise handler_exc
-            finally:
-                handler_exc = None

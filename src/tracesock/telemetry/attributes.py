@@ -83,7 +83,7 @@ def _connection(sock, transport):
     connection (kept; do not change the dict returned)."""
     key, fd = id(sock), C_SOCKET.fileno(sock)
     entry = _connections.get(key)
-    if entry is not None and entry[0]() is sock and entry[1] == fd and entry[2]["network.transport"] == transport:
+    if entry is not None and entry[0]() is sock and entry[1] == fd:
         return entry[2]
     try:
         peer = sock.getpeername()

@@ -225,10 +225,9 @@ def _c_maker(spans, ReadableSpan):
         return None
     try:
         made = []
-        probe = (_speedups.direct_span, (ReadableSpan, fields, otel_trace.SpanContext, lambda: 7, made.append))
         parent = otel_trace.SpanContext(1 << 100, 5, False, otel_trace.TraceFlags(1), otel_trace.TraceState())
         values = ("syscall.send", parent, {"a": 1}, 10, 20, Status(StatusCode.ERROR, "x"))
-        sc = probe[0](probe[1], *values)
+        sc = _speedups.direct_span((ReadableSpan, fields, otel_trace.SpanContext, lambda: 7, made.append), *values)
         want_sc = spans.new_context(parent.trace_id, 7, parent.trace_flags, parent.trace_state)
         want = spans.new_span(values[0], want_sc, parent, *values[2:])
         (got,) = made
@@ -257,8 +256,8 @@ def _on_end(multi):
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     processors = multi._span_processors
-    if type(BatchSpanProcessor.__dict__.get("on_end")).__name__ != "function" or \
-            BatchSpanProcessor.on_end.__code__.co_names != _QUEUEING_ON_END:
+    code = getattr(BatchSpanProcessor.__dict__.get("on_end"), "__code__", None)
+    if code is None or code.co_names != _QUEUEING_ON_END:
         return multi.on_end
     emits = []
     for p in processors:
